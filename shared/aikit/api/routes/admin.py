@@ -1,0 +1,77 @@
+"""Admin endpoints for keys, behind ADMIN_TOKEN."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import anyio
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, ConfigDict, EmailStr, Field
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from aikit.api.deps import AdminDep, RuntimeDep
+from aikit.api.errors import ApiError
+from aikit.db.models import ApiKey, User
+from aikit.keys import KeyError_, create_key, revoke_key
+
+router = APIRouter(prefix="/v1/admin")
+
+
+class CreateKeyBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    email: EmailStr
+    customer_id: Annotated[str, Field(pattern=r"^cus_[A-Za-z0-9]{1,100}$")] | None = None
+    name: Annotated[str, Field(max_length=200)] | None = None
+    rpm: Annotated[int, Field(ge=0)] | None = None
+    rpd: Annotated[int, Field(ge=0)] | None = None
+    monthly_tokens: Annotated[int, Field(ge=0)] | None = None
+
+
+def key_json(key: ApiKey, user: User) -> dict[str, object]:
+    return {"api_key_id": key.id, "prefix": key.prefix, "email": user.email, "customer_id": user.stripe_customer_id,
+            "status": key.status, "name": key.name, "rpm": key.rpm_limit, "rpd": key.rpd_limit,
+            "monthly_tokens": key.monthly_token_limit, "created_at": key.created_at.isoformat()}
+
+
+@router.post("/keys", status_code=201)
+async def create(body: CreateKeyBody, _: AdminDep, runtime: RuntimeDep) -> dict[str, object]:
+    def work() -> dict[str, object]:
+        with Session(runtime.engine) as session:
+            try:
+                issued = create_key(session, runtime.settings, email=str(body.email), customer_id=body.customer_id,
+                                    name=body.name, rpm=body.rpm, rpd=body.rpd, monthly_tokens=body.monthly_tokens)
+            except KeyError_ as exc:
+                raise ApiError(409, str(exc), code="conflict") from None
+            session.commit()
+            return {"api_key": issued.api_key, "api_key_id": issued.api_key_id, "prefix": issued.prefix}
+
+    return await anyio.to_thread.run_sync(work)
+
+
+@router.get("/keys")
+async def list_keys(_: AdminDep, runtime: RuntimeDep,
+                    email: Annotated[str | None, Query(max_length=320)] = None) -> dict[str, object]:
+    def work() -> list[dict[str, object]]:
+        with Session(runtime.engine) as session:
+            stmt = select(ApiKey, User).join(User, User.id == ApiKey.user_id).order_by(ApiKey.created_at)
+            if email:
+                stmt = stmt.where(User.email == email)
+            return [key_json(k, u) for k, u in session.execute(stmt).all()]
+
+    return {"data": await anyio.to_thread.run_sync(work)}
+
+
+@router.post("/keys/{api_key_id}/revoke")
+async def revoke(api_key_id: Annotated[str, Field(max_length=64)], _: AdminDep,
+                 runtime: RuntimeDep) -> dict[str, object]:
+    def work() -> bool:
+        with Session(runtime.engine) as session:
+            found = revoke_key(session, api_key_id)
+            session.commit()
+            return found
+
+    if not await anyio.to_thread.run_sync(work):
+        raise ApiError(404, f"no API key {api_key_id}", code="not_found")
+    runtime.keys.clear()
+    return {"api_key_id": api_key_id, "status": "revoked"}

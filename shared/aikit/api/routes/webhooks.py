@@ -1,0 +1,85 @@
+"""POST /v1/webhooks/stripe: the raw body goes to aikit.webhooks; this file only maps results to HTTP."""
+
+from __future__ import annotations
+
+from functools import partial
+from weakref import WeakKeyDictionary
+
+import anyio
+from fastapi import APIRouter, FastAPI, Request
+
+from aikit.api.deps import RuntimeDep
+from aikit.api.errors import ApiError, install_error_handlers
+from aikit.emails import Mailer, mailer_from_settings
+from aikit.runtime import Runtime, get_runtime
+from aikit.webhooks import (
+    MAX_BODY_BYTES,
+    Outcome,
+    WebhookFailed,
+    WebhookRejected,
+    WebhooksNotConfigured,
+    handle_webhook,
+)
+
+router = APIRouter()
+
+_mailers: WeakKeyDictionary[Runtime, Mailer] = WeakKeyDictionary()
+
+
+def mailer_for(runtime: Runtime) -> Mailer:
+    """The runtime's mailer (one per process, created on first use)."""
+    own = getattr(runtime, "mailer", None)
+    if isinstance(own, Mailer):
+        return own
+    mailer = _mailers.get(runtime)
+    if mailer is None:
+        mailer = _mailers[runtime] = mailer_from_settings(runtime.settings)
+    return mailer
+
+
+async def read_at_most(request: Request, limit: int) -> bytes:
+    """The raw body, but no more than `limit` bytes of it (a longer one is refused as too large anyway)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= limit:
+            break
+    return b"".join(chunks)[:limit]
+
+
+@router.post("/v1/webhooks/stripe")
+async def stripe_webhook(request: Request, runtime: RuntimeDep) -> dict[str, object]:
+    raw = await read_at_most(request, MAX_BODY_BYTES + 1)
+    work = partial(
+        handle_webhook,
+        raw,
+        request.headers.get("stripe-signature"),
+        settings=runtime.settings,
+        engine=runtime.engine,
+        mailer=mailer_for(runtime),
+    )
+    try:
+        result = await anyio.to_thread.run_sync(work)
+    except WebhooksNotConfigured as exc:
+        raise ApiError(503, str(exc), code="webhooks_not_configured") from None
+    except WebhookRejected as exc:
+        raise ApiError(exc.status, exc.reason, code=f"webhook_{exc.kind}") from None
+    except WebhookFailed as exc:
+        # 5xx makes Stripe deliver the event again later; nothing of it was kept.
+        raise ApiError(500, str(exc), code="webhook_failed") from None
+    if result.outcome is Outcome.APPLIED:
+        # This process sees the new access state at once; other instances within KEY_CACHE_TTL_SECONDS.
+        runtime.keys.clear()
+    return {"received": True, "id": result.event.id, "type": result.event.type,
+            "outcome": result.outcome.value}
+
+
+def create_webhook_app(runtime: Runtime | None = None) -> FastAPI:
+    """An app with only the webhook route (the webhook Lambda)."""
+    app = FastAPI(title="aikit webhooks", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.runtime = runtime or get_runtime()
+    install_error_handlers(app)
+    app.include_router(router)
+    return app

@@ -1,0 +1,150 @@
+"""`aikit` command line: serve, migrate, keys, flush, reconcile, stripe setup."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from collections.abc import Sequence
+
+from aikit.settings import Settings, SettingsError, get_settings
+
+
+def _print(data: object) -> None:
+    print(json.dumps(data, indent=2, default=str))  # noqa: T201
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from aikit.server import create_server_app
+
+    uvicorn.run(create_server_app(settings), host=args.host, port=args.port, workers=1,
+                log_level=settings.log_level.lower(), proxy_headers=False)
+    return 0
+
+
+def cmd_migrate(_: argparse.Namespace, settings: Settings) -> int:
+    from aikit.db.migrate import upgrade
+
+    upgrade(settings.database_url)
+    _print({"migrated": True})
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from aikit.db.engine import get_engine
+    from aikit.db.models import ApiKey, User
+    from aikit.keys import KeyError_, create_key, revoke_key
+
+    with Session(get_engine(settings.database_url)) as session:
+        if args.keys_command == "create":
+            try:
+                issued = create_key(session, settings, email=args.email, customer_id=args.customer, name=args.name,
+                                    rpm=args.rpm, rpd=args.rpd, monthly_tokens=args.monthly_tokens)
+            except KeyError_ as exc:
+                print(f"error: {exc}", file=sys.stderr)  # noqa: T201
+                return 2
+            session.commit()
+            _print({"api_key": issued.api_key, "api_key_id": issued.api_key_id, "prefix": issued.prefix})
+            return 0
+        if args.keys_command == "revoke":
+            found = revoke_key(session, args.api_key_id)
+            session.commit()
+            if not found:
+                print(f"error: no API key {args.api_key_id}", file=sys.stderr)  # noqa: T201
+                return 1
+            _print({"api_key_id": args.api_key_id, "status": "revoked"})
+            return 0
+        rows = session.execute(select(ApiKey, User).join(User, User.id == ApiKey.user_id)).all()
+        _print([{"api_key_id": k.id, "prefix": k.prefix, "email": u.email, "status": k.status} for k, u in rows])
+        return 0
+
+
+def cmd_flush(_: argparse.Namespace, settings: Settings) -> int:
+    from aikit.flush import run_flush
+
+    summary = run_flush(settings)
+    _print(summary.as_dict())
+    return 0 if summary.ok else 1
+
+
+def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    from aikit.reconcile import reconcile
+
+    report = reconcile(settings, since=args.since)
+    _print(report.as_dict())
+    return 0 if report.ok else 1
+
+
+def cmd_stripe(args: argparse.Namespace, settings: Settings) -> int:
+    from aikit.stripe_gateway import gateway_from_settings
+
+    gateway = gateway_from_settings(settings)
+    if gateway is None:
+        print("error: STRIPE_SECRET_KEY is not set", file=sys.stderr)  # noqa: T201
+        return 2
+    result = gateway.ensure_setup(event_name=settings.stripe_meter_event_name)
+    _print({"meter_id": result.meter_id, "product_id": result.product_id, "price_id": result.price_id,
+            "created": result.created, "STRIPE_METERED_PRICE_ID": result.price_id})
+    return 0
+
+
+def _date(value: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {value!r}") from None
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="aikit", description="Usage-based billing for LLM APIs")
+    sub = p.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the API")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(func=cmd_serve)
+    sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
+
+    keys = sub.add_parser("keys", help="manage API keys")
+    ks = keys.add_subparsers(dest="keys_command", required=True)
+    create = ks.add_parser("create", help="create a key (printed once)")
+    create.add_argument("--email", required=True)
+    create.add_argument("--customer", help="Stripe customer id (cus_...)")
+    create.add_argument("--name")
+    create.add_argument("--rpm", type=int)
+    create.add_argument("--rpd", type=int)
+    create.add_argument("--monthly-tokens", type=int, dest="monthly_tokens")
+    revoke = ks.add_parser("revoke", help="revoke a key")
+    revoke.add_argument("api_key_id")
+    ks.add_parser("list", help="list keys")
+    keys.set_defaults(func=cmd_keys)
+
+    sub.add_parser("flush", help="run one flush and print a JSON summary").set_defaults(func=cmd_flush)
+    rec = sub.add_parser("reconcile", help="compare Postgres usage with Stripe's meter totals")
+    rec.add_argument("--since", type=_date)
+    rec.set_defaults(func=cmd_reconcile)
+    stripe = sub.add_parser("stripe", help="Stripe helpers")
+    ss = stripe.add_subparsers(dest="stripe_command", required=True)
+    ss.add_parser("setup", help="create the billing meter, product and metered price if missing")
+    stripe.set_defaults(func=cmd_stripe)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        settings = get_settings()
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    code: int = args.func(args, settings)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

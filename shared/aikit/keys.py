@@ -1,0 +1,200 @@
+"""API keys: issued once, stored only as a SHA-256 hash, looked up by that hash through a short cache."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import secrets
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from aikit.access import Access, access_for_customer
+from aikit.db.models import ApiKey, User
+from aikit.settings import Settings
+
+KEY_PREFIX = "ak_"
+_PREFIX_LEN = 11  # "ak_" + 8 characters: enough to tell keys apart in a list, useless to an attacker
+
+
+class KeyError_(Exception):
+    """A key operation was refused; the message says why."""
+
+
+def hash_key(secret: str) -> str:
+    # Keys carry 256 bits of randomness, so a fast unsalted hash is safe and makes lookup an index probe.
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_id(kind: str) -> str:
+    return f"{kind}_{uuid.uuid4().hex[:24]}"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    """What the request path needs to know about a key; never contains the secret."""
+
+    api_key_id: str
+    user_id: str
+    email: str
+    customer_id: str | None
+    active: bool
+    access: Access
+    access_reason: str
+    rpm: int | None
+    rpd: int | None
+    monthly_tokens: int | None
+    quota_period_start: int  # Unix seconds; the quota counter resets when this changes
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedKey:
+    api_key: str
+    api_key_id: str
+    user_id: str
+    prefix: str
+
+
+def month_start(now: dt.datetime) -> dt.datetime:
+    return now.astimezone(dt.UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+def quota_period_start(user: User, now: dt.datetime) -> int:
+    start = user.quota_period_start
+    if start is not None:
+        start = start if start.tzinfo else start.replace(tzinfo=dt.UTC)
+        # A paid invoice sets the period; it lapses after ~a month without a newer invoice.
+        if now - start < dt.timedelta(days=32):
+            return int(start.timestamp())
+    return int(month_start(now).timestamp())
+
+
+def create_key(
+    session: Session,
+    settings: Settings,
+    *,
+    email: str,
+    customer_id: str | None = None,
+    name: str | None = None,
+    rpm: int | None = None,
+    rpd: int | None = None,
+    monthly_tokens: int | None = None,
+) -> IssuedKey:
+    """Create a key (and its user, if new). Limits default from settings. Caller commits."""
+    user = session.scalars(select(User).where(User.email == email)).first()
+    if user is None:
+        user = User(id=new_id("usr"), email=email, stripe_customer_id=customer_id)
+        session.add(user)
+    elif customer_id and user.stripe_customer_id not in (None, customer_id):
+        raise KeyError_(f"user {email} is already linked to another Stripe customer")
+    elif customer_id:
+        user.stripe_customer_id = customer_id
+    session.flush()
+    secret = KEY_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey(
+        id=new_id("key"),
+        user_id=user.id,
+        name=name,
+        prefix=secret[:_PREFIX_LEN],
+        key_hash=hash_key(secret),
+        status="active",
+        rpm_limit=settings.default_rpm if rpm is None else rpm,
+        rpd_limit=settings.default_rpd if rpd is None else rpd,
+        monthly_token_limit=settings.default_monthly_tokens if monthly_tokens is None else monthly_tokens,
+    )
+    session.add(key)
+    session.flush()
+    return IssuedKey(api_key=secret, api_key_id=key.id, user_id=user.id, prefix=key.prefix)
+
+
+def revoke_key(session: Session, api_key_id: str) -> bool:
+    key = session.get(ApiKey, api_key_id)
+    if key is None:
+        return False
+    if key.status != "revoked":
+        key.status = "revoked"
+        key.revoked_at = dt.datetime.now(dt.UTC)
+    return True
+
+
+def load_key_info(session: Session, settings: Settings, key_hash: str) -> KeyInfo | None:
+    row = session.execute(
+        select(ApiKey, User).join(User, User.id == ApiKey.user_id).where(ApiKey.key_hash == key_hash)
+    ).first()
+    if row is None:
+        return None
+    key, user = row
+    # The index probe found the row by hash; compare again in constant time as a belt-and-braces check.
+    if not hmac.compare_digest(key.key_hash, key_hash):
+        return None
+    now = dt.datetime.now(dt.UTC)
+    decision = access_for_customer(session, user.stripe_customer_id, settings, now)
+    rpm, rpd, monthly = key.rpm_limit, key.rpd_limit, key.monthly_token_limit
+    if decision.access is Access.FREE_TIER:
+        rpm = _min(rpm, settings.free_tier_rpm)
+        rpd = _min(rpd, settings.free_tier_rpd)
+        monthly = _min(monthly, settings.free_tier_monthly_tokens)
+    return KeyInfo(
+        api_key_id=key.id,
+        user_id=user.id,
+        email=user.email,
+        customer_id=user.stripe_customer_id,
+        active=key.status == "active",
+        access=decision.access,
+        access_reason=decision.reason,
+        rpm=rpm,
+        rpd=rpd,
+        monthly_tokens=monthly,
+        quota_period_start=quota_period_start(user, now),
+    )
+
+
+def _min(a: int | None, b: int) -> int:
+    return b if a is None else min(a, b)
+
+
+class KeyCache:
+    """Per-process TTL cache of key lookups (misses included), so a revocation shows within the TTL."""
+
+    def __init__(self, engine: Engine, settings: Settings, max_entries: int = 10_000) -> None:
+        self._engine = engine
+        self._settings = settings
+        self._ttl = settings.key_cache_ttl_seconds
+        self._max = max_entries
+        self._entries: OrderedDict[str, tuple[float, KeyInfo | None]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def lookup(self, secret: str) -> KeyInfo | None:
+        digest = hash_key(secret)
+        now = time.monotonic()
+        with self._lock:
+            hit = self._entries.get(digest)
+            if hit is not None and hit[0] > now:
+                return hit[1]
+        with Session(self._engine) as session:
+            info = load_key_info(session, self._settings, digest)
+        with self._lock:
+            self._entries[digest] = (now + self._ttl, info)
+            self._entries.move_to_end(digest)
+            while len(self._entries) > self._max:
+                self._entries.popitem(last=False)
+        return info
+
+    def cached(self, secret: str) -> KeyInfo | None | bool:
+        """The cached answer without touching the database; False when there is none."""
+        digest = hash_key(secret)
+        with self._lock:
+            hit = self._entries.get(digest)
+            if hit is not None and hit[0] > time.monotonic():
+                return hit[1]
+        return False
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()

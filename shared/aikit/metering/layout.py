@@ -1,0 +1,44 @@
+"""Redis key names. Every key one script touches shares a hash tag, so the code runs on a Redis Cluster.
+
+Usage buffers are spread over a fixed number of shards ({prefix:s<n>} hash tags); all live counters of a key
+sit in its shard's slot, so recording an event and updating the counters is one atomic script.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class RedisLayout:
+    prefix: str
+    shards: int
+
+    def shard_of(self, api_key_id: str) -> int:
+        return zlib.crc32(api_key_id.encode()) % self.shards
+
+    def tag(self, shard: int) -> str:
+        return f"{self.prefix}:{{s{shard}}}"
+
+    def stream(self, shard: int) -> str:
+        return f"{self.tag(shard)}:usage"
+
+    def pending_prefix(self, shard: int) -> str:
+        return f"{self.tag(shard)}:pend:"
+
+    def pending(self, api_key_id: str) -> str:
+        """Hash of usage recorded but not yet flushed, by `date|model|field`."""
+        return self.pending_prefix(self.shard_of(api_key_id)) + api_key_id
+
+    def minute(self, api_key_id: str, minute: int) -> str:
+        return f"{self.tag(self.shard_of(api_key_id))}:rpm:{api_key_id}:{minute}"
+
+    def day(self, api_key_id: str, day: str) -> str:
+        return f"{self.tag(self.shard_of(api_key_id))}:rpd:{api_key_id}:{day}"
+
+    def quota(self, api_key_id: str, period_start: int) -> str:
+        return f"{self.tag(self.shard_of(api_key_id))}:quota:{api_key_id}:{period_start}"
+
+    def inflight(self, api_key_id: str) -> str:
+        return f"{self.tag(self.shard_of(api_key_id))}:inflight:{api_key_id}"

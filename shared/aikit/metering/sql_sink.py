@@ -1,0 +1,188 @@
+"""Writes usage events into Postgres/SQLite: the per-request rows, the daily rollups and the Stripe outbox,
+all in one transaction, idempotent on request_id (a replayed event changes nothing)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Connection, select, text
+from sqlalchemy.dialects import sqlite
+
+from aikit.db.models import ApiKeyUsage, MeterReport, UsageDaily
+from aikit.metering.base import UsageEvent
+
+# Serialises "add to an open report" against "seal open reports", so a sealed report never grows.
+REPORT_LOCK_ID = 7_214_001
+
+
+def new_report_id() -> str:
+    return "aikit-" + uuid.uuid4().hex
+
+
+def utc(ts: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(ts, dt.UTC)
+
+
+def window_start(ts: float, window_seconds: int) -> dt.datetime:
+    return utc(ts - ts % window_seconds)
+
+
+def store_events(
+    conn: Connection, events: Sequence[UsageEvent], *, billable: bool, window_seconds: int
+) -> int:
+    """Insert events not seen before; returns how many were new. `billable` false keeps usage out of
+    Stripe reports (metering off); events without a customer are never billable. Caller commits."""
+    if not events:
+        return 0
+    if conn.dialect.name == "postgresql":
+        return _store_postgres(conn, events, billable=billable, window_seconds=window_seconds)
+    return _store_generic(conn, events, billable=billable, window_seconds=window_seconds)
+
+
+def _copy_value(value: object) -> str:
+    if value is None:
+        return "\\N"
+    return str(value).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+_PG_STAGE = """
+CREATE TEMP TABLE IF NOT EXISTS aikit_usage_in (
+  request_id text, api_key_id text, customer_id text, ts double precision, model text,
+  input_tokens int, output_tokens int, cached_tokens int, billable bool
+) ON COMMIT DELETE ROWS
+"""
+
+_PG_MERGE = """
+WITH staged AS (
+  SELECT DISTINCT ON (request_id) request_id, api_key_id, customer_id, to_timestamp(ts) AS ts, model,
+         input_tokens, output_tokens, cached_tokens, billable
+  FROM aikit_usage_in ORDER BY request_id
+), new AS (
+  INSERT INTO api_key_usage (request_id, api_key_id, customer_id, date, ts, model,
+                             input_tokens, output_tokens, cached_tokens, tokens, billable)
+  SELECT request_id, api_key_id, customer_id, (ts AT TIME ZONE 'UTC')::date, ts, model,
+         input_tokens, output_tokens, cached_tokens, input_tokens + output_tokens, billable
+  FROM staged
+  ON CONFLICT (request_id) DO NOTHING
+  RETURNING api_key_id, customer_id, date, ts, model, input_tokens, output_tokens, cached_tokens,
+            tokens, billable
+), roll AS (
+  INSERT INTO usage_daily AS u (api_key_id, date, model, customer_id, requests, input_tokens,
+                                output_tokens, cached_tokens, tokens)
+  SELECT api_key_id, date, model, max(customer_id), count(*), sum(input_tokens), sum(output_tokens),
+         sum(cached_tokens), sum(tokens)
+  FROM new GROUP BY api_key_id, date, model
+  ON CONFLICT (api_key_id, date, model) DO UPDATE SET
+    requests = u.requests + EXCLUDED.requests,
+    input_tokens = u.input_tokens + EXCLUDED.input_tokens,
+    output_tokens = u.output_tokens + EXCLUDED.output_tokens,
+    cached_tokens = u.cached_tokens + EXCLUDED.cached_tokens,
+    tokens = u.tokens + EXCLUDED.tokens,
+    customer_id = coalesce(EXCLUDED.customer_id, u.customer_id)
+), rep AS (
+  INSERT INTO meter_reports AS r (id, customer_id, window_start, window_end, value, last_usage_ts,
+                                  status, attempts, created_at)
+  SELECT 'aikit-' || replace(gen_random_uuid()::text, '-', ''), customer_id, w, w + make_interval(secs => :window),
+         sum(tokens), max(ts), 'open', 0, now()
+  FROM (SELECT customer_id, tokens, ts,
+               to_timestamp(floor(extract(epoch FROM ts) / :window) * :window) AS w
+        FROM new WHERE billable AND customer_id IS NOT NULL) b
+  GROUP BY customer_id, w
+  ON CONFLICT (customer_id, window_start) WHERE status = 'open' DO UPDATE SET
+    value = r.value + EXCLUDED.value,
+    last_usage_ts = greatest(r.last_usage_ts, EXCLUDED.last_usage_ts)
+)
+SELECT count(*) FROM new
+"""
+
+
+def _store_postgres(
+    conn: Connection, events: Sequence[UsageEvent], *, billable: bool, window_seconds: int
+) -> int:
+    conn.execute(text(_PG_STAGE))
+    buf = io.StringIO()
+    for e in events:
+        row = (e.request_id, e.api_key_id, e.customer_id, repr(e.ts), e.model, e.input_tokens,
+               e.output_tokens, e.cached_tokens, "t" if billable and e.customer_id else "f")
+        buf.write("\t".join(_copy_value(v) for v in row))
+        buf.write("\n")
+    raw: Any = conn.connection.driver_connection
+    cursor = raw.cursor()
+    cursor.execute("COPY aikit_usage_in FROM STDIN", stream=io.BytesIO(buf.getvalue().encode()))
+    cursor.close()
+    conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": REPORT_LOCK_ID})
+    return int(conn.execute(text(_PG_MERGE), {"window": window_seconds}).scalar_one())
+
+
+def _store_generic(
+    conn: Connection, events: Sequence[UsageEvent], *, billable: bool, window_seconds: int
+) -> int:
+    rows = {
+        e.request_id: {
+            "request_id": e.request_id, "api_key_id": e.api_key_id, "customer_id": e.customer_id,
+            "date": utc(e.ts).date(), "ts": utc(e.ts), "model": e.model, "input_tokens": e.input_tokens,
+            "output_tokens": e.output_tokens, "cached_tokens": e.cached_tokens, "tokens": e.tokens,
+            "billable": bool(billable and e.customer_id),
+        }
+        for e in events
+    }
+    stmt = sqlite.insert(ApiKeyUsage).on_conflict_do_nothing(index_elements=["request_id"])
+    inserted: set[str] = set()
+    for row in rows.values():  # SQLite: one row at a time keeps RETURNING exact under conflicts
+        if conn.execute(stmt.values(**row).returning(ApiKeyUsage.request_id)).first() is not None:
+            inserted.add(row["request_id"])
+    new = [rows[r] for r in inserted]
+
+    rollups: dict[tuple[str, dt.date, str], dict[str, Any]] = {}
+    reports: dict[tuple[str, dt.datetime], list[dict[str, Any]]] = defaultdict(list)
+    for row in new:
+        key = (row["api_key_id"], row["date"], row["model"])
+        agg = rollups.setdefault(key, {"customer_id": row["customer_id"], "requests": 0, "input_tokens": 0,
+                                       "output_tokens": 0, "cached_tokens": 0, "tokens": 0})
+        agg["requests"] += 1
+        for f in ("input_tokens", "output_tokens", "cached_tokens", "tokens"):
+            agg[f] += row[f]
+        if row["billable"]:
+            ts = row["ts"].timestamp()
+            reports[(row["customer_id"], window_start(ts, window_seconds))].append(row)
+
+    for (kid, day, model), agg in rollups.items():
+        ins = sqlite.insert(UsageDaily).values(api_key_id=kid, date=day, model=model, **agg)
+        conn.execute(ins.on_conflict_do_update(
+            index_elements=["api_key_id", "date", "model"],
+            set_={
+                **{f: getattr(UsageDaily, f) + ins.excluded[f] for f in
+                   ("requests", "input_tokens", "output_tokens", "cached_tokens", "tokens")},
+                "customer_id": ins.excluded.customer_id,
+            },
+        ))
+
+    for (customer, start), items in reports.items():
+        value = sum(r["tokens"] for r in items)
+        last = max(r["ts"] for r in items)
+        existing = conn.execute(
+            select(MeterReport).where(MeterReport.customer_id == customer,
+                                      MeterReport.window_start == start, MeterReport.status == "open")
+        ).first()
+        if existing is None:
+            conn.execute(MeterReport.__table__.insert().values(
+                id=new_report_id(), customer_id=customer, window_start=start,
+                window_end=start + dt.timedelta(seconds=window_seconds), value=value, last_usage_ts=last,
+                status="open", attempts=0, created_at=dt.datetime.now(dt.UTC)))
+        else:
+            report = existing[0]
+            conn.execute(MeterReport.__table__.update().where(MeterReport.id == report.id).values(
+                value=MeterReport.value + value,
+                last_usage_ts=max(_aware(report.last_usage_ts), last)))
+    return len(new)
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+

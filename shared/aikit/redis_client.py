@@ -1,0 +1,90 @@
+"""Redis clients: a single node, a Redis Cluster (ElastiCache Serverless), or an in-process substitute."""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from functools import lru_cache
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.cluster import RedisCluster
+
+from aikit.settings import Settings
+
+# Errors that mean "Redis is not answering", as opposed to a bug in a command.
+REDIS_DOWN_ERRORS: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+    ConnectionError,
+    TimeoutError,
+    OSError,
+)
+
+
+@lru_cache(maxsize=1)
+def _fake_server() -> Any:
+    import fakeredis
+
+    return fakeredis.FakeServer()
+
+
+def _options(settings: Settings) -> dict[str, Any]:
+    return {
+        "socket_timeout": settings.redis_timeout_seconds,
+        "socket_connect_timeout": settings.redis_timeout_seconds,
+        "decode_responses": True,
+    }
+
+
+def make_sync_redis(settings: Settings) -> Any:
+    if settings.redis_url.startswith("memory://"):
+        import fakeredis
+
+        return fakeredis.FakeRedis(server=_fake_server(), decode_responses=True)
+    if settings.redis_cluster:
+        return RedisCluster.from_url(settings.redis_url, **_options(settings))
+    return redis.Redis.from_url(settings.redis_url, **_options(settings))
+
+
+def make_async_redis(settings: Settings) -> Any:
+    if settings.redis_url.startswith("memory://"):
+        import fakeredis
+
+        return fakeredis.FakeAsyncRedis(server=_fake_server(), decode_responses=True)
+    if settings.redis_cluster:
+        return AsyncRedisCluster.from_url(settings.redis_url, **_options(settings))
+    # One retry on a dropped connection keeps a single blip from failing a request.
+    return aioredis.Redis.from_url(settings.redis_url, retry_on_timeout=False, **_options(settings))
+
+
+class PerLoopRedis:
+    """An async client per event loop: asyncio connections cannot cross loops (tests run several; a Lambda
+    container keeps one, so it gets exactly one client)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
+
+    def client(self) -> Any:
+        loop = asyncio.get_running_loop()
+        found = self._clients.get(loop)
+        if found is None:
+            found = self._clients[loop] = make_async_redis(self._settings)
+        return found
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client(), name)
+
+    async def aclose(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        found = self._clients.pop(loop, None)
+        if found is not None:
+            await found.aclose()

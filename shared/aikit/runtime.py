@@ -1,0 +1,84 @@
+"""The per-process container of clients: created once per Lambda container, lazily, so moto and tests can
+patch them first."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Engine
+
+from aikit.db.engine import get_engine
+from aikit.keys import KeyCache
+from aikit.limits import RateLimiter
+from aikit.metering.layout import RedisLayout
+from aikit.metering.redis_meter import RedisMeter
+from aikit.redis_client import PerLoopRedis, make_sync_redis
+from aikit.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from aikit.llm import LLM
+    from aikit.stripe_gateway import BillingGateway
+
+
+class Runtime:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        # api_key_id -> quota period start, filled by every authenticated request.
+        self.quota_periods: dict[str, int] = {}
+
+    @cached_property
+    def engine(self) -> Engine:
+        return get_engine(self.settings.database_url)
+
+    @cached_property
+    def layout(self) -> RedisLayout:
+        return RedisLayout(self.settings.redis_key_prefix, self.settings.redis_usage_shards)
+
+    @cached_property
+    def redis(self) -> Any:
+        return PerLoopRedis(self.settings)
+
+    @cached_property
+    def sync_redis(self) -> Any:
+        return make_sync_redis(self.settings)
+
+    @cached_property
+    def keys(self) -> KeyCache:
+        return KeyCache(self.engine, self.settings)
+
+    @cached_property
+    def limiter(self) -> RateLimiter:
+        return RateLimiter(self.redis, self.layout, self.settings)
+
+    @cached_property
+    def meter(self) -> RedisMeter:
+        return RedisMeter(self.redis, self.layout, self.engine, self.settings,
+                          quota_period_of=lambda kid: self.quota_periods.get(kid, 0))
+
+    @cached_property
+    def llm(self) -> LLM:
+        from aikit.llm import LLM, build_provider
+
+        return LLM(build_provider(self.settings), meter=self.meter,
+                   default_model=self.settings.llm_default_model)
+
+    @cached_property
+    def billing(self) -> BillingGateway | None:
+        from aikit.stripe_gateway import gateway_from_settings
+
+        return gateway_from_settings(self.settings)
+
+    async def aclose(self) -> None:
+        if "redis" in self.__dict__:
+            await self.redis.aclose()
+
+
+_runtime: Runtime | None = None
+
+
+def get_runtime() -> Runtime:
+    global _runtime
+    if _runtime is None:
+        _runtime = Runtime(get_settings())
+    return _runtime

@@ -1,0 +1,123 @@
+"""All configuration, read once from the environment (and `.env`)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class SettingsError(RuntimeError):
+    """A missing or malformed setting; the message is one line naming it."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    # Storage. The defaults are the embedded first-try setup of `make run`.
+    database_url: str = "sqlite:///./aikit.db"
+    redis_url: str = "memory://"  # memory:// is an in-process Redis substitute (fakeredis)
+    redis_cluster: bool = False  # use RedisCluster (ElastiCache Serverless is cluster-only)
+    redis_key_prefix: str = Field(default="aikit", pattern=r"^[A-Za-z0-9_.-]{1,40}$")
+    # Usage buffers are spread over this many hash slots; never lower it while buffers hold data.
+    redis_usage_shards: int = Field(default=16, ge=1, le=1024)
+    redis_timeout_seconds: float = Field(default=0.5, gt=0)
+
+    # Stripe.
+    stripe_secret_key: str | None = None
+    stripe_webhook_secret: str | None = None
+    stripe_metered_price_id: str | None = None
+    stripe_metering_enabled: bool = True
+    stripe_meter_event_name: str = "api_tokens"
+    stripe_api_base: str | None = None  # tests point the SDK at a local Stripe-compatible server
+    stripe_max_network_retries: int = Field(default=2, ge=0, le=10)
+    stripe_timeout_seconds: float = Field(default=10.0, gt=0)
+    stripe_report_window_seconds: int = Field(default=300, ge=60, le=86400)
+    stripe_success_url: str = "http://127.0.0.1:8000/billing/success"
+    stripe_cancel_url: str = "http://127.0.0.1:8000/billing/cancel"
+    stripe_portal_return_url: str = "http://127.0.0.1:8000/"
+
+    # LLM providers.
+    llm_provider: Literal["echo", "openai", "anthropic", "bedrock"] = "echo"
+    llm_default_model: str | None = None
+    llm_timeout_seconds: float = Field(default=60.0, gt=0)
+    openai_api_key: str | None = None
+    openai_base_url: str = "https://api.openai.com/v1"
+    anthropic_api_key: str | None = None
+    anthropic_base_url: str = "https://api.anthropic.com"
+    anthropic_version: str = "2023-06-01"
+    bedrock_region: str | None = None
+    bedrock_endpoint_url: str | None = None
+
+    # Access and limits.
+    admin_token: str | None = None
+    key_cache_ttl_seconds: float = Field(default=5.0, ge=0, le=300)
+    default_rpm: int = Field(default=60, ge=0)
+    default_rpd: int = Field(default=10_000, ge=0)
+    default_monthly_tokens: int | None = Field(default=1_000_000, ge=0)
+    # What the limiter does when Redis cannot be reached: let requests through, or refuse them.
+    rate_limit_fail_mode: Literal["open", "closed"] = "open"
+    # Tokens reserved against the monthly quota while a call runs when the body gives no max_tokens.
+    quota_reserve_tokens: int = Field(default=1024, ge=0)
+
+    # Subscription lifecycle.
+    past_due_grace_days: int = Field(default=7, ge=0)
+    on_subscription_deleted: Literal["off", "free_tier"] = "off"
+    free_tier_rpm: int = Field(default=10, ge=0)
+    free_tier_rpd: int = Field(default=200, ge=0)
+    free_tier_monthly_tokens: int = Field(default=50_000, ge=0)
+    email_backend: Literal["log", "ses"] = "log"
+    email_from: str = "billing@example.com"
+
+    # Flush.
+    flush_interval_seconds: int = Field(default=300, ge=0)  # 0 turns off the in-process flush of `make run`
+    flush_batch_size: int = Field(default=5000, ge=1, le=100_000)
+    flush_time_budget_seconds: float = Field(default=240.0, gt=0)
+
+    # Usage visibility: JSON {"model": {"input": usd_per_1k, "output": usd_per_1k}}.
+    price_table: dict[str, dict[str, float]] = Field(default_factory=dict)
+
+    log_level: str = "INFO"
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        if value.startswith("postgres://"):
+            value = "postgresql://" + value.removeprefix("postgres://")
+        if value.startswith("postgresql://"):
+            value = "postgresql+pg8000://" + value.removeprefix("postgresql://")
+        if not (value.startswith("sqlite") or value.startswith("postgresql+pg8000://")):
+            raise ValueError("must be a sqlite:/// or postgresql:// URL")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://", "memory://")):
+            raise ValueError("must be a redis://, rediss://, unix:// or memory:// URL")
+        return value
+
+    @property
+    def stripe_enabled(self) -> bool:
+        return bool(self.stripe_secret_key)
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.database_url.startswith("postgresql")
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings; a bad value raises SettingsError with one line naming the variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0]).upper() if first["loc"] else "settings"
+        raise SettingsError(f"invalid setting {name}: {first['msg']}") from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()
