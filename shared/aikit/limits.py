@@ -4,6 +4,7 @@ UTC day, and a monthly token quota with reservations so parallel requests cannot
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,3 +118,36 @@ class RateLimiter:
             "per_day": None if key.rpd is None else max(0, key.rpd - int(d or 0)),
             "tokens": None if key.monthly_tokens is None else max(0, key.monthly_tokens - int(q or 0)),
         }
+
+
+class AuthGuard:
+    """Counts invalid API keys per client address and minute, in Redis, so key guessing is rate limited
+    across instances. Only requests with an unknown key pay the round trips."""
+
+    def __init__(self, client: Any, prefix: str, per_minute: int) -> None:
+        self._redis = client
+        self._prefix = prefix
+        self._per_minute = per_minute
+
+    def _key(self, address: str, now: float) -> str:
+        digest = hashlib.sha256(address.encode()).hexdigest()[:16]  # addresses never shape key names
+        return f"{self._prefix}:{{authfail:{digest}}}:{int(now) // 60}"
+
+    async def blocked(self, address: str, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        try:
+            count = await self._redis.get(self._key(address, now))
+        except REDIS_DOWN_ERRORS:
+            return False
+        return int(count or 0) >= self._per_minute
+
+    async def failed(self, address: str, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        key = self._key(address, now)
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.incr(key)
+            pipe.expire(key, 120)
+            await pipe.execute()
+        except REDIS_DOWN_ERRORS:
+            pass

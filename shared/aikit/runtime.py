@@ -10,7 +10,7 @@ from sqlalchemy import Engine
 
 from aikit.db.engine import get_engine
 from aikit.keys import KeyCache
-from aikit.limits import RateLimiter
+from aikit.limits import AuthGuard, RateLimiter
 from aikit.metering.layout import RedisLayout
 from aikit.metering.redis_meter import RedisMeter
 from aikit.redis_client import PerLoopRedis, make_sync_redis
@@ -50,6 +50,10 @@ class Runtime:
     @cached_property
     def limiter(self) -> RateLimiter:
         return RateLimiter(self.redis, self.layout, self.settings)
+
+    @cached_property
+    def auth_guard(self) -> AuthGuard:
+        return AuthGuard(self.redis, self.settings.redis_key_prefix, self.settings.auth_failures_per_minute)
 
     @cached_property
     def meter(self) -> RedisMeter:

@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     default_monthly_tokens: int | None = Field(default=1_000_000, ge=0)
     # What the limiter does when Redis cannot be reached: let requests through, or refuse them.
     rate_limit_fail_mode: Literal["open", "closed"] = "open"
+    # Invalid API keys one client address may present per minute before it gets 429s (slows key guessing).
+    auth_failures_per_minute: int = Field(default=20, ge=1)
     # Tokens reserved against the monthly quota while a call runs when the body gives no max_tokens.
     quota_reserve_tokens: int = Field(default=1024, ge=0)
 

@@ -191,3 +191,19 @@ def test_rejected_requests_are_not_metered(client: TestClient, runtime: Runtime,
 
 def test_healthz(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_guessing_keys_is_rate_limited_per_address(pg_url: str, redis_prefix: str) -> None:
+    settings = make_settings(pg_url, redis_prefix, auth_failures_per_minute=5)
+    good = issue_key(settings)
+    with TestClient(create_app(runtime=Runtime(settings))) as c:
+        assert chat(c, good.api_key).status_code == 200  # known to this instance before the guessing starts
+        codes = [chat(c, f"ak_guess{i}").status_code for i in range(7)]
+        assert codes == [401] * 5 + [429] * 2
+        r = chat(c, "ak_guess-again")
+        assert r.status_code == 429 and r.headers["Retry-After"] == "60"
+        # The block is per address and shared by instances: a new instance refuses lookups from it too...
+        with TestClient(create_app(runtime=Runtime(settings))) as fresh:
+            assert chat(fresh, good.api_key).status_code == 429
+        # ...while a key this instance already verified keeps working (no lookup needed).
+        assert chat(c, good.api_key).status_code == 200

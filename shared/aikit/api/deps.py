@@ -22,6 +22,11 @@ def get_runtime_dep(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime_dep)]
 
 
+def too_many_failures() -> ApiError:
+    return ApiError(429, "too many invalid API keys from this address; try again in a minute",
+                    code="too_many_auth_failures", headers={"Retry-After": "60"})
+
+
 def bearer_token(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
@@ -37,8 +42,15 @@ async def current_key(request: Request, runtime: RuntimeDep) -> KeyInfo:
     if len(token) > 200:
         raise ApiError(401, "invalid API key", code="invalid_api_key")
     cached = runtime.keys.cached(token)
-    info = cached if cached is not False else await anyio.to_thread.run_sync(runtime.keys.lookup, token)
+    address = request.client.host if request.client else "unknown"
+    if cached is False:
+        if await runtime.auth_guard.blocked(address):
+            raise too_many_failures()
+        info = await anyio.to_thread.run_sync(runtime.keys.lookup, token)
+    else:
+        info = cached
     if info is None or isinstance(info, bool):
+        await runtime.auth_guard.failed(address)
         raise ApiError(401, "invalid API key", code="invalid_api_key")
     if not info.active:
         raise ApiError(401, "API key has been revoked", code="revoked_api_key")
