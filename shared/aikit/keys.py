@@ -186,14 +186,14 @@ class KeyCache:
                 self._entries.popitem(last=False)
         return info
 
-    def cached(self, secret: str) -> KeyInfo | None | bool:
-        """The cached answer without touching the database; False when there is none."""
+    def cached(self, secret: str) -> tuple[bool, KeyInfo | None]:
+        """(found, answer) from the cache alone, without touching the database."""
         digest = hash_key(secret)
         with self._lock:
             hit = self._entries.get(digest)
             if hit is not None and hit[0] > time.monotonic():
-                return hit[1]
-        return False
+                return True, hit[1]
+        return False, None
 
     def clear(self) -> None:
         with self._lock:

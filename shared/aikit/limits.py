@@ -3,6 +3,7 @@ UTC day, and a monthly token quota with reservations so parallel requests cannot
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import time
@@ -103,10 +104,8 @@ class RateLimiter:
 
     async def release(self, key: KeyInfo, request_id: str) -> None:
         """Give a reservation back (the call produced nothing). Best effort: it also expires by itself."""
-        try:
+        with contextlib.suppress(*REDIS_DOWN_ERRORS):
             await RELEASE.run_async(self._redis, [self._layout.inflight(key.api_key_id)], [request_id])
-        except REDIS_DOWN_ERRORS:
-            pass
 
     async def remaining(self, key: KeyInfo, now: float | None = None) -> dict[str, int | None]:
         """What is left of each limit, from the same counters `admit` enforces."""

@@ -41,15 +41,13 @@ async def current_key(request: Request, runtime: RuntimeDep) -> KeyInfo:
     token = bearer_token(request)
     if len(token) > 200:
         raise ApiError(401, "invalid API key", code="invalid_api_key")
-    cached = runtime.keys.cached(token)
+    found, info = runtime.keys.cached(token)
     address = request.client.host if request.client else "unknown"
-    if cached is False:
+    if not found:
         if await runtime.auth_guard.blocked(address):
             raise too_many_failures()
         info = await anyio.to_thread.run_sync(runtime.keys.lookup, token)
-    else:
-        info = cached
-    if info is None or isinstance(info, bool):
+    if info is None:
         await runtime.auth_guard.failed(address)
         raise ApiError(401, "invalid API key", code="invalid_api_key")
     if not info.active:
