@@ -85,9 +85,9 @@ async def chat_completions(body: ChatCompletionRequest, key: BilledKeyDep,
         return JSONResponse(completion_json(request_id, result, created), headers=headers)
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    stream = runtime.llm.stream(**kwargs)
     # Pull the first event before answering, so an upstream failure is a clean HTTP error, not a broken stream.
     try:
+        stream = runtime.llm.stream(**kwargs)
         first = await anext(stream)
     except ProviderError as exc:
         await runtime.limiter.release(key, request_id)
