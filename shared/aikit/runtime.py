@@ -17,6 +17,7 @@ from aikit.redis_client import PerLoopRedis, make_sync_redis
 from aikit.settings import Settings, get_settings
 
 if TYPE_CHECKING:
+    from aikit.emails import Mailer
     from aikit.llm import LLM
     from aikit.stripe_gateway import BillingGateway
 
@@ -72,6 +73,12 @@ class Runtime:
         from aikit.stripe_gateway import gateway_from_settings
 
         return gateway_from_settings(self.settings)
+
+    @cached_property
+    def mailer(self) -> Mailer:
+        from aikit.emails import mailer_from_settings
+
+        return mailer_from_settings(self.settings)
 
     async def aclose(self) -> None:
         if "redis" in self.__dict__:

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from functools import partial
-from weakref import WeakKeyDictionary
 
 import anyio
 from fastapi import APIRouter, FastAPI, Request
 
 from aikit.api.deps import RuntimeDep
 from aikit.api.errors import ApiError, install_error_handlers
-from aikit.emails import Mailer, mailer_from_settings
 from aikit.runtime import Runtime, get_runtime
 from aikit.webhooks import (
     MAX_BODY_BYTES,
@@ -22,20 +20,6 @@ from aikit.webhooks import (
 )
 
 router = APIRouter()
-
-_mailers: WeakKeyDictionary[Runtime, Mailer] = WeakKeyDictionary()
-
-
-def mailer_for(runtime: Runtime) -> Mailer:
-    """The runtime's mailer (one per process, created on first use)."""
-    own = getattr(runtime, "mailer", None)
-    if isinstance(own, Mailer):
-        return own
-    mailer = _mailers.get(runtime)
-    if mailer is None:
-        mailer = _mailers[runtime] = mailer_from_settings(runtime.settings)
-    return mailer
-
 
 async def read_at_most(request: Request, limit: int) -> bytes:
     """The raw body, but no more than `limit` bytes of it (a longer one is refused as too large anyway)."""
@@ -58,7 +42,7 @@ async def stripe_webhook(request: Request, runtime: RuntimeDep) -> dict[str, obj
         request.headers.get("stripe-signature"),
         settings=runtime.settings,
         engine=runtime.engine,
-        mailer=mailer_for(runtime),
+        mailer=runtime.mailer,
     )
     try:
         result = await anyio.to_thread.run_sync(work)

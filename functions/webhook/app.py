@@ -1,0 +1,11 @@
+"""Webhook Lambda: only POST /v1/webhooks/stripe, behind API Gateway (HTTP API), through Mangum."""
+
+from mangum import Mangum
+
+from aikit.api.routes.webhooks import create_webhook_app
+from aikit.aws_secrets import apply_secret_settings
+from aikit.observability import lambda_entry
+
+apply_secret_settings()
+app = create_webhook_app()
+handler = lambda_entry(Mangum(app, lifespan="off"))

@@ -1,0 +1,511 @@
+"""Stripe webhooks: verify the signature, then apply each event once, in order, in one transaction.
+
+Rules (each one a plain function below, unit-tested):
+
+* Idempotency: the `stripe_events` row is claimed first, in the same transaction as the state change
+  (INSERT ... ON CONFLICT DO NOTHING). A redelivery finds the row and changes nothing; a concurrent delivery
+  of the same event waits on that insert and then finds it. A failing handler rolls the claim back too, so
+  Stripe's retry runs it again.
+* Order: Stripe does not deliver in order. Each subscription row keeps the `created` of the newest event
+  applied and is locked (SELECT ... FOR UPDATE, after an insert-or-nothing for a new one) while an event is
+  applied.
+  Terminal states (deleted, canceled, incomplete_expired) are final in Stripe: an event carrying one is always
+  applied, and a non-terminal event never moves a subscription out of one. Otherwise the event with the newer
+  `created` wins; at a tie (same second) the later delivery wins. So a tie between a terminal and a
+  non-terminal state always ends terminal.
+* Quota: `invoice.paid` moves the user's quota period start forward only (never back), which resets the
+  monthly token counter because its Redis key contains that start.
+* Email: `invoice.payment_failed` emails the customer after the commit, so a redelivery (already recorded)
+  never emails twice; a mail failure is logged, not retried (at most once).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import stripe
+from sqlalchemy import Engine, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from aikit.access import ACTIVE_STATUSES
+from aikit.db.models import StripeEvent, Subscription, User
+from aikit.emails import Email, Mailer
+from aikit.observability import WEBHOOK_EVENTS, WEBHOOK_SIGNATURE_FAILURES, emit, logger
+from aikit.settings import Settings
+
+MAX_BODY_BYTES = 1024 * 1024  # Stripe events are a few KB; anything near this is not from Stripe
+SIGNATURE_TOLERANCE_SECONDS = 300
+TERMINAL_STATUSES = frozenset({"canceled", "incomplete_expired"})
+# A line period ending at most this long after the invoice was created counts as already begun (clock slack).
+_PERIOD_SLACK_SECONDS = 86400
+
+SUBSCRIPTION_CREATED = "customer.subscription.created"
+SUBSCRIPTION_UPDATED = "customer.subscription.updated"
+SUBSCRIPTION_DELETED = "customer.subscription.deleted"
+INVOICE_PAID = "invoice.paid"
+INVOICE_PAYMENT_FAILED = "invoice.payment_failed"
+
+
+class Outcome(StrEnum):
+    APPLIED = "applied"
+    DUPLICATE = "duplicate"
+    STALE = "stale"
+    IGNORED = "ignored"
+    ERROR = "error"
+
+
+class WebhookRejected(Exception):
+    """The request is not a verified Stripe event (answer `status`, change nothing)."""
+
+    def __init__(self, reason: str, *, kind: str, status: int = 400) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.kind = kind  # metric dimension: missing_signature | bad_signature | stale_signature | ...
+        self.status = status
+
+
+class WebhooksNotConfigured(Exception):
+    """No webhook secret: nothing can be verified."""
+
+
+class WebhookFailed(Exception):
+    """Applying a verified event failed; the transaction was rolled back so Stripe's retry starts clean."""
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookEvent:
+    id: str
+    type: str
+    created: int
+    obj: Mapping[str, Any]  # data.object
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentFailedNotice:
+    email: str
+    customer_id: str
+    invoice_id: str | None
+    attempt_count: int
+    next_payment_attempt: int | None
+    amount_due: int | None
+    currency: str | None
+    hosted_invoice_url: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookResult:
+    event: WebhookEvent
+    outcome: Outcome
+    detail: str
+    notices: tuple[PaymentFailedNotice, ...] = field(default=())
+
+
+# --- verification --------------------------------------------------------------------------------------
+
+
+def verify_event(raw_body: bytes, sig_header: str | None, secret: str) -> WebhookEvent:
+    """The verified event; WebhookRejected naming what is wrong otherwise."""
+    if len(raw_body) > MAX_BODY_BYTES:
+        raise WebhookRejected(
+            f"payload too large (limit {MAX_BODY_BYTES} bytes)", kind="too_large", status=413
+        )
+    if not sig_header or not sig_header.strip():
+        raise WebhookRejected("missing Stripe-Signature header", kind="missing_signature")
+    try:
+        stripe.Webhook.construct_event(raw_body, sig_header, secret, tolerance=SIGNATURE_TOLERANCE_SECONDS)
+    except stripe.SignatureVerificationError as exc:
+        message = str(exc.user_message or exc)
+        if "tolerance" in message:
+            raise WebhookRejected(
+                "Stripe-Signature timestamp is outside the tolerance window", kind="stale_signature"
+            ) from None
+        raise WebhookRejected(
+            "Stripe-Signature does not match the payload", kind="bad_signature"
+        ) from None
+    except (ValueError, AttributeError, TypeError):
+        # ValueError: not UTF-8 or not JSON; the SDK fails with AttributeError/TypeError on a non-object.
+        raise WebhookRejected("payload is not a JSON object", kind="malformed") from None
+    # Signed, so these exact bytes came from Stripe: parse them into plain dicts.
+    return parse_event(json.loads(raw_body))
+
+
+def parse_event(data: Any) -> WebhookEvent:
+    def bad(what: str) -> WebhookRejected:
+        return WebhookRejected(f"malformed event: {what}", kind="malformed")
+
+    if not isinstance(data, dict):
+        raise bad("not a JSON object")
+    event_id, event_type, created = data.get("id"), data.get("type"), data.get("created")
+    if not isinstance(event_id, str) or not 0 < len(event_id) <= 255:
+        raise bad("id must be a string of 1-255 characters")
+    if not isinstance(event_type, str) or not 0 < len(event_type) <= 128:
+        raise bad("type must be a string of 1-128 characters")
+    if not isinstance(created, int) or isinstance(created, bool) or created < 0:
+        raise bad("created must be a Unix timestamp")
+    payload = data.get("data")
+    obj = payload.get("object") if isinstance(payload, dict) else None
+    if not isinstance(obj, dict):
+        raise bad("data.object must be an object")
+    return WebhookEvent(event_id, event_type, created, obj)
+
+
+class MalformedObject(WebhookRejected):
+    def __init__(self, event: WebhookEvent, what: str) -> None:
+        super().__init__(f"malformed {event.type} event {event.id}: {what}", kind="malformed")
+
+
+# --- pure rules ----------------------------------------------------------------------------------------
+
+
+def from_ts(ts: int) -> dt.datetime:
+    return dt.datetime.fromtimestamp(ts, dt.UTC)
+
+
+def aware(value: dt.datetime | None) -> dt.datetime | None:
+    # SQLite hands back naive datetimes; everything stored is UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=dt.UTC)
+    return value
+
+
+def is_terminal(status: str, deleted: bool = False) -> bool:
+    return deleted or status in TERMINAL_STATUSES
+
+
+def should_apply(
+    stored_created: int | None, stored_terminal: bool, event_created: int, event_terminal: bool
+) -> bool:
+    """Whether a subscription event may change the stored state (None: nothing stored yet)."""
+    if stored_created is None:
+        return True
+    if stored_terminal and not event_terminal:
+        return False  # nothing leaves a terminal state, whatever its timestamp says
+    if event_terminal and not stored_terminal:
+        return True  # ... and a terminal state is reached whatever order the events came in
+    return event_created >= stored_created  # tie: the later delivery wins
+
+
+def next_past_due_since(
+    past_due_since: dt.datetime | None, new_status: str, at: dt.datetime
+) -> dt.datetime | None:
+    """Set on entering past_due (at the event's time), kept while it stays past_due, cleared on leaving."""
+    if new_status != "past_due":
+        return None
+    return past_due_since if past_due_since is not None else at
+
+
+def customer_of(obj: Mapping[str, Any]) -> str | None:
+    customer = obj.get("customer")
+    if isinstance(customer, dict):  # expanded
+        customer = customer.get("id")
+    return customer if isinstance(customer, str) and customer else None
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _dicts(value: Any) -> list[Mapping[str, Any]]:
+    """`x.data` of a Stripe list object, keeping only the objects."""
+    data = value.get("data") if isinstance(value, dict) else None
+    return [d for d in data if isinstance(d, dict)] if isinstance(data, list) else []
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionFields:
+    id: str
+    customer_id: str
+    status: str
+    current_period_start: int | None
+    current_period_end: int | None
+
+
+def subscription_fields(event: WebhookEvent) -> SubscriptionFields:
+    obj = event.obj
+    sub_id = obj.get("id")
+    if not isinstance(sub_id, str) or not sub_id:
+        raise MalformedObject(event, "data.object.id is missing")
+    customer = customer_of(obj)
+    if customer is None:
+        raise MalformedObject(event, "data.object.customer is missing")
+    status = obj.get("status")
+    if event.type == SUBSCRIPTION_DELETED:
+        status = "canceled"
+    if not isinstance(status, str) or not status:
+        raise MalformedObject(event, "data.object.status is missing")
+    # Since API 2025-03-31 the billing period lives on the items; older versions had it on the subscription.
+    items = _dicts(obj.get("items"))
+    source: Mapping[str, Any] = items[0] if items else obj
+    return SubscriptionFields(
+        sub_id,
+        customer,
+        status,
+        _int_or_none(source.get("current_period_start")),
+        _int_or_none(source.get("current_period_end")),
+    )
+
+
+def invoice_subscription_id(invoice: Mapping[str, Any]) -> str | None:
+    parent = invoice.get("parent")
+    details = parent.get("subscription_details") if isinstance(parent, dict) else None
+    sub = details.get("subscription") if isinstance(details, dict) else None
+    if sub is None:
+        sub = invoice.get("subscription")  # API versions before 2025-03-31
+    if isinstance(sub, dict):
+        sub = sub.get("id")
+    return sub if isinstance(sub, str) and sub else None
+
+
+def invoice_period_start(invoice: Mapping[str, Any]) -> int | None:
+    """Start of the billing period a paid subscription invoice opens.
+
+    That is the latest line period boundary (start or end) that is not in the future when the invoice was
+    made: a first invoice's lines cover [start, end) of the period just begun (-> start); a renewal invoice
+    bills metered usage in arrears, its line covering the period just ended (-> its end, the new period's
+    start), and licensed prices in advance (-> start of the new period). Falls back to the invoice's own
+    period_start/period_end, which look back one period in the same way.
+    """
+    points: list[int] = []
+    for line in _dicts(invoice.get("lines")):
+        period = line.get("period")
+        if isinstance(period, dict):
+            points += [p for p in (_int_or_none(period.get("start")), _int_or_none(period.get("end"))) if p]
+    if not points:
+        own = (_int_or_none(invoice.get("period_start")), _int_or_none(invoice.get("period_end")))
+        points = [p for p in own if p]
+    if not points:
+        return None
+    created = _int_or_none(invoice.get("created"))
+    if created is None:
+        return min(points)
+    begun = [p for p in points if p <= created + _PERIOD_SLACK_SECONDS]
+    return max(begun) if begun else min(points)
+
+
+def payment_failed_email(notice: PaymentFailedNotice) -> Email:
+    if notice.next_payment_attempt:
+        when = from_ts(notice.next_payment_attempt).strftime("%Y-%m-%d %H:%M UTC")
+        retry = f"We will try again on {when}."
+    else:
+        retry = "No further automatic attempts are scheduled: please update your payment method."
+    amount = ""
+    if notice.amount_due is not None and notice.currency:
+        amount = f" of {notice.amount_due / 100:.2f} {notice.currency.upper()}"
+    lines = [
+        f"Your payment{amount} for your API subscription failed (attempt {notice.attempt_count}).",
+        retry,
+    ]
+    if notice.hosted_invoice_url:
+        lines.append(f"You can pay the invoice here: {notice.hosted_invoice_url}")
+    lines.append("API access continues during a short grace period; after that requests are refused.")
+    return Email(notice.email, "Payment failed for your API subscription", "\n\n".join(lines))
+
+
+# --- applying events -----------------------------------------------------------------------------------
+
+_Handled = tuple[Outcome, str, tuple[PaymentFailedNotice, ...]]
+
+
+def _insert_ignore(session: Session, model: type[Any], values: dict[str, Any]) -> bool:
+    """INSERT ... ON CONFLICT DO NOTHING; True when this call inserted the row."""
+    stmt: postgresql.Insert | sqlite.Insert
+    if session.get_bind().dialect.name == "postgresql":
+        stmt = postgresql.insert(model).values(**values).on_conflict_do_nothing()
+    else:
+        stmt = sqlite.insert(model).values(**values).on_conflict_do_nothing()
+    return session.execute(stmt.returning(model.id)).first() is not None
+
+
+def _lock_subscription(session: Session, fields: SubscriptionFields, event: WebhookEvent) -> tuple[
+    Subscription, bool
+]:
+    """The subscription row, locked for this transaction; True when this event created it."""
+    stmt = select(Subscription).where(Subscription.id == fields.id).with_for_update()
+    row = session.scalars(stmt).first()
+    if row is not None:
+        return row, False
+    # Insert-or-lock: of two concurrent first events one inserts, the other waits here, then locks its row.
+    created = _insert_ignore(
+        session,
+        Subscription,
+        {
+            "id": fields.id,
+            "customer_id": fields.customer_id,
+            "status": fields.status,
+            "last_event_created": 0,
+            "deleted": False,
+        },
+    )
+    row = session.scalars(stmt.execution_options(populate_existing=True)).one()
+    return row, created
+
+
+def _on_subscription(session: Session, settings: Settings, event: WebhookEvent) -> _Handled:
+    fields = subscription_fields(event)
+    deleting = event.type == SUBSCRIPTION_DELETED
+    row, new = _lock_subscription(session, fields, event)
+    event_terminal = is_terminal(fields.status, deleting)
+    stored_terminal = is_terminal(row.status, row.deleted)
+    if not should_apply(None if new else row.last_event_created, stored_terminal, event.created,
+                        event_terminal):
+        return Outcome.STALE, f"subscription {fields.id}: older than the stored state", ()
+    newer = new or event.created >= row.last_event_created
+    row.status = fields.status
+    row.deleted = row.deleted or deleting
+    row.customer_id = fields.customer_id
+    row.past_due_since = next_past_due_since(aware(row.past_due_since), fields.status, from_ts(event.created))
+    if newer:
+        row.current_period_start = (
+            from_ts(fields.current_period_start) if fields.current_period_start else row.current_period_start
+        )
+        row.current_period_end = (
+            from_ts(fields.current_period_end) if fields.current_period_end else row.current_period_end
+        )
+    row.last_event_created = max(row.last_event_created, event.created)
+    row.updated_at = dt.datetime.now(dt.UTC)
+    return Outcome.APPLIED, f"subscription {fields.id}: {fields.status}", ()
+
+
+def _user_for_customer(session: Session, customer_id: str) -> User | None:
+    stmt = select(User).where(User.stripe_customer_id == customer_id).with_for_update()
+    return session.scalars(stmt).first()
+
+
+def _on_invoice_paid(session: Session, settings: Settings, event: WebhookEvent) -> _Handled:
+    invoice = event.obj
+    customer = customer_of(invoice)
+    if customer is None:
+        raise MalformedObject(event, "data.object.customer is missing")
+    if invoice_subscription_id(invoice) is None:
+        return Outcome.IGNORED, "not a subscription invoice", ()
+    start = invoice_period_start(invoice)
+    if start is None:
+        return Outcome.IGNORED, "invoice has no service period", ()
+    user = _user_for_customer(session, customer)
+    if user is None:
+        return Outcome.IGNORED, f"no user for customer {customer}", ()
+    new_start = from_ts(start)
+    stored = aware(user.quota_period_start)
+    if stored is not None and new_start <= stored:
+        return Outcome.STALE, f"quota period already starts at {stored.isoformat()}", ()
+    user.quota_period_start = new_start
+    return Outcome.APPLIED, f"quota period of {user.id} starts {new_start.isoformat()}", ()
+
+
+def _on_payment_failed(session: Session, settings: Settings, event: WebhookEvent) -> _Handled:
+    invoice = event.obj
+    customer = customer_of(invoice)
+    if customer is None:
+        raise MalformedObject(event, "data.object.customer is missing")
+    user = session.scalars(select(User).where(User.stripe_customer_id == customer)).first()
+    if user is None:
+        return Outcome.IGNORED, f"no user for customer {customer}", ()
+    sub_id = invoice_subscription_id(invoice)
+    sub = session.get(Subscription, sub_id) if sub_id else None
+    # A late delivery after the payer recovered (a newer event made the subscription active) is old news.
+    if (
+        sub is not None
+        and not sub.deleted
+        and sub.status in ACTIVE_STATUSES
+        and sub.last_event_created > event.created
+    ):
+        return Outcome.STALE, f"subscription {sub_id} is active again", ()
+    notice = PaymentFailedNotice(
+        email=user.email,
+        customer_id=customer,
+        invoice_id=invoice.get("id") if isinstance(invoice.get("id"), str) else None,
+        attempt_count=_int_or_none(invoice.get("attempt_count")) or 1,
+        next_payment_attempt=_int_or_none(invoice.get("next_payment_attempt")),
+        amount_due=_int_or_none(invoice.get("amount_due")),
+        currency=invoice.get("currency") if isinstance(invoice.get("currency"), str) else None,
+        hosted_invoice_url=(
+            invoice.get("hosted_invoice_url") if isinstance(invoice.get("hosted_invoice_url"), str) else None
+        ),
+    )
+    return Outcome.APPLIED, f"payment failed email to {user.id}", (notice,)
+
+
+HANDLERS: dict[str, Callable[[Session, Settings, WebhookEvent], _Handled]] = {
+    SUBSCRIPTION_CREATED: _on_subscription,
+    SUBSCRIPTION_UPDATED: _on_subscription,
+    SUBSCRIPTION_DELETED: _on_subscription,
+    INVOICE_PAID: _on_invoice_paid,
+    INVOICE_PAYMENT_FAILED: _on_payment_failed,
+}
+
+
+def apply_event(session: Session, settings: Settings, event: WebhookEvent) -> WebhookResult:
+    """Claim the event id, then apply it. Runs inside the caller's transaction; the caller commits."""
+    claimed = _insert_ignore(
+        session,
+        StripeEvent,
+        {"id": event.id, "type": event.type, "created": event.created, "outcome": "processing"},
+    )
+    if not claimed:
+        return WebhookResult(event, Outcome.DUPLICATE, "already processed")
+    handler = HANDLERS.get(event.type)
+    notices: tuple[PaymentFailedNotice, ...] = ()
+    if handler is None:
+        outcome, detail = Outcome.IGNORED, f"event type {event.type} is not handled"
+    else:
+        outcome, detail, notices = handler(session, settings, event)
+    session.execute(update(StripeEvent).where(StripeEvent.id == event.id).values(outcome=outcome.value))
+    return WebhookResult(event, outcome, detail, notices)
+
+
+def process_event(engine: Engine, settings: Settings, event: WebhookEvent) -> WebhookResult:
+    """Apply one verified event in its own transaction (rolled back on any error)."""
+    with Session(engine) as session, session.begin():
+        return apply_event(session, settings, event)
+
+
+def send_notices(mailer: Mailer, notices: tuple[PaymentFailedNotice, ...]) -> int:
+    """Email each notice; a failure is logged (the event is already recorded, so no retry). Returns sent."""
+    sent = 0
+    for notice in notices:
+        try:
+            mailer.send(payment_failed_email(notice))
+            sent += 1
+        except Exception:
+            logger.exception("payment_failed_email_error", extra={"customer_id": notice.customer_id,
+                                                                  "invoice_id": notice.invoice_id})
+    return sent
+
+
+def handle_webhook(
+    raw_body: bytes, sig_header: str | None, *, settings: Settings, engine: Engine, mailer: Mailer
+) -> WebhookResult:
+    """Verify, apply, then email. Raises WebhooksNotConfigured, WebhookRejected or WebhookFailed."""
+    secret = settings.stripe_webhook_secret
+    if not secret:
+        raise WebhooksNotConfigured("webhooks not configured: set STRIPE_WEBHOOK_SECRET")
+    try:
+        event = verify_event(raw_body, sig_header, secret)
+    except WebhookRejected as exc:
+        emit(WEBHOOK_SIGNATURE_FAILURES, reason=exc.kind)
+        logger.warning("webhook_rejected", extra={"reason": exc.reason})
+        raise
+    try:
+        result = process_event(engine, settings, event)
+    except WebhookRejected as exc:  # signed, but the object lacks what its type needs
+        emit(WEBHOOK_EVENTS, type=event.type, outcome=Outcome.ERROR.value)
+        logger.warning("webhook_malformed_object", extra={"event_id": event.id, "reason": exc.reason})
+        raise
+    except Exception as exc:
+        emit(WEBHOOK_EVENTS, type=event.type, outcome=Outcome.ERROR.value)
+        logger.exception("webhook_handler_error", extra={"event_id": event.id, "type": event.type})
+        raise WebhookFailed(f"event {event.id} could not be applied; Stripe will retry") from exc
+    emit(WEBHOOK_EVENTS, type=event.type, outcome=result.outcome.value)
+    logger.info(
+        "webhook_processed",
+        extra={"event_id": event.id, "type": event.type, "outcome": result.outcome.value,
+               "detail": result.detail},
+    )
+    send_notices(mailer, result.notices)
+    return result

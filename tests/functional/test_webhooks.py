@@ -1,0 +1,773 @@
+"""Stripe webhooks end to end: signed payloads through TestClient to the real route, on the real Postgres,
+then the API's answer for the affected key."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import httpx
+import pytest
+import stripe
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from moto import mock_aws
+from moto.core import DEFAULT_ACCOUNT_ID
+from moto.ses.models import ses_backends
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from aikit.access import Access
+from aikit.api.app import create_app
+from aikit.api.routes import billing as billing_routes
+from aikit.api.routes import webhooks as webhook_routes
+from aikit.api.routes.webhooks import create_webhook_app
+from aikit.db.engine import get_engine
+from aikit.db.models import StripeEvent, Subscription, User
+from aikit.keys import IssuedKey, KeyInfo, hash_key, load_key_info
+from aikit.runtime import Runtime
+from aikit.settings import Settings
+from aikit.webhooks import MAX_BODY_BYTES, Outcome, parse_event, process_event
+from tests.conftest import issue_key, make_settings
+
+SECRET = "whsec_functional_test_secret"
+DAY = 86400
+MONTH = 30 * DAY
+REGION = "us-east-1"
+SENDER = "billing@example.com"
+
+
+# --- building and delivering events --------------------------------------------------------------------
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:16]}"
+
+
+def envelope(type_: str, obj: dict[str, Any], created: int, event_id: str | None = None) -> dict[str, Any]:
+    return {
+        "id": event_id or new_id("evt"), "object": "event", "api_version": "2025-03-31.basil",
+        "created": created, "type": type_, "livemode": False, "pending_webhooks": 1,
+        "data": {"object": obj},
+    }
+
+
+def sub_event(sub_id: str, customer: str, status: str, created: int,
+              type_: str = "customer.subscription.updated", period_start: int | None = None) -> dict[str, Any]:
+    start = period_start if period_start is not None else created
+    obj = {
+        "id": sub_id, "object": "subscription", "customer": customer, "status": status,
+        "items": {"object": "list", "data": [{
+            "id": new_id("si"), "object": "subscription_item",
+            "current_period_start": start, "current_period_end": start + MONTH,
+        }]},
+    }
+    return envelope(type_, obj, created)
+
+
+def invoice_event(type_: str, customer: str, created: int, *, sub_id: str | None = "sub_x",
+                  lines: list[tuple[int, int]] | None = None, **fields: Any) -> dict[str, Any]:
+    obj: dict[str, Any] = {
+        "id": new_id("in"), "object": "invoice", "customer": customer, "created": created,
+        "currency": "usd", "amount_due": 2500, "attempt_count": 1, "next_payment_attempt": None,
+        "hosted_invoice_url": "https://invoice.stripe.test/i/1",
+        "parent": ({"type": "subscription_details", "subscription_details": {"subscription": sub_id}}
+                   if sub_id else None),
+        "lines": {"object": "list", "data": [
+            {"object": "line_item", "period": {"start": s, "end": e}} for s, e in (lines or [(created, created)])
+        ]},
+    }
+    obj.update(fields)
+    return envelope(type_, obj, created)
+
+
+def sign(payload: str, secret: str = SECRET, timestamp: int | None = None) -> str:
+    return str(stripe.WebhookSignature.generate_signature_header(payload, secret, timestamp=timestamp))
+
+
+def deliver(client: TestClient, event: dict[str, Any] | None = None, *, payload: str | bytes | None = None,
+            header: str | None = "sign") -> httpx.Response:
+    body = payload if payload is not None else json.dumps(event)
+    raw = body.encode() if isinstance(body, str) else body
+    headers = {"Content-Type": "application/json"}
+    if header == "sign":
+        headers["Stripe-Signature"] = sign(raw.decode("utf-8", "replace") if isinstance(body, bytes) else body)
+    elif header is not None:
+        headers["Stripe-Signature"] = header
+    return client.post("/v1/webhooks/stripe", content=raw, headers=headers)
+
+
+def applied(client: TestClient, event: dict[str, Any]) -> str:
+    r = deliver(client, event)
+    assert r.status_code == 200, r.text
+    outcome: str = r.json()["outcome"]
+    return outcome
+
+
+# --- app, settings, state ------------------------------------------------------------------------------
+
+
+def with_billing_routes(app: FastAPI) -> FastAPI:
+    """Until the lead includes these routers in create_app, include them here."""
+    paths = {getattr(route, "path", None) for route in app.routes}
+    if "/v1/webhooks/stripe" not in paths:
+        app.include_router(webhook_routes.router)
+    if "/v1/billing/checkout" not in paths:
+        app.include_router(billing_routes.router)
+    return app
+
+
+def billing_settings(pg_url: str, redis_prefix: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "stripe_secret_key": "sk_test_webhooks",
+        "stripe_webhook_secret": SECRET,
+        "stripe_api_base": "http://127.0.0.1:9",  # never called: webhooks and the request path need no Stripe
+        **overrides,
+    }
+    return make_settings(pg_url, redis_prefix, **values)
+
+
+@pytest.fixture
+def wh_settings(pg_url: str, redis_prefix: str) -> Settings:
+    return billing_settings(pg_url, redis_prefix)
+
+
+@pytest.fixture
+def wh_runtime(wh_settings: Settings) -> Runtime:
+    return Runtime(wh_settings)
+
+
+@pytest.fixture
+def wh_client(wh_runtime: Runtime) -> Iterator[TestClient]:
+    with TestClient(with_billing_routes(create_app(runtime=wh_runtime))) as c:
+        yield c
+
+
+@pytest.fixture
+def customer() -> str:
+    return new_id("cus")
+
+
+@pytest.fixture
+def key(wh_settings: Settings, customer: str) -> IssuedKey:
+    return issue_key(wh_settings, customer_id=customer, rpm=1000, rpd=100_000, monthly_tokens=10_000_000)
+
+
+def session(settings: Settings) -> Session:
+    return Session(get_engine(settings.database_url), expire_on_commit=False)
+
+
+def sub_row(settings: Settings, sub_id: str) -> Subscription | None:
+    with session(settings) as s:
+        return s.get(Subscription, sub_id)
+
+
+def event_row(settings: Settings, event_id: str) -> StripeEvent | None:
+    with session(settings) as s:
+        return s.get(StripeEvent, event_id)
+
+
+def user_row(settings: Settings, user_id: str) -> User:
+    with session(settings) as s:
+        user = s.get(User, user_id)
+        assert user is not None
+        return user
+
+
+def key_info(settings: Settings, issued: IssuedKey) -> KeyInfo:
+    with session(settings) as s:
+        info = load_key_info(s, settings, hash_key(issued.api_key))
+    assert info is not None
+    return info
+
+
+def chat(client: TestClient, issued: IssuedKey, content: str = "hello there world", **body: Any) -> httpx.Response:
+    payload = {"model": "echo-1", "messages": [{"role": "user", "content": content}], **body}
+    return client.post("/v1/chat/completions", json=payload,
+                       headers={"Authorization": f"Bearer {issued.api_key}"})
+
+
+def ts(value: dt.datetime | None) -> int | None:
+    if value is None:
+        return None
+    return int((value if value.tzinfo else value.replace(tzinfo=dt.UTC)).timestamp())
+
+
+# --- configuration -------------------------------------------------------------------------------------
+
+
+def test_no_webhook_secret_answers_503(pg_url: str, redis_prefix: str) -> None:
+    settings = billing_settings(pg_url, redis_prefix, stripe_webhook_secret=None)
+    with TestClient(with_billing_routes(create_app(runtime=Runtime(settings)))) as client:
+        event = sub_event(new_id("sub"), new_id("cus"), "active", now())
+        r = deliver(client, event)
+    assert r.status_code == 503
+    assert r.json()["error"]["message"].startswith("webhooks not configured")
+    assert event_row(settings, event["id"]) is None
+
+
+# --- the subscription lifecycle ------------------------------------------------------------------------
+
+
+def test_created_stores_the_subscription_and_opens_the_api(
+    wh_client: TestClient, wh_settings: Settings, key: IssuedKey, customer: str
+) -> None:
+    r = chat(wh_client, key)
+    assert r.status_code == 402 and "no subscription" in r.json()["error"]["message"]
+
+    sub_id, created = new_id("sub"), now() - 5
+    event = sub_event(sub_id, customer, "active", created, "customer.subscription.created", period_start=created)
+    r = deliver(wh_client, event)
+    assert r.status_code == 200
+    assert r.json() == {"received": True, "id": event["id"], "type": "customer.subscription.created",
+                        "outcome": "applied"}
+
+    row = sub_row(wh_settings, sub_id)
+    assert row is not None
+    assert (row.customer_id, row.status, row.deleted, row.last_event_created) == (customer, "active", False, created)
+    assert (ts(row.current_period_start), ts(row.current_period_end)) == (created, created + MONTH)
+    assert row.past_due_since is None
+    recorded = event_row(wh_settings, event["id"])
+    assert recorded is not None
+    assert (recorded.type, recorded.created, recorded.outcome) == ("customer.subscription.created", created,
+                                                                   "applied")
+    # The same process sees the change at once: the webhook cleared the key cache.
+    assert chat(wh_client, key).status_code == 200
+
+
+def test_deleted_turns_the_api_off(wh_client: TestClient, wh_settings: Settings, key: IssuedKey,
+                                   customer: str) -> None:
+    sub_id = new_id("sub")
+    assert applied(wh_client, sub_event(sub_id, customer, "active", now() - 60,
+                                        "customer.subscription.created")) == "applied"
+    assert chat(wh_client, key).status_code == 200
+    assert applied(wh_client, sub_event(sub_id, customer, "canceled", now() - 30,
+                                        "customer.subscription.deleted")) == "applied"
+    row = sub_row(wh_settings, sub_id)
+    assert row is not None and row.deleted and row.status == "canceled"
+    r = chat(wh_client, key)
+    assert r.status_code == 402
+    assert r.json()["error"]["code"] == "subscription_inactive"
+
+
+def test_deleted_gives_the_free_tier_when_so_configured(pg_url: str, redis_prefix: str) -> None:
+    settings = billing_settings(pg_url, redis_prefix, on_subscription_deleted="free_tier", free_tier_rpm=2)
+    customer = new_id("cus")
+    issued = issue_key(settings, customer_id=customer, rpm=1000, rpd=100_000)
+    with TestClient(with_billing_routes(create_app(runtime=Runtime(settings)))) as client:
+        sub_id = new_id("sub")
+        applied(client, sub_event(sub_id, customer, "active", now() - 60, "customer.subscription.created"))
+        applied(client, sub_event(sub_id, customer, "canceled", now() - 30, "customer.subscription.deleted"))
+        info = key_info(settings, issued)
+        assert info.access is Access.FREE_TIER and info.rpm == 2
+        assert [chat(client, issued).status_code for _ in range(3)] == [200, 200, 429]
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [("active", 200), ("trialing", 200), ("unpaid", 402), ("canceled", 402), ("incomplete", 402),
+     ("incomplete_expired", 402), ("paused", 402)],
+)
+def test_access_follows_the_subscription_status(wh_client: TestClient, key: IssuedKey, customer: str,
+                                                status: str, code: int) -> None:
+    applied(wh_client, sub_event(new_id("sub"), customer, status, now() - 10))
+    assert chat(wh_client, key).status_code == code
+
+
+def test_past_due_keeps_access_within_the_grace_period(
+    wh_client: TestClient, wh_settings: Settings, key: IssuedKey, customer: str
+) -> None:
+    sub_id = new_id("sub")
+    applied(wh_client, sub_event(sub_id, customer, "active", now() - 3 * DAY, "customer.subscription.created"))
+    entered = now() - 2 * DAY
+    applied(wh_client, sub_event(sub_id, customer, "past_due", entered))
+    row = sub_row(wh_settings, sub_id)
+    assert row is not None and ts(row.past_due_since) == entered
+    assert key_info(wh_settings, key).access is Access.FULL
+    assert chat(wh_client, key).status_code == 200
+
+    # Staying past_due keeps the original start of the grace period.
+    applied(wh_client, sub_event(sub_id, customer, "past_due", now() - DAY))
+    row = sub_row(wh_settings, sub_id)
+    assert row is not None and ts(row.past_due_since) == entered
+
+    applied(wh_client, sub_event(sub_id, customer, "active", now() - 10))
+    row = sub_row(wh_settings, sub_id)
+    assert row is not None and row.past_due_since is None and row.status == "active"
+
+
+def test_past_due_beyond_the_grace_period_locks_out(wh_client: TestClient, wh_settings: Settings,
+                                                    key: IssuedKey, customer: str) -> None:
+    grace = wh_settings.past_due_grace_days
+    applied(wh_client, sub_event(new_id("sub"), customer, "past_due", now() - (grace + 1) * DAY))
+    r = chat(wh_client, key)
+    assert r.status_code == 402
+
+
+# --- idempotency ---------------------------------------------------------------------------------------
+
+
+def test_a_redelivered_event_changes_nothing(wh_client: TestClient, wh_settings: Settings,
+                                             customer: str) -> None:
+    sub_id = new_id("sub")
+    first = sub_event(sub_id, customer, "active", now() - 20, "customer.subscription.created")
+    assert applied(wh_client, first) == "applied"
+    assert applied(wh_client, sub_event(sub_id, customer, "past_due", now() - 10)) == "applied"
+    # A newer `created` on the redelivery would win if the event were applied again: it must not be.
+    redelivery = dict(first, created=now())
+    payload = json.dumps(redelivery)
+    r = deliver(wh_client, payload=payload)
+    assert r.status_code == 200 and r.json()["outcome"] == "duplicate"
+    row = sub_row(wh_settings, sub_id)
+    assert row is not None and row.status == "past_due"
+    recorded = event_row(wh_settings, first["id"])
+    assert recorded is not None and recorded.outcome == "applied"
+    with session(wh_settings) as s:
+        assert s.scalar(select(func.count()).select_from(StripeEvent)
+                        .where(StripeEvent.id == first["id"])) == 1
+
+
+def test_unknown_event_types_are_recorded_as_ignored(wh_client: TestClient, wh_settings: Settings) -> None:
+    event = envelope("customer.created", {"id": new_id("cus"), "object": "customer"}, now())
+    r = deliver(wh_client, event)
+    assert r.status_code == 200 and r.json()["outcome"] == "ignored"
+    recorded = event_row(wh_settings, event["id"])
+    assert recorded is not None and recorded.outcome == "ignored"
+    assert deliver(wh_client, event).json()["outcome"] == "duplicate"
+
+
+# --- order ---------------------------------------------------------------------------------------------
+
+
+def deliver_in_order(client: TestClient, events: list[dict[str, Any]], reverse: bool) -> list[str]:
+    return [applied(client, e) for e in (reversed(events) if reverse else events)]
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["in_order", "reversed"])
+def test_stale_update_after_deleted_does_not_give_access_back(
+    wh_client: TestClient, wh_settings: Settings, key: IssuedKey, customer: str, reverse: bool
+) -> None:
+    sub_id = new_id("sub")
+    applied(wh_client, sub_event(sub_id, customer, "active", now() - 100, "customer.subscription.created"))
+    update = sub_event(sub_id, customer, "active", now() - 50)
+    delete = sub_event(sub_id, customer, "canceled", now() - 40, "customer.subscription.deleted")
+    outcomes = deliver_in_order(wh_client, [update, delete], reverse)
+    assert outcomes == (["applied", "stale"] if reverse else ["applied", "applied"])
+    row = sub_row(wh_settings, sub_id)
+    assert row is not None and row.deleted and row.status == "canceled"
+    assert row.last_event_created == delete["created"]
+    assert chat(wh_client, key).status_code == 402
+
+
+def test_deleted_stays_deleted_even_if_a_later_update_arrives(
+    wh_client: TestClient, wh_settings: Settings, key: IssuedKey, customer: str
+) -> None:
+    sub_id = new_id("sub")
+    applied(wh_client, sub_event(sub_id, customer, "canceled", now() - 40, "customer.subscription.deleted"))
+    assert applied(wh_client, sub_event(sub_id, customer, "active", now() - 10)) == "stale"
+    row = sub_row(wh_settings, sub_id)
+    assert row is not None and row.deleted and row.status == "canceled"
+    assert chat(wh_client, key).status_code == 402
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["in_order", "reversed"])
+def test_stale_past_due_after_recovery_does_not_lock_the_payer_out(
+    wh_client: TestClient, wh_settings: Settings, key: IssuedKey, customer: str, reverse: bool
+) -> None:
+    # The past_due began long before the grace period: were it applied last, access would be off.
+    sub_id = new_id("sub")
+    past_due = sub_event(sub_id, customer, "past_due", now() - 10 * DAY)
+    recovered = sub_event(sub_id, customer, "active", now() - 9 * DAY)
+    outcomes = deliver_in_order(wh_client, [past_due, recovered], reverse)
+    assert outcomes == (["applied", "stale"] if reverse else ["applied", "applied"])
+    row = sub_row(wh_settings, sub_id)
+    assert row is not None and row.status == "active" and row.past_due_since is None
+    assert row.last_event_created == recovered["created"]
+    assert chat(wh_client, key).status_code == 200
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["in_order", "reversed"])
+def test_a_tie_prefers_the_terminal_state(wh_client: TestClient, wh_settings: Settings, key: IssuedKey,
+                                          customer: str, reverse: bool) -> None:
+    sub_id, same_second = new_id("sub"), now() - 30
+    events = [sub_event(sub_id, customer, "active", same_second),
+              sub_event(sub_id, customer, "canceled", same_second, "customer.subscription.deleted")]
+    deliver_in_order(wh_client, events, reverse)
+    row = sub_row(wh_settings, sub_id)
+    assert row is not None and row.deleted and row.status == "canceled"
+    assert chat(wh_client, key).status_code == 402
+
+
+def test_concurrent_deliveries_of_one_event_apply_it_once(wh_settings: Settings, customer: str) -> None:
+    event = parse_event(sub_event(new_id("sub"), customer, "active", now(), "customer.subscription.created"))
+    engine = get_engine(wh_settings.database_url)
+    outcomes: list[Outcome] = []
+    barrier = threading.Barrier(8)
+
+    def run() -> None:
+        barrier.wait()
+        outcomes.append(process_event(engine, wh_settings, event).outcome)
+
+    threads = [threading.Thread(target=run) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == sorted([Outcome.APPLIED] + [Outcome.DUPLICATE] * 7)
+
+
+def test_concurrent_out_of_order_events_for_a_new_subscription_end_at_the_newest(
+    wh_settings: Settings, customer: str
+) -> None:
+    sub_id, base = new_id("sub"), now() - 100
+    statuses = ["incomplete", "active", "past_due", "active", "past_due", "active", "unpaid", "active"]
+    events = [parse_event(sub_event(sub_id, customer, status, base + i)) for i, status in enumerate(statuses)]
+    engine = get_engine(wh_settings.database_url)
+    barrier = threading.Barrier(len(events))
+    errors: list[BaseException] = []
+
+    def run(ev: Any) -> None:
+        barrier.wait()
+        try:
+            process_event(engine, wh_settings, ev)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(ev,)) for ev in reversed(events)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    row = sub_row(wh_settings, sub_id)
+    assert row is not None and row.status == "active" and row.last_event_created == base + len(events) - 1
+    with session(wh_settings) as s:
+        assert s.scalar(select(func.count()).select_from(StripeEvent)
+                        .where(StripeEvent.id.in_([e.id for e in events]))) == len(events)
+
+
+# --- invoices ------------------------------------------------------------------------------------------
+
+
+def test_invoice_paid_resets_the_monthly_token_quota(wh_client: TestClient, wh_settings: Settings,
+                                                     customer: str) -> None:
+    issued = issue_key(wh_settings, customer_id=customer, rpm=1000, rpd=1000, monthly_tokens=7)
+    applied(wh_client, sub_event(new_id("sub"), customer, "active", now() - 100, "customer.subscription.created"))
+    # One call costs 7 tokens (3 in, 4 out): the quota of 7 is used up after it.
+    assert chat(wh_client, issued).status_code == 200
+    r = chat(wh_client, issued)
+    assert r.status_code == 429 and "monthly token quota" in r.json()["error"]["message"]
+
+    renewal = now() - 60
+    paid = invoice_event("invoice.paid", customer, renewal, lines=[(renewal - MONTH, renewal)])
+    assert applied(wh_client, paid) == "applied"
+    assert ts(user_row(wh_settings, issued.user_id).quota_period_start) == renewal
+    assert key_info(wh_settings, issued).quota_period_start == renewal
+    assert chat(wh_client, issued).status_code == 200
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["in_order", "reversed"])
+def test_invoice_paid_never_moves_the_quota_period_back(wh_client: TestClient, wh_settings: Settings,
+                                                        key: IssuedKey, customer: str, reverse: bool) -> None:
+    first_start = now() - 40 * DAY
+    renewal = first_start + MONTH
+    first = invoice_event("invoice.paid", customer, first_start, lines=[(first_start, first_start + MONTH)])
+    second = invoice_event("invoice.paid", customer, renewal + 3, lines=[(first_start, renewal)])
+    outcomes = deliver_in_order(wh_client, [first, second], reverse)
+    assert outcomes == (["applied", "stale"] if reverse else ["applied", "applied"])
+    assert ts(user_row(wh_settings, key.user_id).quota_period_start) == renewal
+
+
+def test_invoice_paid_for_other_invoices_or_customers_is_ignored(wh_client: TestClient, wh_settings: Settings,
+                                                                 key: IssuedKey, customer: str) -> None:
+    one_off = invoice_event("invoice.paid", customer, now(), sub_id=None)
+    assert applied(wh_client, one_off) == "ignored"
+    stranger = invoice_event("invoice.paid", new_id("cus"), now())
+    assert applied(wh_client, stranger) == "ignored"
+    assert user_row(wh_settings, key.user_id).quota_period_start is None
+
+
+@pytest.fixture
+def ses(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    with mock_aws():
+        yield boto3.client("ses", region_name=REGION)
+
+
+def sent_messages() -> list[Any]:
+    return list(ses_backends[DEFAULT_ACCOUNT_ID][REGION].sent_messages)
+
+
+@pytest.fixture
+def ses_client(ses: Any, pg_url: str, redis_prefix: str) -> Iterator[tuple[TestClient, Settings]]:
+    settings = billing_settings(pg_url, redis_prefix, email_backend="ses", email_from=SENDER)
+    with TestClient(with_billing_routes(create_app(runtime=Runtime(settings)))) as client:
+        yield client, settings
+
+
+def test_payment_failed_emails_the_customer_once_through_ses(
+    ses: Any, ses_client: tuple[TestClient, Settings]
+) -> None:
+    ses.verify_email_identity(EmailAddress=SENDER)
+    client, settings = ses_client
+    customer = new_id("cus")
+    issued = issue_key(settings, customer_id=customer)
+    retry_at = now() + 3 * DAY
+    failed = invoice_event("invoice.payment_failed", customer, now() - 5, attempt_count=2,
+                           next_payment_attempt=retry_at)
+    assert applied(client, failed) == "applied"
+    assert applied(client, failed) == "duplicate"
+    messages = sent_messages()
+    assert len(messages) == 1
+    assert ses.get_send_quota()["SentLast24Hours"] == 1
+    message = messages[0]
+    assert message.source == SENDER
+    assert message.destinations["ToAddresses"] == [user_row(settings, issued.user_id).email]
+    assert "attempt 2" in message.body
+    assert dt.datetime.fromtimestamp(retry_at, dt.UTC).strftime("%Y-%m-%d") in message.body
+    recorded = event_row(settings, failed["id"])
+    assert recorded is not None and recorded.outcome == "applied"
+
+
+def test_payment_failed_after_recovery_sends_nothing(ses: Any, ses_client: tuple[TestClient, Settings]) -> None:
+    ses.verify_email_identity(EmailAddress=SENDER)
+    client, settings = ses_client
+    customer, sub_id = new_id("cus"), new_id("sub")
+    issue_key(settings, customer_id=customer)
+    applied(client, sub_event(sub_id, customer, "active", now() - 10))
+    late = invoice_event("invoice.payment_failed", customer, now() - 100, sub_id=sub_id)
+    assert applied(client, late) == "stale"
+    assert sent_messages() == []
+
+
+def test_payment_failed_for_an_unknown_customer_is_ignored(ses: Any,
+                                                           ses_client: tuple[TestClient, Settings]) -> None:
+    ses.verify_email_identity(EmailAddress=SENDER)
+    client, _ = ses_client
+    assert applied(client, invoice_event("invoice.payment_failed", new_id("cus"), now())) == "ignored"
+    assert sent_messages() == []
+
+
+def test_a_failing_mail_service_does_not_fail_the_webhook(ses: Any,
+                                                           ses_client: tuple[TestClient, Settings]) -> None:
+    # The sender identity is not verified, so SES refuses the message.
+    client, settings = ses_client
+    customer = new_id("cus")
+    issue_key(settings, customer_id=customer)
+    failed = invoice_event("invoice.payment_failed", customer, now())
+    assert applied(client, failed) == "applied"
+    assert applied(client, failed) == "duplicate"
+    assert sent_messages() == []
+
+
+def test_payment_failed_with_the_log_backend(wh_client: TestClient, wh_settings: Settings, key: IssuedKey,
+                                             customer: str, capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    failed = invoice_event("invoice.payment_failed", customer, now(), attempt_count=3)
+    assert applied(wh_client, failed) == "applied"
+    assert applied(wh_client, failed) == "duplicate"
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    emails = [line for line in lines if line.get("message") == "email"]
+    assert len(emails) == 1
+    assert emails[0]["to"] == user_row(wh_settings, key.user_id).email
+    assert "attempt 3" in emails[0]["body"]
+
+
+# --- refused deliveries --------------------------------------------------------------------------------
+
+
+def refused_cases() -> list[str]:
+    return ["missing", "wrong_secret", "stale", "tampered", "malformed_json", "not_an_object", "oversized",
+            "garbage_header"]
+
+
+@pytest.mark.parametrize("case", refused_cases())
+def test_unverified_deliveries_are_refused_and_change_nothing(wh_client: TestClient, wh_settings: Settings,
+                                                              customer: str, case: str) -> None:
+    sub_id = new_id("sub")
+    event = sub_event(sub_id, customer, "active", now(), "customer.subscription.created")
+    payload = json.dumps(event)
+    expected = 400
+    if case == "missing":
+        r = deliver(wh_client, payload=payload, header=None)
+    elif case == "wrong_secret":
+        r = deliver(wh_client, payload=payload, header=sign(payload, "whsec_someone_else"))
+    elif case == "stale":
+        r = deliver(wh_client, payload=payload, header=sign(payload, timestamp=now() - 600))
+    elif case == "tampered":
+        header = sign(payload)
+        r = deliver(wh_client, payload=payload.replace('"active"', '"trialing"'), header=header)
+    elif case == "malformed_json":
+        bad = payload[:-5]
+        r = deliver(wh_client, payload=bad, header=sign(bad))
+    elif case == "not_an_object":
+        r = deliver(wh_client, payload="[1, 2]", header=sign("[1, 2]"))
+    elif case == "oversized":
+        big = json.dumps(dict(event, padding="x" * MAX_BODY_BYTES))
+        r = deliver(wh_client, payload=big, header=sign(big))
+        expected = 413
+    else:
+        r = deliver(wh_client, payload=payload, header="t=abc,v1=nothex")
+    assert r.status_code == expected, r.text
+    error = r.json()["error"]
+    assert error["message"] and error["type"] == "invalid_request_error"
+    assert error["code"].startswith("webhook_")
+    assert event_row(wh_settings, event["id"]) is None
+    assert sub_row(wh_settings, sub_id) is None
+
+
+def test_signed_event_without_a_customer_is_refused(wh_client: TestClient, wh_settings: Settings) -> None:
+    sub_id = new_id("sub")
+    event = sub_event(sub_id, "cus_x", "active", now())
+    del event["data"]["object"]["customer"]
+    r = deliver(wh_client, event)
+    assert r.status_code == 400
+    assert "customer" in r.json()["error"]["message"]
+    assert event_row(wh_settings, event["id"]) is None
+    assert sub_row(wh_settings, sub_id) is None
+
+
+def test_a_failing_handler_answers_5xx_and_keeps_nothing(wh_client: TestClient, wh_settings: Settings) -> None:
+    # A customer id longer than the column: the event claim is written first, then the subscription insert
+    # fails in Postgres. Both must be rolled back so Stripe's retry starts clean.
+    sub_id = new_id("sub")
+    event = sub_event(sub_id, "cus_" + "x" * 300, "active", now(), "customer.subscription.created")
+    for _ in range(2):  # Stripe's retry meets the same failure, not a "duplicate"
+        r = deliver(wh_client, event)
+        assert r.status_code == 500
+        body = r.json()["error"]
+        assert body["code"] == "webhook_failed" and "Stripe will retry" in body["message"]
+        assert "Traceback" not in r.text
+        assert event_row(wh_settings, event["id"]) is None
+        assert sub_row(wh_settings, sub_id) is None
+    # The service is not left broken: the next event is applied.
+    assert applied(wh_client, sub_event(new_id("sub"), new_id("cus"), "active", now())) == "applied"
+
+
+# --- the webhook Lambda's app --------------------------------------------------------------------------
+
+
+def test_webhook_only_app_serves_the_webhook_and_nothing_else(wh_runtime: Runtime, wh_settings: Settings,
+                                                              customer: str) -> None:
+    with TestClient(create_webhook_app(wh_runtime)) as client:
+        sub_id = new_id("sub")
+        assert applied(client, sub_event(sub_id, customer, "active", now())) == "applied"
+        assert client.post("/v1/chat/completions", json={}).status_code == 404
+        assert client.get("/docs").status_code == 404
+    row = sub_row(wh_settings, sub_id)
+    assert row is not None and row.status == "active"
+
+
+class LambdaContext:
+    function_name = "aikit-webhook"
+    function_version = "$LATEST"
+    memory_limit_in_mb = 256
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:aikit-webhook"
+    aws_request_id = "c0ffee00-0000-4000-8000-000000000000"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return 30_000
+
+
+def http_api_event(payload: str, signature: str) -> dict[str, Any]:
+    """An API Gateway HTTP API (payload 2.0) event, as `sam local generate-event apigateway http-api-proxy`."""
+    path = "/v1/webhooks/stripe"
+    return {
+        "version": "2.0", "routeKey": f"POST {path}", "rawPath": path, "rawQueryString": "",
+        "headers": {"content-type": "application/json; charset=utf-8", "stripe-signature": signature,
+                    "host": "abc123.execute-api.us-east-1.amazonaws.com", "user-agent": "Stripe/1.0"},
+        "requestContext": {
+            "accountId": "123456789012", "apiId": "abc123", "domainName": "abc123.execute-api.us-east-1.amazonaws.com",
+            "domainPrefix": "abc123", "requestId": "req-webhook-1", "routeKey": f"POST {path}", "stage": "$default",
+            "time": "27/Nov/2026:11:00:00 +0000", "timeEpoch": 1_795_000_000_000,
+            "http": {"method": "POST", "path": path, "protocol": "HTTP/1.1", "sourceIp": "3.18.12.63",
+                     "userAgent": "Stripe/1.0"},
+        },
+        "body": payload, "isBase64Encoded": False,
+    }
+
+
+def test_the_webhook_lambda_handler(monkeypatch: pytest.MonkeyPatch, pg_url: str, redis_prefix: str) -> None:
+    import importlib.util
+    from pathlib import Path
+
+    import aikit.runtime
+    from aikit.settings import get_settings
+
+    for name, value in {"DATABASE_URL": pg_url, "REDIS_URL": "redis://127.0.0.1:6379/0",
+                        "REDIS_KEY_PREFIX": redis_prefix, "STRIPE_SECRET_KEY": "sk_test_lambda",
+                        "STRIPE_WEBHOOK_SECRET": SECRET}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(aikit.runtime, "_runtime", None)
+    get_settings.cache_clear()
+    try:
+        path = Path(__file__).resolve().parents[2] / "functions" / "webhook" / "app.py"
+        spec = importlib.util.spec_from_file_location("webhook_lambda_app", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+
+        customer, sub_id = new_id("cus"), new_id("sub")
+        payload = json.dumps(sub_event(sub_id, customer, "active", now(), "customer.subscription.created"))
+        answer = module.handler(http_api_event(payload, sign(payload)), LambdaContext())
+        assert answer["statusCode"] == 200, answer
+        assert json.loads(answer["body"])["outcome"] == "applied"
+        again = module.handler(http_api_event(payload, sign(payload)), LambdaContext())
+        assert json.loads(again["body"])["outcome"] == "duplicate"
+        refused = module.handler(http_api_event(payload, sign(payload, "whsec_other")), LambdaContext())
+        assert refused["statusCode"] == 400
+        settings = get_settings()
+        row = sub_row(settings, sub_id)
+        assert row is not None and row.status == "active" and row.customer_id == customer
+    finally:
+        get_settings.cache_clear()
+
+
+def emf_records(text: str) -> list[dict[str, Any]]:
+    records = []
+    for line in text.splitlines():
+        if line.startswith("{") and '"_aws"' in line:
+            records.append(json.loads(line))
+    return records
+
+
+def metric_values(records: list[dict[str, Any]], name: str, **dimensions: str) -> float:
+    total = 0.0
+    for record in records:
+        if name not in record or any(record.get(k) != v for k, v in dimensions.items()):
+            continue
+        value = record[name]
+        total += sum(value) if isinstance(value, list) else value
+    return total
+
+
+def test_metrics_count_outcomes_and_signature_failures(wh_client: TestClient, customer: str,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from aikit.observability import WEBHOOK_EVENTS, WEBHOOK_SIGNATURE_FAILURES, flush_metrics
+
+    flush_metrics()
+    capsys.readouterr()
+    event = sub_event(new_id("sub"), customer, "active", now(), "customer.subscription.created")
+    applied(wh_client, event)
+    applied(wh_client, event)
+    payload = json.dumps(event)
+    assert deliver(wh_client, payload=payload, header=sign(payload, "whsec_other")).status_code == 400
+    flush_metrics()
+    records = emf_records(capsys.readouterr().out)
+    kind = "customer.subscription.created"
+    assert metric_values(records, WEBHOOK_EVENTS, type=kind, outcome="applied") == 1
+    assert metric_values(records, WEBHOOK_EVENTS, type=kind, outcome="duplicate") == 1
+    assert metric_values(records, WEBHOOK_SIGNATURE_FAILURES, reason="bad_signature") == 1
