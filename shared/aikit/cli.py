@@ -138,6 +138,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        from aikit.aws_secrets import apply_secret_settings
+
+        apply_secret_settings()  # DATABASE_SECRET_ARN etc., when run against a deployed stack
         settings = get_settings()
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)  # noqa: T201

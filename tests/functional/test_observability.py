@@ -1,0 +1,407 @@
+"""Observability: EMF metric records, log redaction, the Lambda wrapper, and secret resolution against moto."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from aikit import aws_secrets, observability
+from aikit.aws_secrets import SecretResolutionError, apply_secret_settings, resolve_secret_settings
+from aikit.observability import (
+    ALL_METRICS,
+    EVENTS_FLUSHED,
+    FLUSH_DURATION,
+    FLUSH_LAG,
+    MAX_SERIES,
+    MAX_VALUES,
+    METER_FALLBACKS,
+    PARKED_BATCHES,
+    REQUESTS,
+    STRIPE_ERRORS,
+    TOKENS_METERED,
+    WEBHOOK_EVENTS,
+    WEBHOOK_SIGNATURE_FAILURES,
+    emit,
+    lambda_entry,
+    logger,
+    metrics,
+)
+from aikit.settings import load_settings
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture
+def out(capsys: pytest.CaptureFixture[str]) -> Iterator[pytest.CaptureFixture[str]]:
+    """Starts every test with empty metric buffers and an empty captured stdout."""
+    metrics.flush_metrics()
+    capsys.readouterr()
+    yield capsys
+    metrics.flush_metrics()
+
+
+def emf_records(text: str) -> list[dict[str, Any]]:
+    records = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("{") and '"_aws"' in line:
+            records.append(json.loads(line))
+    return records
+
+
+def log_records(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{") and '"level"' in line]
+
+
+def definitions(record: dict[str, Any]) -> tuple[str, list[list[str]], dict[str, str]]:
+    block = record["_aws"]["CloudWatchMetrics"][0]
+    return block["Namespace"], block["Dimensions"], {m["Name"]: m["Unit"] for m in block["Metrics"]}
+
+
+def find(records: list[dict[str, Any]], metric: str, dimensions: list[str]) -> dict[str, Any]:
+    for record in records:
+        _, dims, units = definitions(record)
+        # CloudWatch identifies a series by its set of dimensions; their order does not matter.
+        if metric in units and len(dims) == 1 and sorted(dims[0]) == sorted(dimensions):
+            return record
+    raise AssertionError(f"no EMF record with {metric} and dimensions {dimensions}: {records}")
+
+
+class FakeContext:
+    function_name = "aikit-test-fn"
+    function_version = "$LATEST"
+    memory_limit_in_mb = 512
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:aikit-test-fn"
+    aws_request_id = "req-0001"
+    log_group_name = "/aikit/test/fn"
+    log_stream_name = "2026/01/01/[$LATEST]abc"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return 30_000
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def test_plain_metrics_are_one_emf_record_with_names_units_and_the_service_dimension(out: Any) -> None:
+    emit(TOKENS_METERED, 1500)
+    emit(TOKENS_METERED, 500)
+    emit(REQUESTS)
+    emit(FLUSH_DURATION, 12.5)  # default unit by name: Milliseconds
+    emit(FLUSH_LAG, 42)  # Seconds
+    emit(EVENTS_FLUSHED, 7, unit="Count")
+    emit(METER_FALLBACKS)
+    metrics.flush_metrics()
+
+    records = emf_records(out.readouterr().out)
+    record = find(records, TOKENS_METERED, ["service"])
+    namespace, _, units = definitions(record)
+    assert namespace == "aikit"
+    assert record["service"] == "aikit"
+    assert units == {TOKENS_METERED: "Count", REQUESTS: "Count", FLUSH_DURATION: "Milliseconds",
+                     FLUSH_LAG: "Seconds", EVENTS_FLUSHED: "Count", METER_FALLBACKS: "Count"}
+    assert record[TOKENS_METERED] == [1500.0, 500.0]
+    assert record[FLUSH_DURATION] == [12.5]
+    assert record[FLUSH_LAG] == [42.0]
+
+
+def test_dimensions_get_their_own_record_and_never_leak_into_other_metrics(out: Any) -> None:
+    emit(STRIPE_ERRORS, kind="rate_limit")
+    emit(STRIPE_ERRORS, kind="rate_limit")
+    emit(STRIPE_ERRORS, kind="invalid_request_error")
+    emit(WEBHOOK_EVENTS, type="invoice.paid", outcome="applied")
+    emit(REQUESTS)
+    metrics.flush_metrics()
+
+    records = emf_records(out.readouterr().out)
+    by_kind = find(records, STRIPE_ERRORS, ["service", "kind"])
+    assert by_kind["kind"] == "rate_limit"
+    assert by_kind[STRIPE_ERRORS] == [1.0, 1.0]
+    assert definitions(by_kind)[2] == {STRIPE_ERRORS: "Count"}  # nothing else rides on this record
+    other_kind = [r for r in records if r.get("kind") == "invalid_request_error"]
+    assert len(other_kind) == 1 and other_kind[0][STRIPE_ERRORS] == [1.0]
+
+    webhook = find(records, WEBHOOK_EVENTS, ["service", "type", "outcome"])
+    assert (webhook["type"], webhook["outcome"]) == ("invoice.paid", "applied")
+    assert "kind" not in webhook and STRIPE_ERRORS not in webhook
+
+    # The totals (what the alarms and dashboards read) count every value, without breakdown dimensions.
+    totals = find(records, REQUESTS, ["service"])
+    assert totals[STRIPE_ERRORS] == [1.0, 1.0, 1.0]
+    assert totals[WEBHOOK_EVENTS] == [1.0]
+    assert "kind" not in totals and "type" not in totals
+
+
+def test_alarm_metrics_reach_the_service_only_series_even_with_dimensions(out: Any) -> None:
+    # template.yaml alarms on {service=aikit} for these three; callers may add dimensions freely.
+    emit(WEBHOOK_SIGNATURE_FAILURES, reason="bad_signature")
+    emit(PARKED_BATCHES, customer="cus_1")
+    emit(FLUSH_LAG, 901, region="x")
+    metrics.flush_metrics()
+    totals = find(emf_records(out.readouterr().out), WEBHOOK_SIGNATURE_FAILURES, ["service"])
+    assert totals[PARKED_BATCHES] == [1.0]
+    assert totals[FLUSH_LAG] == [901.0]
+    assert definitions(totals)[2][FLUSH_LAG] == "Seconds"
+
+
+def test_memory_stays_bounded_and_stdout_gets_one_record_per_hundred_values(out: Any) -> None:
+    for i in range(10_000):
+        emit(REQUESTS)
+        emit(STRIPE_ERRORS, kind="rate_limit")
+        emit(WEBHOOK_EVENTS, type=f"type.{i % 500}", outcome="applied")  # 500 distinct breakdowns
+        assert len(observability._provider._series) <= MAX_SERIES
+        assert all(len(v) <= MAX_VALUES for v in observability._provider._series.values())
+        assert all(len(m["Value"]) <= MAX_VALUES for m in observability._provider.metric_set.values())
+    text = out.readouterr().out
+    records = emf_records(text)
+    assert 0 < len(records) <= 40_000 // 50  # batches, not a line per value
+    # Totals keep every value even when breakdowns had to be skipped.
+    metrics.flush_metrics()
+    records += emf_records(out.readouterr().out)
+    totals = [r for r in records if definitions(r)[1] == [["service"]]]
+    assert sum(len(r.get(WEBHOOK_EVENTS, [])) for r in totals) == 10_000
+    assert sum(len(r.get(STRIPE_ERRORS, [])) for r in totals) == 10_000
+    by_kind = [r for r in records if r.get("kind") == "rate_limit"]
+    assert sum(len(r[STRIPE_ERRORS]) for r in by_kind) == 10_000
+    warnings = [r for r in log_records(text) if r["message"] == "metric breakdowns dropped"]
+    assert len(warnings) <= 1
+
+
+def test_a_long_running_process_writes_metrics_at_least_every_interval(
+    out: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    emit(REQUESTS)
+    assert emf_records(out.readouterr().out) == []  # buffered
+    monkeypatch.setattr(observability, "WRITE_INTERVAL_SECONDS", 0.0)
+    emit(REQUESTS)
+    emit(STRIPE_ERRORS, kind="api_error")
+    records = emf_records(out.readouterr().out)
+    assert find(records, REQUESTS, ["service"])[REQUESTS] == [1.0, 1.0]
+    assert find(records, STRIPE_ERRORS, ["service", "kind"])[STRIPE_ERRORS] == [1.0]
+
+
+def test_a_bad_metric_is_dropped_with_a_warning_and_never_raises(out: Any) -> None:
+    emit(REQUESTS, 1, unit="Parsecs")
+    emit(STRIPE_ERRORS, "not a number", kind="k")  # type: ignore[arg-type]
+    text = out.readouterr().out
+    warnings = [r for r in log_records(text) if r["message"] == "metric dropped"]
+    assert {w["metric"] for w in warnings} == {REQUESTS, STRIPE_ERRORS}
+
+
+def test_metric_names_are_the_documented_ones() -> None:
+    assert set(ALL_METRICS) == {
+        "TokensMetered", "Requests", "RateLimited", "FlushDuration", "EventsFlushed", "StripeErrors",
+        "ParkedBatches", "FlushLagSeconds", "WebhookEvents", "WebhookSignatureFailures", "MeterFallbacks",
+    }
+
+
+# ---------------------------------------------------------------------------------------------- Lambda wrapper
+
+
+def test_lambda_entry_adds_context_flushes_metrics_and_never_logs_the_event(out: Any) -> None:
+    marker = "event-marker-7f3a9"
+
+    @lambda_entry
+    def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+        logger.info("handling")
+        emit(TOKENS_METERED, 10)
+        emit(STRIPE_ERRORS, kind="api_error")
+        return {"ok": True}
+
+    event = {"requestContext": {"requestId": "rid-123"}, "headers": {"x-marker": marker}}
+    assert handler(event, FakeContext()) == {"ok": True}
+
+    text = out.readouterr().out
+    assert marker not in text
+    logs = [r for r in log_records(text) if r["message"] == "handling"]
+    assert logs and logs[0]["function_name"] == "aikit-test-fn"
+    assert logs[0]["correlation_id"] == "rid-123"
+    records = emf_records(text)  # flushed by the wrapper, no explicit flush here
+    assert find(records, TOKENS_METERED, ["service"])[TOKENS_METERED] == [10.0]
+    assert find(records, STRIPE_ERRORS, ["service", "kind"])["kind"] == "api_error"
+
+
+def test_lambda_entry_wraps_callable_objects_like_mangum(out: Any) -> None:
+    class App:
+        def __call__(self, event: dict[str, Any], context: Any) -> dict[str, Any]:
+            return {"statusCode": 200, "body": event["body"]}
+
+    handler = lambda_entry(App())
+    assert handler({"body": "hi"}, FakeContext()) == {"statusCode": 200, "body": "hi"}
+
+
+def test_lambda_entry_lets_errors_through_and_still_flushes(out: Any) -> None:
+    @lambda_entry
+    def handler(event: dict[str, Any], context: Any) -> None:
+        emit(PARKED_BATCHES)
+        raise RuntimeError("flush failed")
+
+    with pytest.raises(RuntimeError, match="flush failed"):
+        handler({}, FakeContext())
+    assert find(emf_records(out.readouterr().out), PARKED_BATCHES, ["service"])[PARKED_BATCHES] == [1.0]
+
+
+# ---------------------------------------------------------------------------------------------- redaction
+
+FAKE_SECRETS = [
+    "sk_live_51AbCdEfGhIjKlMnOpQrStUv",
+    "sk_test_4eC39HqLyjWDarjtT1zdp7dc",
+    "rk_live_restrictedKey123456",
+    "whsec_1234567890abcdefABCDEF",
+    "ak_live_9f8e7d6c5b4a39281706",
+    "sk-proj-AbCdEf0123456789GhIjKlMn",
+    "opaque-bearer-token-0123456789",
+    "hunter2-db-password",
+    "admin-token-zyxw9876",
+]
+
+
+def test_api_keys_and_authorization_values_never_reach_the_log(out: Any) -> None:
+    sk_live, sk_test, rk, whsec, ak, openai, bearer, password, admin = FAKE_SECRETS
+    logger.info("calling stripe with %s", sk_live)
+    logger.info(f"key={ak} and Authorization: Bearer {bearer}")
+    logger.info("headers", extra={"headers": {"Authorization": f"Bearer {ak}", "x-api-key": openai}})
+    logger.info("raw json", extra={"body": json.dumps({"secret_key": sk_test, "webhook_secret": whsec})})
+    logger.warning("db", extra={"url": f"postgresql://aikit_admin:{password}@proxy.example:5432/aikit"})
+    logger.info({"admin_token": admin, "restricted": rk})
+    try:
+        raise ValueError(f"bad key {sk_live}")
+    except ValueError:
+        logger.exception("failure")
+    # Child loggers of "aikit" (logging.getLogger(__name__) in aikit modules) go through the same handler.
+    logging.getLogger("aikit.some_module").warning("child logger saw %s", ak)
+
+    text = out.readouterr().out
+    for secret in FAKE_SECRETS:
+        assert secret not in text, secret
+    records = log_records(text)
+    assert len(records) == 8
+    assert any("[REDACTED]" in json.dumps(r) for r in records)
+    assert any(r["message"] == "child logger saw ak_[REDACTED]" for r in records)
+    assert "proxy.example:5432/aikit" in text  # only the password part of the URL goes
+
+
+def test_redaction_leaves_ordinary_text_alone(out: Any) -> None:
+    logger.info("usage", extra={"input_tokens": 1500, "model": "gpt-4o-mini", "task_id": "task_123456789",
+                                "customer_id": "cus_123", "price": "price_abc123", "path": "/v1/chat/completions"})
+    record = log_records(out.readouterr().out)[0]
+    assert record["input_tokens"] == 1500
+    assert record["task_id"] == "task_123456789"
+    assert record["customer_id"] == "cus_123"
+    assert record["price"] == "price_abc123"
+
+
+# ---------------------------------------------------------------------------------------------- secrets (moto)
+
+DB_PASSWORD = "p@ss/w0rd:with%odd"
+
+
+@pytest.fixture
+def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    aws_secrets.clear_cache()
+    with mock_aws():
+        yield boto3.client("secretsmanager", region_name="us-east-1")
+    aws_secrets.clear_cache()
+
+
+def make_secrets(client: Any) -> dict[str, str]:
+    db = client.create_secret(Name="aikit/db", SecretString=json.dumps({
+        "username": "aikit_admin", "password": DB_PASSWORD, "engine": "postgres",
+        "host": "cluster.example", "port": 5432, "dbname": "aikit"}))
+    stripe = client.create_secret(Name="aikit/stripe", SecretString=json.dumps({
+        "secret_key": "sk_test_moto123", "webhook_secret": "whsec_moto456"}))
+    admin = client.create_secret(Name="aikit/admin", SecretString=json.dumps({"token": "admin-from-secret"}))
+    llm = client.create_secret(Name="aikit/llm", SecretString=json.dumps({"openai_api_key": "sk-moto-openai"}))
+    return {"DATABASE_SECRET_ARN": db["ARN"], "STRIPE_SECRET_ARN": stripe["ARN"],
+            "ADMIN_TOKEN_SECRET_ARN": admin["ARN"], "LLM_SECRET_ARN": llm["ARN"]}
+
+
+def test_secret_arns_become_settings_overrides(aws: Any) -> None:
+    environ = {**make_secrets(aws), "DATABASE_HOST": "proxy.example", "DATABASE_PORT": "5432"}
+    overrides = resolve_secret_settings(environ)
+    assert overrides == {
+        "DATABASE_URL": "postgresql://aikit_admin:p%40ss%2Fw0rd%3Awith%25odd@proxy.example:5432/aikit"
+                        "?sslmode=verify-full",
+        "STRIPE_SECRET_KEY": "sk_test_moto123",
+        "STRIPE_WEBHOOK_SECRET": "whsec_moto456",
+        "ADMIN_TOKEN": "admin-from-secret",
+        "OPENAI_API_KEY": "sk-moto-openai",
+    }
+    # Settings take them as they are; the proxy host wins over the cluster host in the secret.
+    settings = load_settings(database_url=overrides["DATABASE_URL"],
+                             stripe_secret_key=overrides["STRIPE_SECRET_KEY"])
+    assert settings.is_postgres and settings.stripe_enabled
+    assert settings.database_url.startswith("postgresql+pg8000://aikit_admin:")
+    assert "@proxy.example:5432/aikit" in settings.database_url
+
+
+def test_secrets_are_cached_until_max_age_or_a_forced_fetch(aws: Any) -> None:
+    environ = make_secrets(aws)
+    assert resolve_secret_settings(environ)["STRIPE_SECRET_KEY"] == "sk_test_moto123"
+    aws.put_secret_value(SecretId=environ["STRIPE_SECRET_ARN"], SecretString=json.dumps(
+        {"secret_key": "sk_test_rotated", "webhook_secret": "whsec_rotated"}))
+    assert resolve_secret_settings(environ)["STRIPE_SECRET_KEY"] == "sk_test_moto123"  # cached
+    fresh = resolve_secret_settings(environ, force_fetch=True)
+    assert (fresh["STRIPE_SECRET_KEY"], fresh["STRIPE_WEBHOOK_SECRET"]) == ("sk_test_rotated", "whsec_rotated")
+
+
+def test_apply_writes_the_environment_once_and_reports_names_only(aws: Any) -> None:
+    environ = {"STRIPE_SECRET_ARN": make_secrets(aws)["STRIPE_SECRET_ARN"], "UNRELATED": "1"}
+    assert apply_secret_settings(environ) == ["STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET"]
+    assert environ["STRIPE_SECRET_KEY"] == "sk_test_moto123"
+    assert apply_secret_settings(environ) == []  # nothing changed on a warm call
+
+
+def test_plain_string_admin_token_secret(aws: Any) -> None:
+    arn = aws.create_secret(Name="aikit/admin-plain", SecretString="  plain-admin-token \n")["ARN"]
+    assert resolve_secret_settings({"ADMIN_TOKEN_SECRET_ARN": arn}) == {"ADMIN_TOKEN": "plain-admin-token"}
+
+
+def test_no_arns_is_a_no_op_without_touching_aws(monkeypatch: pytest.MonkeyPatch) -> None:
+    aws_secrets.clear_cache()
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    assert resolve_secret_settings({}) == {}
+    assert resolve_secret_settings({"STRIPE_SECRET_ARN": "", "DATABASE_SECRET_ARN": "  "}) == {}
+    environ: dict[str, str] = {}
+    assert apply_secret_settings(environ) == [] and environ == {}
+
+
+def test_missing_secret_names_the_variable(aws: Any) -> None:
+    arn = "arn:aws:secretsmanager:us-east-1:123456789012:secret:aikit/nope-AbCdEf"
+    with pytest.raises(SecretResolutionError, match="STRIPE_SECRET_ARN"):
+        resolve_secret_settings({"STRIPE_SECRET_ARN": arn})
+
+
+def test_incomplete_or_malformed_secrets_fail_without_revealing_values(aws: Any) -> None:
+    no_password = aws.create_secret(Name="aikit/db-broken",
+                                    SecretString=json.dumps({"username": "u", "host": "h"}))["ARN"]
+    with pytest.raises(SecretResolutionError, match="'password'"):
+        resolve_secret_settings({"DATABASE_SECRET_ARN": no_password})
+
+    not_json = aws.create_secret(Name="aikit/stripe-plain", SecretString="sk_test_notjson123")["ARN"]
+    with pytest.raises(SecretResolutionError, match="not a JSON object") as info:
+        resolve_secret_settings({"STRIPE_SECRET_ARN": not_json})
+    assert "sk_test_notjson123" not in str(info.value)
+
+    no_key = aws.create_secret(Name="aikit/stripe-empty",
+                               SecretString=json.dumps({"webhook_secret": "whsec_only"}))["ARN"]
+    with pytest.raises(SecretResolutionError, match="'secret_key'") as info:
+        resolve_secret_settings({"STRIPE_SECRET_ARN": no_key})
+    assert "whsec_only" not in str(info.value)
+
+    no_host = aws.create_secret(Name="aikit/db-nohost",
+                                SecretString=json.dumps({"username": "u", "password": "p"}))["ARN"]
+    with pytest.raises(SecretResolutionError, match="DATABASE_HOST"):
+        resolve_secret_settings({"DATABASE_SECRET_ARN": no_host})

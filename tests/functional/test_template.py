@@ -1,0 +1,574 @@
+"""template.yaml: lint-clean (sam validate --lint + cfn-lint, no warnings) and built the way aikit needs it;
+samconfig.toml, the sample events and the migration custom resource's handler."""
+
+from __future__ import annotations
+
+import ast
+import http.server
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import tomllib
+import uuid
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from sqlalchemy import create_engine, inspect, text
+
+from aikit import observability
+from aikit.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+TEMPLATE = ROOT / "template.yaml"
+FUNCTIONS = ("ApiFunction", "WebhookFunction", "FlushFunction", "MigrateFunction")
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+class CfnLoader(yaml.SafeLoader):
+    """Reads CloudFormation short tags (!Ref, !Sub, !GetAtt, ...) as their long {"Fn::X": ...} form."""
+
+
+def _cfn_tag(loader: CfnLoader, suffix: str, node: yaml.Node) -> dict[str, Any]:
+    name = "Ref" if suffix == "Ref" else f"Fn::{suffix}"
+    value: Any
+    if isinstance(node, yaml.ScalarNode):
+        value = loader.construct_scalar(node)
+        if suffix == "GetAtt":
+            value = value.split(".", 1)
+    elif isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node, deep=True)
+    else:
+        value = loader.construct_mapping(node, deep=True)  # type: ignore[arg-type]
+    return {name: value}
+
+
+CfnLoader.add_multi_constructor("!", _cfn_tag)  # type: ignore[no-untyped-call]
+
+
+@cache
+def template() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.load(TEMPLATE.read_text(), Loader=CfnLoader)  # a SafeLoader subclass
+    return data
+
+
+def resources() -> dict[str, Any]:
+    res: dict[str, Any] = template()["Resources"]
+    return res
+
+
+def of_type(kind: str) -> dict[str, dict[str, Any]]:
+    return {name: r for name, r in resources().items() if r["Type"] == kind}
+
+
+def function(name: str) -> dict[str, Any]:
+    fn = resources()[name]
+    assert fn["Type"] == "AWS::Serverless::Function"
+    props: dict[str, Any] = fn["Properties"]
+    return props
+
+
+def environment(name: str) -> dict[str, Any]:
+    """The environment a function ends up with: Globals merged with its own variables."""
+    merged = dict(template()["Globals"]["Function"]["Environment"]["Variables"])
+    merged.update(function(name).get("Environment", {}).get("Variables", {}))
+    return merged
+
+
+def dashboard() -> dict[str, Any]:
+    body = resources()["Dashboard"]["Properties"]["DashboardBody"]["Fn::Sub"]
+    substituted = re.sub(r"\$\{[^}]+\}", "X", body)
+    data: dict[str, Any] = json.loads(substituted)
+    return data
+
+
+# ---------------------------------------------------------------------------------------------- lint
+
+
+def test_sam_validate_lint_and_cfn_lint_are_clean() -> None:
+    result = subprocess.run(["bash", str(ROOT / "infra" / "lint.sh")], capture_output=True, text=True,
+                            timeout=900, cwd=ROOT)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "valid SAM Template" in output
+    assert not re.search(r"^[EWI]\d{4}\b", output, re.MULTILINE), output
+
+
+# ---------------------------------------------------------------------------------------------- shape
+
+
+def test_serverless_python312_with_the_four_functions() -> None:
+    assert template()["Transform"] == "AWS::Serverless-2016-10-31"
+    globals_ = template()["Globals"]["Function"]
+    assert globals_["Runtime"] == "python3.12"
+    assert set(globals_["Architectures"]) <= {"x86_64", "arm64"}
+    assert globals_["Tracing"] == "Active"
+    for name, code_uri in zip(FUNCTIONS, ("functions/api/", "functions/webhook/", "functions/flush/",
+                                          "functions/migrate/"), strict=True):
+        props = function(name)
+        assert props["CodeUri"] == code_uri
+        assert props["Handler"] == "app.handler"
+        # The handler file exists and defines `handler` (checked without importing it).
+        source = (ROOT / code_uri / "app.py").read_text()
+        names = {t.id for node in ast.parse(source).body if isinstance(node, ast.Assign)
+                 for t in node.targets if isinstance(t, ast.Name)}
+        names |= {node.name for node in ast.parse(source).body if isinstance(node, ast.FunctionDef)}
+        assert "handler" in names, f"{code_uri}app.py defines no handler"
+
+
+def test_http_api_routes_webhook_and_default() -> None:
+    assert resources()["HttpApi"]["Type"] == "AWS::Serverless::HttpApi"
+    api_events = function("ApiFunction")["Events"]
+    assert len(api_events) == 1
+    (api,) = api_events.values()
+    assert api["Type"] == "HttpApi"
+    assert api["Properties"]["ApiId"] == {"Ref": "HttpApi"}
+    assert (api["Properties"]["Path"], api["Properties"]["Method"]) == ("$default", "ANY")
+
+    (hook,) = function("WebhookFunction")["Events"].values()
+    assert hook["Type"] == "HttpApi"
+    assert hook["Properties"]["ApiId"] == {"Ref": "HttpApi"}
+    assert (hook["Properties"]["Path"], hook["Properties"]["Method"]) == ("/v1/webhooks/stripe", "POST")
+    # API Gateway HTTP APIs stop at 30 s: the functions must answer before that.
+    for name in ("ApiFunction", "WebhookFunction"):
+        assert function(name).get("Timeout", template()["Globals"]["Function"]["Timeout"]) <= 29
+
+
+def test_flush_runs_every_five_minutes_with_retries_and_a_dead_letter_queue() -> None:
+    flush = function("FlushFunction")
+    (schedule,) = flush["Events"].values()
+    assert schedule["Type"] == "Schedule"
+    props = schedule["Properties"]
+    assert props["Schedule"] == "rate(5 minutes)"
+    assert props["RetryPolicy"]["MaximumRetryAttempts"] >= 1
+    assert props["DeadLetterConfig"] == {"Arn": {"Fn::GetAtt": ["FlushDeadLetterQueue", "Arn"]}}
+    assert resources()["FlushDeadLetterQueue"]["Type"] == "AWS::SQS::Queue"
+    assert flush["Timeout"] >= 300 - 60
+    assert int(environment("FlushFunction")["FLUSH_TIME_BUDGET_SECONDS"]) < flush["Timeout"]
+
+    # EventBridge may write to the queue, only for this rule.
+    policy = resources()["FlushDeadLetterQueuePolicy"]["Properties"]
+    assert policy["Queues"] == [{"Ref": "FlushDeadLetterQueue"}]
+    (statement,) = policy["PolicyDocument"]["Statement"]
+    assert statement["Principal"] == {"Service": "events.amazonaws.com"}
+    assert statement["Action"] == "sqs:SendMessage"
+    source_arn = statement["Condition"]["ArnEquals"]["aws:SourceArn"]["Fn::Sub"]
+    assert source_arn.endswith("rule/" + props["Name"]["Fn::Sub"])
+
+
+def test_aikit_ships_as_a_python312_layer_used_by_every_function() -> None:
+    layer = resources()["AikitLayer"]
+    assert layer["Type"] == "AWS::Serverless::LayerVersion"
+    assert layer["Properties"]["ContentUri"] == "shared/"
+    assert layer["Metadata"]["BuildMethod"] == "python3.12"
+    assert "python3.12" in layer["Properties"]["CompatibleRuntimes"]
+    assert template()["Globals"]["Function"]["Layers"] == [{"Ref": "AikitLayer"}]
+    for name in FUNCTIONS:
+        assert "Layers" not in function(name)  # nobody replaces the Globals layer list
+
+
+def _requirement_names(lines: list[str]) -> set[str]:
+    names = set()
+    for line in lines:
+        line = line.split("#", 1)[0].strip()
+        if line:
+            names.add(re.split(r"[\[<>=!~; ]", line, maxsplit=1)[0].lower().replace("_", "-"))
+    return names
+
+
+def test_layer_requirements_are_the_runtime_dependencies_without_local_only_ones() -> None:
+    lines = (ROOT / "shared" / "requirements.txt").read_text().splitlines()
+    layer = _requirement_names(lines)
+    assert {"fastapi", "mangum", "redis", "stripe", "aws-lambda-powertools", "sqlalchemy", "pg8000", "alembic",
+            "pydantic", "pydantic-settings", "httpx"} <= layer
+    assert not layer & {"fakeredis", "uvicorn", "pytest", "moto"}
+    assert any(re.match(r"aws-lambda-powertools\[[^\]]*tracer", line) for line in lines)
+    # Same list as pyproject's runtime dependencies, minus what Lambda provides or only local runs need.
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert layer == _requirement_names(project) - {"boto3", "uvicorn", "fakeredis"}
+
+
+def test_network_security_groups_admit_only_the_lambdas() -> None:
+    sgs = of_type("AWS::EC2::SecurityGroup")
+    lambda_sg = {"Fn::If": ["CreateLambdaSecurityGroup", {"Fn::GetAtt": ["LambdaSecurityGroup", "GroupId"]},
+                            {"Ref": "ExistingLambdaSecurityGroupId"}]}
+    expected = {
+        "RedisSecurityGroup": (6379, lambda_sg),
+        "DbProxySecurityGroup": (5432, lambda_sg),
+        "DbSecurityGroup": (5432, {"Fn::GetAtt": ["DbProxySecurityGroup", "GroupId"]}),
+    }
+    for name, (port, source) in expected.items():
+        (rule,) = sgs[name]["Properties"]["SecurityGroupIngress"]
+        assert (rule["IpProtocol"], rule["FromPort"], rule["ToPort"]) == ("tcp", port, port), name
+        assert rule["SourceSecurityGroupId"] == source, name
+        assert "CidrIp" not in rule, name
+    for name, sg in sgs.items():
+        for rule in sg["Properties"].get("SecurityGroupIngress", []):
+            assert rule.get("CidrIp") != "0.0.0.0/0", name
+    # A created VPC has two private subnets behind a NAT gateway (Stripe egress) and two public ones.
+    assert {"PrivateSubnetA", "PrivateSubnetB", "PublicSubnetA", "PublicSubnetB", "NatGateway"} <= set(resources())
+    for name in ("PrivateSubnetA", "PrivateSubnetB", "NatGateway", "Vpc"):
+        assert resources()[name]["Condition"] == "CreateVpc"
+    assert resources()["PrivateDefaultRoute"]["Properties"]["NatGatewayId"] == {"Ref": "NatGateway"}
+    vpc_config = template()["Globals"]["Function"]["VpcConfig"]
+    assert vpc_config["SubnetIds"]["Fn::If"][0] == "CreateVpc"
+
+
+def test_serverless_cache_is_cluster_mode_over_tls() -> None:
+    cache = resources()["RedisCache"]
+    assert cache["Type"] == "AWS::ElastiCache::ServerlessCache"
+    assert cache["Properties"]["Engine"] in {"valkey", "redis"}
+    env = template()["Globals"]["Function"]["Environment"]["Variables"]
+    assert env["REDIS_URL"]["Fn::Sub"].startswith("rediss://${RedisCache.Endpoint.Address}")
+    assert env["REDIS_CLUSTER"] == "true"
+
+
+def test_aurora_serverless_v2_behind_a_tls_only_proxy() -> None:
+    cluster = resources()["DbCluster"]["Properties"]
+    assert cluster["Engine"] == "aurora-postgresql"
+    assert {"MinCapacity", "MaxCapacity"} <= set(cluster["ServerlessV2ScalingConfiguration"])
+    assert cluster["StorageEncrypted"] is True
+    assert "{{resolve:secretsmanager:" in cluster["MasterUserPassword"]["Fn::Sub"]
+    assert resources()["DbInstance"]["Properties"]["DBInstanceClass"] == "db.serverless"
+    assert resources()["DbSecret"]["Properties"]["GenerateSecretString"]["GenerateStringKey"] == "password"
+    proxy = resources()["DbProxy"]["Properties"]
+    assert proxy["RequireTLS"] is True
+    assert proxy["EngineFamily"] == "POSTGRESQL"
+    assert proxy["Auth"][0]["SecretArn"] == {"Ref": "DbSecret"}
+    env = template()["Globals"]["Function"]["Environment"]["Variables"]
+    assert env["DATABASE_SECRET_ARN"] == {"Ref": "DbSecret"}
+    assert env["DATABASE_HOST"] == {"Fn::GetAtt": ["DbProxy", "Endpoint"]}
+
+
+def test_migrations_run_as_a_custom_resource_after_the_database_is_reachable() -> None:
+    migration = resources()["DatabaseMigration"]
+    assert migration["Type"].startswith("Custom::")
+    assert migration["Properties"]["ServiceToken"] == {"Fn::GetAtt": ["MigrateFunction", "Arn"]}
+    assert migration["Properties"]["LayerVersion"] == {"Ref": "AikitLayer"}  # new code -> migrate again
+    assert {"DbProxyTargetGroup", "DbInstance"} <= set(migration["DependsOn"])
+
+
+# ---------------------------------------------------------------------------------------------- secrets
+
+
+SECRETISH = re.compile(r"SECRET_KEY|WEBHOOK_SECRET|PASSWORD|TOKEN$|API_KEY|^DATABASE_URL$")
+
+
+def test_no_secret_values_in_plain_environment_variables() -> None:
+    for name in FUNCTIONS:
+        for var, value in environment(name).items():
+            if var.endswith("_ARN"):
+                # A reference to a secret, or "" for "this function reads no such secret".
+                assert isinstance(value, dict) or value == "", f"{name}.{var} must reference a secret"
+                continue
+            assert not SECRETISH.search(var), f"{name}: {var} would put a secret value in the environment"
+            assert not re.search(r"\b(sk|rk|whsec|ak)_\w+", json.dumps(value)), f"{name}.{var}"
+    # Secret parameters are ARNs, never values.
+    for pname in template()["Parameters"]:
+        assert not SECRETISH.search(pname.upper()), pname
+
+
+SECRET_SOURCES = {"DATABASE_SECRET_ARN": "DbSecret", "STRIPE_SECRET_ARN": "StripeSecretArn",
+                  "ADMIN_TOKEN_SECRET_ARN": "AdminTokenSecret", "LLM_SECRET_ARN": "LlmSecretArn"}
+
+
+def test_each_function_may_read_exactly_the_secrets_its_environment_names() -> None:
+    # A function given an ARN it may not read fails on its cold start (aikit.aws_secrets reads every one).
+    expected = {
+        "ApiFunction": set(SECRET_SOURCES),
+        "WebhookFunction": {"DATABASE_SECRET_ARN", "STRIPE_SECRET_ARN"},
+        "FlushFunction": {"DATABASE_SECRET_ARN", "STRIPE_SECRET_ARN"},
+        "MigrateFunction": {"DATABASE_SECRET_ARN"},
+    }
+    for name in FUNCTIONS:
+        policies = json.dumps(function(name)["Policies"])
+        named = {var for var in SECRET_SOURCES if environment(name).get(var, "") != ""}
+        assert named == expected[name], name
+        for var, source in SECRET_SOURCES.items():
+            granted = f'"SecretArn": {{"Ref": "{source}"}}' in policies
+            assert granted == (var in named), (name, var)
+
+
+def test_environment_variables_are_settings_or_known_plumbing() -> None:
+    fields = {f.upper() for f in Settings.model_fields}
+    plumbing = {"POWERTOOLS_SERVICE_NAME", "POWERTOOLS_METRICS_NAMESPACE", "AIKIT_ENVIRONMENT",
+                "DATABASE_SECRET_ARN", "DATABASE_HOST", "DATABASE_PORT", "DATABASE_NAME", "STRIPE_SECRET_ARN",
+                "ADMIN_TOKEN_SECRET_ARN", "LLM_SECRET_ARN"}
+    for name in FUNCTIONS:
+        unknown = set(environment(name)) - fields - plumbing
+        assert not unknown, f"{name}: {unknown} are neither Settings fields nor read by aikit.aws_secrets"
+
+
+# ---------------------------------------------------------------------------------------------- observability
+
+
+def test_dashboard_shows_every_custom_metric_and_the_aws_health_metrics() -> None:
+    board = dashboard()
+    body = json.dumps(board)
+    for metric in observability.ALL_METRICS:
+        assert f'\\"{metric}\\"' in body or f'"{metric}"' in body, f"{metric} is not on the dashboard"
+    metric_rows = [row for w in board["widgets"] if w["type"] == "metric" for row in w["properties"]["metrics"]]
+    plain = {(row[0], row[1]) for row in metric_rows if isinstance(row[0], str)}
+    for expected in [("AWS/ApiGateway", "5xx"), ("AWS/ApiGateway", "Latency"), ("AWS/ApiGateway", "Count"),
+                     ("AWS/Lambda", "Errors"), ("AWS/Lambda", "Throttles"), ("AWS/Lambda", "Duration"),
+                     ("AWS/RDS", "CPUUtilization"), ("AWS/RDS", "DatabaseConnections"),
+                     ("AWS/RDS", "ServerlessDatabaseCapacity"),
+                     ("AWS/SQS", "ApproximateNumberOfMessagesVisible")]:
+        assert expected in plain, expected
+    raw = resources()["Dashboard"]["Properties"]["DashboardBody"]["Fn::Sub"]
+    for fn in ("ApiFunction", "FlushFunction", "WebhookFunction"):
+        for metric in ("Errors", "Throttles", "Duration"):
+            assert re.search(rf'"AWS/Lambda", "{metric}", "FunctionName", "\$\{{{fn}\}}"', raw), (fn, metric)
+    assert "AWS/ElastiCache" in raw and "${RedisCache}" in raw
+    # Every ${...} names a resource, parameter or pseudo parameter.
+    known = set(resources()) | set(template()["Parameters"])
+    for ref in re.findall(r"\$\{([^}.]+)(?:\.[^}]+)?\}", raw):
+        assert ref.startswith("AWS::") or ref in known, ref
+
+
+def _alarm(name: str) -> dict[str, Any]:
+    alarm = resources()[name]
+    assert alarm["Type"] == "AWS::CloudWatch::Alarm"
+    props: dict[str, Any] = alarm["Properties"]
+    assert props["AlarmActions"] == [{"Ref": "AlarmTopic"}], name
+    return props
+
+
+def test_alarms_go_to_the_sns_topic() -> None:
+    assert resources()["AlarmTopic"]["Type"] == "AWS::SNS::Topic"
+    subscription = resources()["AlarmEmailSubscription"]
+    assert subscription["Condition"] == "HasAlarmEmail"
+    assert subscription["Properties"]["Endpoint"] == {"Ref": "AlarmEmail"}
+
+    flush_errors = _alarm("FlushErrorsAlarm")
+    assert (flush_errors["Namespace"], flush_errors["MetricName"]) == ("AWS/Lambda", "Errors")
+    assert flush_errors["Dimensions"] == [{"Name": "FunctionName", "Value": {"Ref": "FlushFunction"}}]
+
+    service_dims = [{"Name": "service", "Value": observability.SERVICE}]
+    lag = _alarm("FlushLagAlarm")
+    assert (lag["Namespace"], lag["MetricName"], lag["Dimensions"]) == (
+        observability.NAMESPACE, observability.FLUSH_LAG, service_dims)
+    assert (lag["Threshold"], lag["ComparisonOperator"]) == (900, "GreaterThanThreshold")
+
+    parked = _alarm("ParkedBatchesAlarm")
+    assert (parked["MetricName"], parked["Dimensions"]) == (observability.PARKED_BATCHES, service_dims)
+    assert (parked["Threshold"], parked["ComparisonOperator"]) == (0, "GreaterThanThreshold")
+
+    signatures = _alarm("WebhookSignatureFailuresAlarm")
+    assert (signatures["MetricName"], signatures["Dimensions"]) == (
+        observability.WEBHOOK_SIGNATURE_FAILURES, service_dims)
+
+    api = _alarm("Api5xxRateAlarm")
+    stats = {m["Id"]: m for m in api["Metrics"]}
+    assert stats["errors"]["MetricStat"]["Metric"]["MetricName"] == "5xx"
+    assert stats["requests"]["MetricStat"]["Metric"]["MetricName"] == "Count"
+    assert "errors / requests" in stats["rate"]["Expression"]
+
+    dlq = _alarm("FlushDeadLetterAlarm")
+    assert dlq["MetricName"] == "ApproximateNumberOfMessagesVisible"
+    assert dlq["Dimensions"] == [{"Name": "QueueName",
+                                  "Value": {"Fn::GetAtt": ["FlushDeadLetterQueue", "QueueName"]}}]
+
+
+# ---------------------------------------------------------------------------------------------- samconfig
+
+
+def test_samconfig_has_default_dev_and_prod_deploy_settings() -> None:
+    config = tomllib.loads((ROOT / "samconfig.toml").read_text())
+    params = template()["Parameters"]
+    stacks = set()
+    for env in ("default", "dev", "prod"):
+        deploy = config[env]["deploy"]["parameters"]
+        assert set(deploy["capabilities"].split()) == {"CAPABILITY_IAM", "CAPABILITY_AUTO_EXPAND"}
+        assert deploy["resolve_s3"] is True
+        assert config[env]["global"]["parameters"]["region"]
+        stacks.add(config[env]["global"]["parameters"]["stack_name"])
+        overrides = dict(re.findall(r'(\w+)="([^"]*)"', deploy["parameter_overrides"]))
+        assert overrides, env
+        for key, value in overrides.items():
+            assert key in params, f"{env}: unknown parameter {key}"
+            allowed = params[key].get("AllowedValues")
+            assert allowed is None or value in [str(a) for a in allowed], f"{env}: {key}={value}"
+    assert stacks == {"aikit-dev", "aikit-prod"}
+    prod = dict(re.findall(r'(\w+)="([^"]*)"', config["prod"]["deploy"]["parameters"]["parameter_overrides"]))
+    assert prod["Environment"] == "prod"
+
+
+# ---------------------------------------------------------------------------------------------- events
+
+
+def _event(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((ROOT / "events" / name).read_text())
+    return data
+
+
+def test_sample_events_match_the_routes_and_the_schedule() -> None:
+    chat = _event("chat_completions.json")
+    assert (chat["requestContext"]["http"]["method"], chat["rawPath"]) == ("POST", "/v1/chat/completions")
+    assert json.loads(chat["body"])["messages"]
+    assert chat["version"] == "2.0"
+    health = _event("healthz.json")
+    assert (health["requestContext"]["http"]["method"], health["rawPath"]) == ("GET", "/healthz")
+    hook = _event("stripe_webhook.json")
+    assert (hook["requestContext"]["http"]["method"], hook["rawPath"]) == ("POST", "/v1/webhooks/stripe")
+    assert "stripe-signature" in hook["headers"]
+    assert json.loads(hook["body"])["type"].startswith("customer.subscription.")
+    scheduled = _event("flush_scheduled.json")
+    assert (scheduled["source"], scheduled["detail-type"]) == ("aws.events", "Scheduled Event")
+
+
+def test_healthz_event_drives_the_real_api_handler() -> None:
+    # A fresh interpreter: importing the handler builds the app and its process-wide runtime.
+    script = (
+        "import importlib.util, json, sys\n"
+        "spec = importlib.util.spec_from_file_location('api_app', 'functions/api/app.py')\n"
+        "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
+        "class Ctx:\n"
+        "    function_name = 'api'; memory_limit_in_mb = 1024; aws_request_id = 'r1'\n"
+        "    invoked_function_arn = 'arn:aws:lambda:us-east-1:123456789012:function:api'\n"
+        "    def get_remaining_time_in_millis(self): return 29000\n"
+        "event = json.load(open('events/healthz.json'))\n"
+        "sys.stderr.write(json.dumps(module.handler(event, Ctx())))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_ARN")}
+    env.update({"DATABASE_URL": "sqlite:///:memory:", "REDIS_URL": "memory://", "FLUSH_INTERVAL_SECONDS": "0"})
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    response = json.loads(result.stderr.strip().splitlines()[-1])
+    assert response["statusCode"] == 200
+    assert json.loads(response["body"]) == {"status": "ok"}
+
+
+# ---------------------------------------------------------------------------------------------- migrate handler
+
+ADMIN_URL = os.environ.get("TEST_DATABASE_ADMIN_URL", "postgresql+pg8000://postgres@127.0.0.1:5432/postgres")
+
+
+def _load_migrate_handler() -> Any:
+    spec = importlib.util.spec_from_file_location("aikit_migrate_function", ROOT / "functions/migrate/app.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.handler
+
+
+class _ResponseCatcher(http.server.BaseHTTPRequestHandler):
+    answers: list[dict[str, Any]] = []
+
+    def do_PUT(self) -> None:
+        length = int(self.headers["Content-Length"])
+        type(self).answers.append(json.loads(self.rfile.read(length)))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def cloudformation() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """A local stand-in for CloudFormation's pre-signed response URL."""
+    answers: list[dict[str, Any]] = []
+    handler = type("Catcher", (_ResponseCatcher,), {"answers": answers})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/response?sig=x", answers
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def empty_database() -> Iterator[str]:
+    name = f"aikit_migrate_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    yield ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+class _MigrateContext:
+    function_name = "aikit-migrate"
+    memory_limit_in_mb = 512
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:aikit-migrate"
+    aws_request_id = "req-migrate"
+    log_group_name = "/aikit/test/migrate"
+
+    def __init__(self, remaining_ms: int = 300_000) -> None:
+        self.remaining_ms = remaining_ms
+
+    def get_remaining_time_in_millis(self) -> int:
+        return self.remaining_ms
+
+
+def _cfn_event(url: str, request_type: str) -> dict[str, Any]:
+    return {"RequestType": request_type, "ResponseURL": url, "StackId": "arn:aws:cloudformation:stack/aikit",
+            "RequestId": str(uuid.uuid4()), "LogicalResourceId": "DatabaseMigration",
+            "ResourceType": "Custom::DatabaseMigration", "ResourceProperties": {"LayerVersion": "arn:1"}}
+
+
+@pytest.fixture
+def no_secret_arns(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.endswith("_SECRET_ARN"):
+            monkeypatch.delenv(name)
+
+
+@pytest.mark.usefixtures("no_secret_arns")
+def test_migration_custom_resource_migrates_and_answers_cloudformation(
+    cloudformation: tuple[str, list[dict[str, Any]]], empty_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, answers = cloudformation
+    monkeypatch.setenv("DATABASE_URL", empty_database)
+    handler = _load_migrate_handler()
+
+    assert handler(_cfn_event(url, "Create"), _MigrateContext()) == {"Status": "SUCCESS"}
+    (answer,) = answers
+    assert answer["Status"] == "SUCCESS"
+    assert answer["PhysicalResourceId"] == "aikit-database-migration"
+    assert answer["LogicalResourceId"] == "DatabaseMigration"
+    assert answer["StackId"] == "arn:aws:cloudformation:stack/aikit"
+    engine = create_engine(empty_database)
+    assert "alembic_version" in inspect(engine).get_table_names()
+    engine.dispose()
+
+    # An update migrates again (a no-op here) and keeps the physical id, so CloudFormation deletes nothing.
+    event = {**_cfn_event(url, "Update"), "PhysicalResourceId": answer["PhysicalResourceId"]}
+    handler(event, _MigrateContext())
+    assert answers[-1]["Status"] == "SUCCESS"
+    assert answers[-1]["PhysicalResourceId"] == "aikit-database-migration"
+
+    # Invoked by hand (no ResponseURL) it just migrates.
+    assert handler({}, _MigrateContext()) == {"migrated": True}
+
+
+@pytest.mark.usefixtures("no_secret_arns")
+def test_migration_failure_is_reported_to_cloudformation_without_the_password(
+    cloudformation: tuple[str, list[dict[str, Any]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, answers = cloudformation
+    monkeypatch.setenv("DATABASE_URL", "postgresql://aikit:hunter2-secret@127.0.0.1:1/aikit")
+    handler = _load_migrate_handler()
+    # Little time left: no retries, the answer must still go out.
+    assert handler(_cfn_event(url, "Create"), _MigrateContext(remaining_ms=5_000)) == {"Status": "FAILED"}
+    (answer,) = answers
+    assert answer["Status"] == "FAILED"
+    assert answer["Reason"].startswith("migration failed")
+    assert "hunter2-secret" not in answer["Reason"]
+
+    # Deleting the stack never touches the database.
+    handler(_cfn_event(url, "Delete"), _MigrateContext())
+    assert answers[-1]["Status"] == "SUCCESS"
