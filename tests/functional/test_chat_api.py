@@ -207,3 +207,4 @@ def test_guessing_keys_is_rate_limited_per_address(pg_url: str, redis_prefix: st
             assert chat(fresh, good.api_key).status_code == 429
         # ...while a key this instance already verified keeps working (no lookup needed).
         assert chat(c, good.api_key).status_code == 200
+

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from aikit.api.errors import install_error_handlers
-from aikit.api.routes import admin, billing, chat, health, webhooks
+from aikit.api.routes import admin, billing, chat, health, usage, webhooks
 from aikit.runtime import Runtime, get_runtime
 from aikit.settings import Settings
 
@@ -15,6 +15,6 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app = FastAPI(title="aikit", version="0.1.0", docs_url="/docs", redoc_url=None)
     app.state.runtime = runtime
     install_error_handlers(app)
-    for module in (health, chat, admin, billing, webhooks):
+    for module in (health, chat, admin, billing, usage, webhooks):
         app.include_router(module.router)
     return app

@@ -123,8 +123,14 @@ for i = 2, #ARGV do
 end
 for key, fields in pairs(deltas) do
   for name, amount in pairs(fields) do
-    -- Skip zeros: Lua renders -0 as "-0", which HINCRBY refuses.
-    if amount ~= 0 and redis.call('HINCRBY', key, name, -amount) <= 0 then redis.call('HDEL', key, name) end
+    -- Lua renders -0 as "-0", which HINCRBY refuses: zeros only read the field, so it can be dropped too.
+    local left
+    if amount ~= 0 then
+      left = redis.call('HINCRBY', key, name, -amount)
+    else
+      left = tonumber(redis.call('HGET', key, name) or '0')
+    end
+    if left <= 0 then redis.call('HDEL', key, name) end
   end
 end
 return acked

@@ -15,6 +15,7 @@ from aikit.usage import (
     UsageNotFound,
     UsageQueryError,
     UsageRow,
+    UsageUnavailable,
     admin_filter,
     admin_rows,
     admin_usage_body,
@@ -38,10 +39,19 @@ def _period(period: str | None, start: str | None, end: str | None) -> Period:
         raise ApiError(422, exc.message, code="invalid_value", param=exc.param) from None
 
 
+def _unavailable() -> ApiError:
+    return ApiError(503, "usage cannot be read right now, retry shortly", code="usage_unavailable",
+                    headers={"Retry-After": "5"})
+
+
 @router.get("/v1/usage")
 async def get_usage(key: KeyDep, runtime: RuntimeDep, period: PeriodQ = None, start: DateQ = None,
                     end: DateQ = None) -> dict[str, Any]:
-    return await key_usage(runtime, key, _period(period, start, end))
+    span = _period(period, start, end)
+    try:
+        return await key_usage(runtime, key, span)
+    except UsageUnavailable:
+        raise _unavailable() from None
 
 
 async def _admin(runtime: RuntimeDep, customer_id: str | None, api_key_id: str | None, period: str | None,
@@ -55,6 +65,8 @@ async def _admin(runtime: RuntimeDep, customer_id: str | None, api_key_id: str |
         rows, partial = await admin_rows(runtime, span, customer_id=customer_id, api_key_id=api_key_id)
     except UsageNotFound as exc:
         raise ApiError(404, str(exc), code="not_found", param="api_key_id") from None
+    except UsageUnavailable:
+        raise _unavailable() from None
     return span, rows, partial
 
 
