@@ -7,12 +7,14 @@ import contextlib
 import datetime as dt
 import hashlib
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from aikit.keys import KeyInfo
 from aikit.metering.layout import RedisLayout
-from aikit.metering.scripts import ADMIT, RELEASE
+from aikit.metering.scripts import ADMIT, RELEASE, SEED_QUOTA
+from aikit.observability import logger
 from aikit.redis_client import REDIS_DOWN_ERRORS
 from aikit.settings import Settings
 
@@ -67,11 +69,21 @@ def rate_headers(key: KeyInfo, minute_count: int, day_count: int, used: int, hel
     return headers
 
 
+# Tokens a key already used in the quota period starting at the given Unix time, from the database.
+QuotaUsedSince = Callable[[KeyInfo, int], Awaitable[int]]
+
+
+async def _nothing_used(_key: KeyInfo, _since: int) -> int:
+    return 0
+
+
 class RateLimiter:
-    def __init__(self, client: Any, layout: RedisLayout, settings: Settings) -> None:
+    def __init__(self, client: Any, layout: RedisLayout, settings: Settings,
+                 used_since: QuotaUsedSince = _nothing_used) -> None:
         self._redis = client
         self._layout = layout
         self._fail_open = settings.rate_limit_fail_mode == "open"
+        self._used_since = used_since
 
     def _keys(self, key: KeyInfo, now: float) -> list[str]:
         kid = key.api_key_id
@@ -80,6 +92,7 @@ class RateLimiter:
             self._layout.day(kid, day_str(now)),
             self._layout.quota(kid, key.quota_period_start),
             self._layout.inflight(kid),
+            self._layout.quota_seeded(kid, key.quota_period_start),
         ]
 
     async def admit(self, key: KeyInfo, request_id: str, reserve_tokens: int,
@@ -88,12 +101,21 @@ class RateLimiter:
         now = time.time() if now is None else now
         args = [_limit(key.rpm), _limit(key.rpd), _limit(key.monthly_tokens), max(0, reserve_tokens),
                 request_id, 120, 2 * 86400, int(now), RESERVATION_TTL_SECONDS]
+        keys = self._keys(key, now)
         try:
-            allowed, hit, m, d, used, held = await ADMIT.run_async(self._redis, self._keys(key, now), args)
+            allowed, hit, m, d, used, held = await ADMIT.run_async(self._redis, keys, args)
+            if int(allowed) == -1:
+                # First request of the period, or Redis lost its counters: start from what the database
+                # holds, so a Redis restart cannot hand a key its whole monthly quota again.
+                try:
+                    already = await self._used_since(key, key.quota_period_start)
+                except Exception:
+                    logger.exception("quota_seed_failed")
+                    return self._unavailable()
+                await SEED_QUOTA.run_async(self._redis, [keys[2], keys[4]], [already, QUOTA_TTL_SECONDS])
+                allowed, hit, m, d, used, held = await ADMIT.run_async(self._redis, keys, args)
         except REDIS_DOWN_ERRORS:
-            if self._fail_open:
-                return LimitDecision(allowed=True, degraded=True)
-            raise LimiterUnavailable("rate limiter unavailable") from None
+            return self._unavailable()
         headers = rate_headers(key, int(m), int(d), int(used), int(held), now)
         if int(allowed) == 1:
             return LimitDecision(allowed=True, headers=headers)
@@ -101,6 +123,11 @@ class RateLimiter:
             str(hit), seconds_to_next_month(now))
         headers["Retry-After"] = str(retry)
         return LimitDecision(allowed=False, limit_hit=str(hit), retry_after=retry, headers=headers)
+
+    def _unavailable(self) -> LimitDecision:
+        if self._fail_open:
+            return LimitDecision(allowed=True, degraded=True)
+        raise LimiterUnavailable("rate limiter unavailable")
 
     async def release(self, key: KeyInfo, request_id: str) -> None:
         """Give a reservation back (the call produced nothing). Best effort: it also expires by itself."""
@@ -110,7 +137,7 @@ class RateLimiter:
     async def remaining(self, key: KeyInfo, now: float | None = None) -> dict[str, int | None]:
         """What is left of each limit, from the same counters `admit` enforces."""
         now = time.time() if now is None else now
-        minute, day, quota, _ = self._keys(key, now)
+        minute, day, quota, *_ = self._keys(key, now)
         m, d, q = await self._redis.mget([minute, day, quota])
         return {
             "per_minute": None if key.rpm is None else max(0, key.rpm - int(m or 0)),

@@ -3,13 +3,15 @@ patch them first."""
 
 from __future__ import annotations
 
+import datetime as dt
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+import anyio
 from sqlalchemy import Engine
 
 from aikit.db.engine import get_engine
-from aikit.keys import KeyCache
+from aikit.keys import KeyCache, KeyInfo
 from aikit.limits import AuthGuard, RateLimiter
 from aikit.metering.layout import RedisLayout
 from aikit.metering.redis_meter import RedisMeter
@@ -50,7 +52,13 @@ class Runtime:
 
     @cached_property
     def limiter(self) -> RateLimiter:
-        return RateLimiter(self.redis, self.layout, self.settings)
+        return RateLimiter(self.redis, self.layout, self.settings, used_since=self.quota_used_since)
+
+    async def quota_used_since(self, key: KeyInfo, period_start: int) -> int:
+        from aikit.usage import tokens_used_since
+
+        since = dt.datetime.fromtimestamp(period_start, dt.UTC).date()
+        return await anyio.to_thread.run_sync(tokens_used_since, self.engine, key.api_key_id, since)
 
     @cached_property
     def auth_guard(self) -> AuthGuard:

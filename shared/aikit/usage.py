@@ -18,7 +18,7 @@ from decimal import Decimal
 from typing import Any, TypeVar
 
 import anyio
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import DBAPIError
 
 from aikit.db.models import ApiKey, UsageDaily, User
@@ -466,3 +466,13 @@ def admin_filter(customer_id: str | None, api_key_id: str | None) -> None:
         raise UsageQueryError("give customer_id or api_key_id", "customer_id")
     if customer_id is not None and api_key_id is not None:
         raise UsageQueryError("give customer_id or api_key_id, not both", "api_key_id")
+
+
+def tokens_used_since(engine: Engine, api_key_id: str, since: dt.date) -> int:
+    """Flushed tokens of a key from a day on (rollups: one small index range, never the per-request table)."""
+    with engine.connect() as conn:
+        total = conn.execute(
+            select(func.coalesce(func.sum(UsageDaily.tokens), 0))
+            .where(UsageDaily.api_key_id == api_key_id, UsageDaily.date >= since)
+        ).scalar_one()
+    return int(total)

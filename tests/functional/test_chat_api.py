@@ -17,6 +17,8 @@ from aikit.api.app import create_app
 from aikit.db.models import ApiKeyUsage
 from aikit.flush import Flusher
 from aikit.keys import IssuedKey
+from aikit.metering.base import UsageEvent, new_request_id
+from aikit.metering.sql_sink import store_events
 from aikit.runtime import Runtime
 from aikit.settings import Settings
 from tests.conftest import ADMIN_TOKEN, REDIS_URL, issue_key, make_settings
@@ -208,3 +210,32 @@ def test_guessing_keys_is_rate_limited_per_address(pg_url: str, redis_prefix: st
         # ...while a key this instance already verified keeps working (no lookup needed).
         assert chat(c, good.api_key).status_code == 200
 
+
+
+def test_quota_survives_a_redis_wipe(runtime: Runtime, settings: Settings) -> None:
+    """A Redis that lost its counters must not hand a key its monthly quota again: the counter is seeded
+    from the flushed rollups on the first request of the period."""
+    key = issue_key(settings, rpm=1000, rpd=1000, monthly_tokens=20)
+    with TestClient(create_app(runtime=runtime)) as c:
+        assert [chat(c, key.api_key).status_code for _ in range(3)] == [200, 200, 200]  # 21 tokens used
+        assert chat(c, key.api_key).status_code == 429
+        assert Flusher(settings).run().rows_inserted >= 3
+        wipe = redis.Redis.from_url(REDIS_URL)
+        for k in wipe.scan_iter(match=f"{settings.redis_key_prefix}:*"):
+            wipe.delete(k)
+        wipe.close()
+        r = chat(c, key.api_key)
+        assert r.status_code == 429
+        assert "monthly token quota" in r.json()["error"]["message"]
+
+
+def test_quota_counter_starts_from_usage_the_database_already_holds(runtime: Runtime, settings: Settings) -> None:
+    key = issue_key(settings, rpm=1000, rpd=1000, monthly_tokens=20)
+    # 15 tokens this month that reached Postgres without passing through this Redis (e.g. the fallback path).
+    earlier = UsageEvent(request_id=new_request_id(), api_key_id=key.api_key_id, customer_id=None,
+                         model="echo-1", input_tokens=10, output_tokens=5, ts=time.time() - 5)
+    with runtime.engine.begin() as conn:
+        store_events(conn, [earlier], billable=False, window_seconds=300)
+    with TestClient(create_app(runtime=runtime)) as c:
+        assert chat(c, key.api_key).status_code == 200  # 15 < 20
+        assert chat(c, key.api_key).status_code == 429  # 15 + 7 >= 20

@@ -40,5 +40,10 @@ class RedisLayout:
     def quota(self, api_key_id: str, period_start: int) -> str:
         return f"{self.tag(self.shard_of(api_key_id))}:quota:{api_key_id}:{period_start}"
 
+    def quota_seeded(self, api_key_id: str, period_start: int) -> str:
+        """Set once the quota counter of a period was seeded from the database (after a Redis loss or at
+        the start of a period), so the seeding happens once per key and period."""
+        return f"{self.tag(self.shard_of(api_key_id))}:quotaseed:{api_key_id}:{period_start}"
+
     def inflight(self, api_key_id: str) -> str:
         return f"{self.tag(self.shard_of(api_key_id))}:inflight:{api_key_id}"

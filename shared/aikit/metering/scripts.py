@@ -32,9 +32,10 @@ class LuaScript:
 
 # Before the LLM call: check and count requests per minute/day, and reserve tokens against the monthly
 # quota so that parallel requests cannot all slip through the same remaining budget.
-# KEYS: minute, day, quota, inflight. ARGV: rpm, rpd, quota_limit (-1 = unlimited), reserve, request_id,
-# minute_ttl, day_ttl, now, reservation_ttl.
-# Returns {allowed, limit_hit, minute_count, day_count, quota_used, quota_held}.
+# KEYS: minute, day, quota, inflight, quota_seeded. ARGV: rpm, rpd, quota_limit (-1 = unlimited), reserve,
+# request_id, minute_ttl, day_ttl, now, reservation_ttl.
+# Returns {allowed, limit_hit, minute_count, day_count, quota_used, quota_held}; allowed is -1 when the quota
+# counter of this period has not been seeded from the database yet (nothing was counted then).
 ADMIT = LuaScript(
     """
 local rpm, rpd, qlim = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -56,6 +57,7 @@ if qlim >= 0 then
 end
 if rpm >= 0 and m >= rpm then return {0, 'minute', m, d, used, held} end
 if rpd >= 0 and d >= rpd then return {0, 'day', m, d, used, held} end
+if qlim >= 0 and redis.call('EXISTS', KEYS[5]) == 0 then return {-1, 'seed', m, d, used, held} end
 if qlim >= 0 and used + held >= qlim then return {0, 'tokens', m, d, used, held} end
 m = redis.call('INCR', KEYS[1])
 if m == 1 then redis.call('EXPIRE', KEYS[1], ARGV[6]) end
@@ -68,6 +70,18 @@ if qlim >= 0 and reserve > 0 then
   held = held + reserve
 end
 return {1, '', m, d, used, held}
+"""
+)
+
+# Seed a period's quota counter with the usage the database already holds for it, once.
+# KEYS: quota, quota_seeded. ARGV: tokens, ttl.
+SEED_QUOTA = LuaScript(
+    """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('INCRBY', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
+return 1
 """
 )
 
