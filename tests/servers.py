@@ -44,6 +44,21 @@ def serve_app(app: FastAPI) -> Iterator[str]:
         thread.join(timeout=10)
 
 
+def cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is valid and free too: redis-server refuses to start in
+    cluster mode on ports above 55535."""
+    for _ in range(200):
+        port = free_port()
+        if port + 10000 <= 65535:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 @dataclass
 class RedisProcess:
     port: int
@@ -99,7 +114,7 @@ def throwaway_redis() -> Iterator[RedisProcess]:
 @contextlib.contextmanager
 def redis_cluster(nodes: int = 3) -> Iterator[str]:
     """A local Redis Cluster of `nodes` masters; yields a URL of one node for RedisCluster.from_url."""
-    procs = [RedisProcess(free_port(), extra=("--cluster-enabled", "yes", "--cluster-node-timeout", "2000"))
+    procs = [RedisProcess(cluster_port(), extra=("--cluster-enabled", "yes", "--cluster-node-timeout", "2000"))
              for _ in range(nodes)]
     try:
         for p in procs:

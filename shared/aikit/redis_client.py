@@ -41,6 +41,16 @@ def _options(settings: Settings) -> dict[str, Any]:
     }
 
 
+class _AsyncCluster(AsyncRedisCluster):
+    """Initializes once, under redis-py's lock, before any command: with redis-py 8.1 commands issued
+    concurrently on a fresh client race its topology setup and fail with AttributeError (a 500)."""
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if self._initialize:
+            await self.initialize()
+        return await super().execute_command(*args, **kwargs)
+
+
 def make_sync_redis(settings: Settings) -> Any:
     if settings.redis_url.startswith("memory://"):
         import fakeredis
@@ -57,8 +67,8 @@ def make_async_redis(settings: Settings) -> Any:
 
         return fakeredis.FakeAsyncRedis(server=_fake_server(), decode_responses=True)
     if settings.redis_cluster:
-        return AsyncRedisCluster.from_url(settings.redis_url, **_options(settings))
-    # One retry on a dropped connection keeps a single blip from failing a request.
+        return _AsyncCluster.from_url(settings.redis_url, **_options(settings))
+    # No retries: a script that may have run must not run twice; callers fall back instead.
     return aioredis.Redis.from_url(settings.redis_url, retry_on_timeout=False, **_options(settings))
 
 

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsError as SourceError
 
 
 class SettingsError(RuntimeError):
@@ -118,6 +119,10 @@ def load_settings(**overrides: object) -> Settings:
         first = exc.errors()[0]
         name = str(first["loc"][0]).upper() if first["loc"] else "settings"
         raise SettingsError(f"invalid setting {name}: {first['msg']}") from None
+    except SourceError as exc:
+        # Raised before validation when a value cannot be decoded (e.g. PRICE_TABLE that is not JSON).
+        field = str(exc).split('"')[1] if '"' in str(exc) else "settings"
+        raise SettingsError(f"invalid setting {field.upper()}: {exc.__cause__ or exc}") from None
 
 
 @lru_cache(maxsize=1)

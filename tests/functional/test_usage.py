@@ -531,9 +531,9 @@ def test_random_batches_with_replays_keep_rollups_equal_to_rows(settings: Settin
 
 @pytest.mark.cluster
 def test_usage_reads_pending_hashes_across_cluster_slots(pg_url: str) -> None:
-    from tests.functional.test_redis_cluster import local_cluster
+    from tests.servers import redis_cluster
 
-    with local_cluster() as url:
+    with redis_cluster() as url:
         settings = make_settings(pg_url, f"t{uuid.uuid4().hex[:12]}", redis_url=url, redis_cluster=True,
                                  redis_usage_shards=16, price_table=PRICES)
         cus = f"cus_C{uuid.uuid4().hex[:10]}"

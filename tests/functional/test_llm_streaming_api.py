@@ -1,0 +1,184 @@
+"""Streaming through our API with a real upstream: LLM_PROVIDER=openai pointed at the local fake OpenAI server,
+the API under uvicorn, clients that read everything, hang up midway, or meet a failing upstream."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from aikit.api.app import create_app
+from aikit.flush import Flusher
+from aikit.keys import IssuedKey
+from aikit.runtime import Runtime
+from aikit.settings import Settings
+from tests.conftest import REDIS_URL, issue_key, make_settings
+from tests.fakes.llm_servers import FakeOpenAI, openai_server
+from tests.servers import serve_app
+
+UPSTREAM_TIMEOUT = 0.5
+
+
+@pytest.fixture
+def upstream() -> Iterator[FakeOpenAI]:
+    with openai_server(slow_seconds=3 * UPSTREAM_TIMEOUT) as srv:
+        yield srv
+
+
+@pytest.fixture
+def proxy_settings(pg_url: str, redis_prefix: str, upstream: FakeOpenAI) -> Settings:
+    return make_settings(pg_url, redis_prefix, llm_provider="openai", openai_base_url=upstream.base_url,
+                         openai_api_key=FakeOpenAI.api_key, llm_timeout_seconds=UPSTREAM_TIMEOUT)
+
+
+@pytest.fixture
+def runtime(proxy_settings: Settings) -> Runtime:
+    return Runtime(proxy_settings)
+
+
+@pytest.fixture
+def key(proxy_settings: Settings) -> IssuedKey:
+    # A token quota, so every admitted call holds a reservation until it is metered or released.
+    return issue_key(proxy_settings, rpm=1000, rpd=10_000, monthly_tokens=1_000_000)
+
+
+def entries(runtime: Runtime, api_key_id: str) -> list[dict[str, str]]:
+    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    found = client.xrange(runtime.layout.stream(runtime.layout.shard_of(api_key_id)))
+    client.close()
+    return [fields for _, fields in found if fields["k"] == api_key_id]
+
+
+def pending_tokens(runtime: Runtime, api_key_id: str) -> int:
+    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    values = client.hgetall(runtime.layout.pending(api_key_id))
+    client.close()
+    return sum(int(v) for k, v in values.items() if k.endswith("|t"))
+
+
+def held(runtime: Runtime, key: IssuedKey) -> dict[str, str]:
+    """Open quota reservations of the key."""
+    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    found = client.hgetall(runtime.layout.inflight(key.api_key_id))
+    client.close()
+    return found
+
+
+def wait_for_entries(runtime: Runtime, api_key_id: str, count: int, seconds: float = 5) -> list[dict[str, str]]:
+    deadline = time.monotonic() + seconds
+    while len(found := entries(runtime, api_key_id)) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return found
+
+
+def test_openai_sdk_streams_through_our_api(runtime: Runtime, key: IssuedKey, upstream: FakeOpenAI) -> None:
+    with serve_app(create_app(runtime=runtime)) as base:
+        sdk = openai.OpenAI(api_key=key.api_key, base_url=base + "/v1", max_retries=0)
+        stream = sdk.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+                                             stream=True, stream_options={"include_usage": True})
+        text, usage = "", None
+        for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+            if chunk.usage is not None:
+                usage = chunk.usage
+        reply = sdk.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    assert text == upstream.reply
+    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (42, 6)
+    assert usage.prompt_tokens_details is not None and usage.prompt_tokens_details.cached_tokens == 10
+    assert reply.choices[0].message.content == upstream.reply
+    # The upstream was asked for its usage on the stream, with our key, not the customer's.
+    sent = upstream.requests[0]
+    assert sent.json["stream_options"] == {"include_usage": True}
+    assert sent.headers["authorization"] == f"Bearer {FakeOpenAI.api_key}"
+    found = entries(runtime, key.api_key_id)
+    assert [(e["m"], e["i"], e["o"], e["x"]) for e in found] == [("gpt-4o-mini", "42", "6", "10")] * 2
+    assert pending_tokens(runtime, key.api_key_id) == 2 * 48
+    assert held(runtime, key) == {}
+    summary = Flusher(runtime.settings).run()
+    assert summary.ok and summary.rows_inserted == 2
+
+
+def test_a_client_that_hangs_up_midway_is_metered_once_for_what_was_generated(
+        runtime: Runtime, key: IssuedKey, upstream: FakeOpenAI) -> None:
+    # A long answer, so the hang-up comes while it is still being relayed.
+    upstream.reply = " ".join(f"w{i}" for i in range(20_000))
+    with serve_app(create_app(runtime=runtime)) as base, httpx.Client(base_url=base, timeout=10) as http:
+        with http.stream("POST", "/v1/chat/completions", headers={"Authorization": f"Bearer {key.api_key}"},
+                         json={"model": "gpt-4o-mini", "stream": True,
+                               "messages": [{"role": "user", "content": "tell me everything"}]}) as r:
+            assert r.status_code == 200
+            request_id = r.headers["X-Request-Id"]
+            chunks = 0
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    chunks += 1
+                if chunks == 2:
+                    break  # leaving the block closes the connection with the body unread
+        found = wait_for_entries(runtime, key.api_key_id, 1)
+        time.sleep(0.3)  # would a second record show up?
+        found = entries(runtime, key.api_key_id)
+    assert [e["r"] for e in found] == [request_id]  # exactly one usage event
+    event = found[0]
+    output = int(event["o"])
+    # Cut short: the text relayed so far, with an estimated input (the upstream's usage never came).
+    assert 0 < output < 20_000
+    assert event["i"] == str(-(-len("tell me everything") // 4))
+    assert pending_tokens(runtime, key.api_key_id) == int(event["i"]) + output > 0
+    assert held(runtime, key) == {}
+    summary = Flusher(runtime.settings).run()
+    assert summary.ok and summary.rows_inserted == 1
+
+
+def test_upstream_dying_mid_stream_is_reported_in_band_and_metered(
+        runtime: Runtime, key: IssuedKey, upstream: FakeOpenAI) -> None:
+    upstream.inject("die_mid_stream")
+    with TestClient(create_app(runtime=runtime)) as client, client.stream(
+            "POST", "/v1/chat/completions", headers={"Authorization": f"Bearer {key.api_key}"},
+            json={"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as r:
+        assert r.status_code == 200
+        body = r.read().decode()
+        request_id = r.headers["X-Request-Id"]
+    events = [json.loads(line.removeprefix("data: ")) for line in body.split("\n\n") if line.startswith("data: {")]
+    assert events[-1]["error"]["code"] == "provider_error"
+    assert "[DONE]" not in body
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices"))
+    assert text == "".join(upstream.words()[:2])
+    found = entries(runtime, key.api_key_id)
+    assert [e["r"] for e in found] == [request_id]
+    assert int(found[0]["o"]) >= 2
+    assert held(runtime, key) == {}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(("fault", "status"), [("500", 502), ("503", 502), ("slow", 504)])
+def test_upstream_failure_answers_5xx_meters_nothing_and_releases_the_reservation(
+        runtime: Runtime, key: IssuedKey, upstream: FakeOpenAI, fault: str, status: int, stream: bool) -> None:
+    upstream.inject(fault)
+    with TestClient(create_app(runtime=runtime)) as client:
+        started = time.monotonic()
+        r = client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key.api_key}"},
+                        json={"model": "gpt-4o-mini", "stream": stream,
+                              "messages": [{"role": "user", "content": "hi"}]})
+        elapsed = time.monotonic() - started
+        assert r.status_code == status, r.text
+        error = r.json()["error"]
+        assert error["code"] == "provider_error"
+        assert error["type"] == ("timeout_error" if status == 504 else "api_error")
+        if fault == "slow":
+            assert elapsed < UPSTREAM_TIMEOUT + 1.0
+        assert entries(runtime, key.api_key_id) == []
+        assert pending_tokens(runtime, key.api_key_id) == 0
+        assert held(runtime, key) == {}
+        # Nothing is left held: the next call's headers show only its own reservation (QUOTA_RESERVE_TOKENS).
+        ok = client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key.api_key}"},
+                         json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+        assert ok.status_code == 200
+        assert ok.headers["X-RateLimit-Remaining-Tokens"] == str(1_000_000 - runtime.settings.quota_reserve_tokens)
+    assert len(entries(runtime, key.api_key_id)) == 1
