@@ -4,10 +4,6 @@ cluster-only): scripts routed by their keys' hash slot, limits, quota reservatio
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
-import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -15,7 +11,6 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import redis
 from fastapi.testclient import TestClient
 from redis.cluster import RedisCluster
 from sqlalchemy import func, select
