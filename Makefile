@@ -17,7 +17,7 @@ install: $(STAMP)
 
 run: install
 	$(BIN)/aikit migrate
-	$(BIN)/aikit serve --host 127.0.0.1 --port 8000
+	POWERTOOLS_METRICS_DISABLED=$${POWERTOOLS_METRICS_DISABLED:-true} $(BIN)/aikit serve --host 127.0.0.1 --port 8000
 
 lint: install
 	$(BIN)/ruff check shared functions tests bench

@@ -5,6 +5,7 @@ REDIS_URL / TEST_DATABASE_ADMIN_URL override the machine's services (127.0.0.1:6
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -43,26 +44,31 @@ def _drop_database(name: str) -> None:
     admin.dispose()
 
 
+@contextlib.contextmanager
+def migrated_database(label: str = "test") -> Iterator[str]:
+    """A fresh Postgres database with the schema applied; dropped afterwards."""
+    name = f"aikit_{label}_{uuid.uuid4().hex[:10]}"
+    url = _create_database(name)
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        get_engine(url).dispose()
+        _drop_database(name)
+
+
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """A fresh, migrated Postgres database for this test session."""
-    name = f"aikit_test_{uuid.uuid4().hex[:10]}"
-    url = _create_database(name)
-    upgrade(url)
-    yield url
-    get_engine(url).dispose()
-    _drop_database(name)
+    with migrated_database() as url:
+        yield url
 
 
 @pytest.fixture
 def fresh_pg_url() -> Iterator[str]:
     """A fresh, migrated Postgres database for one test (for totals that must start from zero)."""
-    name = f"aikit_test_{uuid.uuid4().hex[:10]}"
-    url = _create_database(name)
-    upgrade(url)
-    yield url
-    get_engine(url).dispose()
-    _drop_database(name)
+    with migrated_database() as url:
+        yield url
 
 
 @pytest.fixture

@@ -27,14 +27,13 @@ from sqlalchemy.orm import Session
 
 from aikit.api.app import create_app
 from aikit.db.engine import get_engine
-from aikit.db.migrate import upgrade
 from aikit.db.models import ApiKeyUsage, MeterReport, Subscription, UsageDaily
 from aikit.flush import Flusher
 from aikit.keys import IssuedKey
 from aikit.metering.base import UsageEvent, new_request_id
 from aikit.runtime import Runtime
 from aikit.settings import Settings
-from tests.conftest import _create_database, _drop_database, issue_key, make_settings
+from tests.conftest import issue_key, make_settings, migrated_database
 from tests.servers import RedisProcess, free_port, serve_app
 
 # Flushing "as of" a moment long ago seals no report, so no test here ever calls Stripe.
@@ -47,12 +46,8 @@ TOKENS = 3 + 4  # echo: "hello there world" -> 3 input words, "echo: hello there
 def pg_url() -> Iterator[str]:
     """A database of this module's own: its billable usage and Stripe outbox rows stay out of other tests'
     flushes, and theirs out of ours."""
-    name = f"aikit_test_faults_{uuid.uuid4().hex[:8]}"
-    url = _create_database(name)
-    upgrade(url)
-    yield url
-    get_engine(url).dispose()
-    _drop_database(name)
+    with migrated_database("faults") as url:
+        yield url
 
 
 @pytest.fixture
