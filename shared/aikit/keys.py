@@ -88,6 +88,11 @@ def create_key(
 ) -> IssuedKey:
     """Create a key (and its user, if new). Limits default from settings. Caller commits."""
     user = session.scalars(select(User).where(User.email == email)).first()
+    if customer_id:
+        # stripe_customer_id is unique: refuse here rather than fail on the constraint (a 500).
+        owner = session.scalars(select(User.id).where(User.stripe_customer_id == customer_id)).first()
+        if owner is not None and (user is None or owner != user.id):
+            raise KeyError_(f"Stripe customer {customer_id} is already linked to another user")
     if user is None:
         user = User(id=new_id("usr"), email=email, stripe_customer_id=customer_id)
         session.add(user)

@@ -400,7 +400,7 @@ async def read_pending(redis: Any, layout: RedisLayout, keys: Mapping[str, str |
 async def _from_db(work: Callable[[], _T]) -> _T:
     try:
         return await anyio.to_thread.run_sync(work)
-    except DBAPIError as exc:
+    except (DBAPIError, ConnectionError) as exc:  # pg8000 lets a reset while connecting through unwrapped
         raise UsageUnavailable("usage store unavailable") from exc
 
 
@@ -466,6 +466,9 @@ def admin_filter(customer_id: str | None, api_key_id: str | None) -> None:
         raise UsageQueryError("give customer_id or api_key_id", "customer_id")
     if customer_id is not None and api_key_id is not None:
         raise UsageQueryError("give customer_id or api_key_id, not both", "api_key_id")
+    for name, value in (("customer_id", customer_id), ("api_key_id", api_key_id)):
+        if value is not None and "\x00" in value:  # Postgres cannot even compare it: a 503 otherwise
+            raise UsageQueryError(f"{name} must not contain a NUL character", name)
 
 
 def tokens_used_since(engine: Engine, api_key_id: str, since: dt.date) -> int:

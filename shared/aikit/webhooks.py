@@ -146,7 +146,8 @@ def parse_event(data: Any) -> WebhookEvent:
         raise bad("id must be a string of 1-255 characters")
     if not isinstance(event_type, str) or not 0 < len(event_type) <= 128:
         raise bad("type must be a string of 1-128 characters")
-    if not isinstance(created, int) or isinstance(created, bool) or created < 0:
+    # Bounded: `created` is stored in BIGINT columns, and a larger number is no real time anyway.
+    if not isinstance(created, int) or isinstance(created, bool) or not 0 <= created < 2**53:
         raise bad("created must be a Unix timestamp")
     payload = data.get("data")
     obj = payload.get("object") if isinstance(payload, dict) else None

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from aikit.observability import logger
@@ -60,6 +61,12 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str]:
     return f"{field}: {msg}", field
 
 
+def sqlstate(exc: DBAPIError) -> str:
+    """The Postgres SQLSTATE of a driver error; '' when there is none (no connection, SQLite)."""
+    detail = exc.orig.args[0] if exc.orig is not None and exc.orig.args else None
+    return str(detail.get("C", "")) if isinstance(detail, dict) else ""
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -75,6 +82,27 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(error_body(exc.status_code, str(exc.detail)), exc.status_code,
                             headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(DBAPIError)
+    async def _database(request: Request, exc: DBAPIError) -> JSONResponse:
+        state = sqlstate(exc)
+        if state.startswith("22"):  # data exception: a NUL character, a string too long, a number too big
+            message = "a value in the request cannot be stored: too long, out of range or holding a NUL character"
+            return JSONResponse(error_body(422, message, "invalid_value"), 422)
+        if isinstance(exc, (OperationalError, InterfaceError)) or state.startswith(("08", "57P")):
+            # No connection, or the server is starting or shutting down: a retry will do.
+            logger.warning("database_unavailable", extra={"path": request.url.path, "sqlstate": state})
+            return JSONResponse(error_body(503, "the database is unavailable, retry shortly", "database_unavailable"),
+                                503, headers={"Retry-After": "5"})
+        logger.exception("unhandled_error", extra={"path": request.url.path})
+        return JSONResponse(error_body(500, "internal error"), 500)
+
+    @app.exception_handler(ConnectionError)
+    async def _connection(request: Request, exc: ConnectionError) -> JSONResponse:
+        # A backend connection broke below the driver's own error types (e.g. reset while connecting).
+        logger.warning("backend_connection_error", extra={"path": request.url.path, "error": type(exc).__name__})
+        return JSONResponse(error_body(503, "a backend is unavailable, retry shortly", "backend_unavailable"),
+                            503, headers={"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

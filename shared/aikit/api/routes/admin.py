@@ -23,9 +23,10 @@ class CreateKeyBody(BaseModel):
     email: EmailStr
     customer_id: Annotated[str, Field(pattern=r"^cus_[A-Za-z0-9]{1,100}$")] | None = None
     name: Annotated[str, Field(max_length=200)] | None = None
-    rpm: Annotated[int, Field(ge=0)] | None = None
-    rpd: Annotated[int, Field(ge=0)] | None = None
-    monthly_tokens: Annotated[int, Field(ge=0)] | None = None
+    # Bounded by the columns (rpm/rpd INTEGER, monthly tokens BIGINT): a larger value is a 422, not a 500.
+    rpm: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
+    rpd: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
+    monthly_tokens: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
 
 
 def key_json(key: ApiKey, user: User) -> dict[str, object]:

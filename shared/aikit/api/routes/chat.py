@@ -112,16 +112,24 @@ async def chat_completions(body: ChatCompletionRequest, key: BilledKeyDep,
                 if isinstance(event, TextDelta):
                     yield chunk({"content": event.text})
                 elif isinstance(event, StreamEnd):
+                    # The stream meters as it finishes: finish it before telling the client its usage, so a
+                    # usage that could not be recorded is never shown (the client gets an error instead).
+                    following = await anext(stream, None)
                     yield chunk({}, event.finish_reason)
                     if include_usage:
                         final = {"id": chunk_id, "object": "chat.completion.chunk", "created": created,
                                  "model": model, "choices": [], "usage": usage_json(event.usage)}
                         yield f"data: {json.dumps(final, separators=(',', ':'))}\n\n"
+                    event = following
+                    continue
                 event = await anext(stream, None)
             yield "data: [DONE]\n\n"
         except ProviderError as exc:
             # Headers are gone; report the failure in-band as OpenAI does, after metering what was produced.
             yield f"data: {json.dumps(error_body(exc.status_code, exc.message, 'provider_error'))}\n\n"
+        except MeterUnavailable:
+            message = "usage could not be recorded; the request was not billed, retry shortly"
+            yield f"data: {json.dumps(error_body(503, message, 'metering_unavailable'))}\n\n"
         finally:
             await stream.aclose()
 
