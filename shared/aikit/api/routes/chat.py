@@ -80,8 +80,9 @@ async def chat_completions(body: ChatCompletionRequest, key: BilledKeyDep,
             await runtime.limiter.release(key, request_id)
             raise ApiError(exc.status_code, exc.message, code="provider_error") from None
         except MeterUnavailable:
-            raise ApiError(503, "usage could not be recorded; the request was not billed, retry shortly",
-                           code="metering_unavailable") from None
+            # The request id lets support match the rare case where the write did commit before the failure.
+            raise ApiError(503, "usage could not be recorded, retry shortly",
+                           code="metering_unavailable", headers={"X-Request-Id": request_id}) from None
         return JSONResponse(completion_json(request_id, result, created), headers=headers)
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -128,7 +129,7 @@ async def chat_completions(body: ChatCompletionRequest, key: BilledKeyDep,
             # Headers are gone; report the failure in-band as OpenAI does, after metering what was produced.
             yield f"data: {json.dumps(error_body(exc.status_code, exc.message, 'provider_error'))}\n\n"
         except MeterUnavailable:
-            message = "usage could not be recorded; the request was not billed, retry shortly"
+            message = "usage could not be recorded, retry shortly"
             yield f"data: {json.dumps(error_body(503, message, 'metering_unavailable'))}\n\n"
         finally:
             await stream.aclose()
