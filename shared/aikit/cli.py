@@ -73,6 +73,14 @@ def cmd_flush(_: argparse.Namespace, settings: Settings) -> int:
     return 0 if summary.ok else 1
 
 
+def cmd_requeue(args: argparse.Namespace, settings: Settings) -> int:
+    from aikit.flush import requeue_parked
+
+    count = requeue_parked(settings, customer_id=args.customer, report_ids=args.report_id or None)
+    _print({"requeued": count})
+    return 0
+
+
 def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     from aikit.reconcile import reconcile
 
@@ -125,6 +133,10 @@ def parser() -> argparse.ArgumentParser:
     keys.set_defaults(func=cmd_keys)
 
     sub.add_parser("flush", help="run one flush and print a JSON summary").set_defaults(func=cmd_flush)
+    requeue = sub.add_parser("requeue-parked", help="send parked Stripe reports again (same identifiers)")
+    requeue.add_argument("--customer", help="only this Stripe customer's reports")
+    requeue.add_argument("--report-id", action="append", dest="report_id", help="only this report (repeatable)")
+    requeue.set_defaults(func=cmd_requeue)
     rec = sub.add_parser("reconcile", help="compare Postgres usage with Stripe's meter totals")
     rec.add_argument("--since", type=_date)
     rec.set_defaults(func=cmd_reconcile)

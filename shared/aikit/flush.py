@@ -3,18 +3,51 @@
 Money rules, in order:
 - An entry leaves Redis only after the transaction that stored it committed (store, then ACK).
 - Rows are idempotent on request_id, so a replayed batch (crash before ACK, two flushes at once) adds nothing.
-- A Stripe report's identifier is its outbox row id, fixed before the first attempt; every retry re-sends it.
-  Stripe's "An event already exists with identifier" means the first send landed: success.
+- A Stripe report's identifier is its outbox row id, fixed before the first attempt; every retry, in this run
+  or a later one, re-sends it. Stripe's "An event already exists with identifier" means an earlier send
+  landed: success. So a crash anywhere, two flushes at once, or an answer lost on the wire bills once.
+- One meter event per customer per reporting window (STRIPE_REPORT_WINDOW_SECONDS): Stripe calls grow with
+  customers, not requests. At most one call per customer at a time (Stripe's per-customer concurrency rule).
+- The event timestamp lies inside the usage's window (so it lands in the invoice of that period) and never in
+  the future. Stripe refuses timestamps older than 35 days: such a backlog is parked with Stripe's reason
+  (`timestamp_too_far_in_past`) instead of being moved into a later period; it needs a human (see
+  `requeue_parked` after a fix, or bill it by other means).
+- A permanent refusal (unknown customer, no active meter, too old) parks that report (status `parked`,
+  `last_error` = Stripe's reason) and emits PARKED_BATCHES; other customers are still billed.
+  Note that live Stripe validates some things asynchronously (an unknown customer may be accepted and
+  reported later as `meter_event_customer_not_found`); `aikit reconcile` shows that as drift.
+- Limit: Stripe keeps identifiers unique for "at least 24 hours". A report whose first send landed unseen and
+  that keeps failing for longer than that could be counted twice when it finally goes through; reconcile
+  shows it. (Guarding it needs the time of the first attempt on meter_reports.)
+
+Throughput: shards are stored by STORE_WORKERS parallel lanes, each reading ahead while it stores (COPY into
+a temp table, one merge statement, REPORT_LOCK only for the outbox upsert), and a stored batch leaves Redis
+with ACK_FAST (the pending-counter deltas computed while reading). Memory stays at a few batches per lane.
+
+Metering switched off (STRIPE_METERING_ENABLED=false) or no STRIPE_SECRET_KEY: usage still reaches Postgres
+(api_key_usage, usage_daily) with billable=false and no outbox rows, and nothing is sent; keys without a Stripe
+customer are always stored that way. Switching metering on later bills only usage flushed from then on: rows
+stored while it was off stay billable=false and are never back-billed (usage still waiting in Redis at the switch
+is billed by the next flush). Reports sealed before metering was switched off wait, unsent, until it is on again.
+
+Fault injection (tests only): `crash_point(name)` hard-exits the process (os._exit(70): no cleanup, no commit,
+no finally) when the environment variable AIKIT_CRASH_AT equals `name`. Points: after_read (a batch read from
+Redis, not stored), after_store (committed to Postgres, not yet removed from Redis), after_ack, after_seal
+(reports sealed, nothing sent) and after_send (Stripe accepted an event, the flush has not recorded it).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import os
+import queue
+import random
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,8 +57,8 @@ from aikit.db.engine import get_engine
 from aikit.db.models import MeterReport
 from aikit.metering.base import UsageEvent
 from aikit.metering.layout import RedisLayout
-from aikit.metering.scripts import ACK
-from aikit.metering.sql_sink import REPORT_LOCK_ID, store_events
+from aikit.metering.scripts import ACK_FAST, ACK_THROUGH
+from aikit.metering.sql_sink import REPORT_LOCK_ID, store_copy, store_events
 from aikit.observability import (
     EVENTS_FLUSHED,
     FLUSH_DURATION,
@@ -37,11 +70,26 @@ from aikit.observability import (
 )
 from aikit.redis_client import make_sync_redis
 from aikit.settings import Settings
-from aikit.stripe_gateway import BillingGateway, ReportStatus, gateway_from_settings
+from aikit.stripe_gateway import BillingGateway, ReportOutcome, ReportStatus, gateway_from_settings
 
 FLUSH_LOCK_ID = 7_214_002
 RETRY_DELAYS = (0.5, 1.0, 2.0)  # backoff within one run; what still fails waits for the next run
 SEND_WORKERS = 8  # reports go out in parallel across customers, one at a time per customer
+STORE_WORKERS = 2  # shards stored in parallel, each lane on its own connection
+# Part of the time budget kept for sending (a big backlog must not starve Stripe reports).
+SEND_RESERVE_SHARE = 0.25
+SEND_RESERVE_MAX_SECONDS = 30.0
+
+CRASH_ENV = "AIKIT_CRASH_AT"
+CRASH_EXIT_CODE = 70
+CRASH_POINTS = ("after_read", "after_store", "after_ack", "after_seal", "after_send")
+
+
+def crash_point(name: str) -> None:
+    """Fault-injection hook: hard-exit here when AIKIT_CRASH_AT names this point (tests run the flush in a
+    subprocess with it set). Unset in production: one environment lookup per batch or report."""
+    if os.environ.get(CRASH_ENV) == name:
+        os._exit(CRASH_EXIT_CODE)
 
 
 @dataclass
@@ -56,6 +104,7 @@ class FlushSummary:
     reports_left_pending: int = 0
     stripe_calls: int = 0
     flush_lag_seconds: float = 0.0
+    drain_seconds: float = 0.0
     duration_ms: float = 0.0
     skipped: bool = False  # another flush held the lock
     stopped_early: bool = False  # the time budget ran out; the rest goes next run
@@ -82,172 +131,438 @@ def parse_entry(fields: dict[str, str]) -> UsageEvent:
     )
 
 
+def next_stream_id(entry_id: str) -> str:
+    """The smallest stream id greater than `entry_id` (XTRIM MINID removes ids below it)."""
+    ms, _, seq = entry_id.partition("-")
+    if int(seq) >= 2**64 - 1:
+        return f"{int(ms) + 1}-0"
+    return f"{ms}-{int(seq) + 1}"
+
+
+# Field order of an entry as RECORD writes it; anything else takes the slower, general path.
+FIELD_ORDER = ["r", "k", "c", "m", "i", "o", "x", "t", "d"]
+_MAX_DIGITS = 9  # token counts are int4 columns, and input + output must fit one too
+_TS_RANGE = (946684800.0, 4102444800.0)  # 2000-01-01 .. 2100-01-01: anything else is not a real event time
+_NULL = "\\N"
+
+
+def _fields(raw: Any) -> tuple[str, ...] | None:
+    """(r, k, c, m, i, o, x, t, d) of an entry given as a flat [name, value, ...] list (no client-side
+    parsing) or a dict; None when a field is missing."""
+    if isinstance(raw, list) and raw[0::2] == FIELD_ORDER:
+        return tuple(raw[1::2])
+    f = raw if isinstance(raw, dict) else dict(zip(raw[0::2], raw[1::2], strict=False))
+    try:
+        return tuple(f[name] for name in FIELD_ORDER)
+    except KeyError:
+        return None
+
+
+@dataclass
+class Batch:
+    """One contiguous run of a shard's stream, ready to store: COPY rows (Postgres) or events (others),
+    plus what the pending counters lose when it leaves Redis."""
+
+    shard: int
+    first_id: str
+    last_id: str
+    size: int  # entries read, malformed ones included
+    full: bool  # as long as a batch may be: more may follow in this shard
+    copy_rows: bytes = b""
+    events: list[UsageEvent] = field(default_factory=list)
+    valid: int = 0
+    malformed_ids: list[str] = field(default_factory=list)
+    key_ids: set[str] = field(default_factory=set)  # api keys of all entries, malformed ones included
+    # (api_key_id, date, model) -> [tokens, requests, input, output, cached], valid entries only
+    deltas: dict[tuple[str, str, str], list[int]] = field(default_factory=dict)
+
+
+def prepare_batch(shard: int, entries: list[Any], *, billable: bool, copy: bool, full: bool) -> Batch:
+    """Stream entries -> a Batch. The flush's hot path: per entry one slice, a few C-level checks and one
+    f-string (COPY text, no objects per row). An entry is malformed when a field is missing, a count is not a
+    plain number, the time is not a real one, a string is longer than its column (it would fail the whole
+    batch) or holds a control character or backslash (ids, keys and model names never do)."""
+    batch = Batch(shard=shard, first_id=entries[0][0], last_id=entries[-1][0], size=len(entries), full=full)
+    rows: list[str] = []
+    deltas = batch.deltas
+    key_ids = batch.key_ids
+    lo, hi = _TS_RANGE
+    for entry in entries:
+        values = _fields(entry[1])
+        if values is None:
+            raw = entry[1]
+            k = raw.get("k") if isinstance(raw, dict) else dict(zip(raw[0::2], raw[1::2], strict=False)).get("k")
+            if isinstance(k, str) and k:
+                key_ids.add(k)
+            batch.malformed_ids.append(entry[0])
+            continue
+        r, k, c, m, i, o, x, t, d = values
+        key_ids.add(k)
+        try:
+            ts = float(t)
+        except ValueError:
+            ts = 0.0
+        text_fields = f"{r}{k}{c}{m}{d}"
+        counts = f"{i}{o}{x}"
+        if not (
+            k and r and m and d and lo <= ts <= hi
+            and len(r) <= 64 and len(k) <= 40 and len(c) <= 255 and len(m) <= 128
+            and 0 < len(i) <= _MAX_DIGITS and 0 < len(o) <= _MAX_DIGITS and 0 < len(x) <= _MAX_DIGITS
+            and counts.isdigit() and counts.isascii()  # isascii: "²".isdigit() is True
+            and "\t" not in text_fields and "\n" not in text_fields and "\\" not in text_fields
+            and "\r" not in text_fields and "\x00" not in text_fields and "|" not in d
+        ):
+            batch.malformed_ids.append(entry[0])
+            continue
+        inp, out, cached = int(i), int(o), int(x)
+        if copy:
+            rows.append(f"{r}\t{k}\t{c or _NULL}\t{ts!r}\t{m}\t{i}\t{o}\t{x}\t{'t' if billable and c else 'f'}\n")
+        else:
+            batch.events.append(UsageEvent(r, k, c or None, m, inp, out, cached, ts))
+        acc = deltas.get((k, d, m))
+        if acc is None:
+            acc = deltas[(k, d, m)] = [0, 0, 0, 0, 0]
+        acc[0] += inp + out
+        acc[1] += 1
+        acc[2] += inp
+        acc[3] += out
+        acc[4] += cached
+    batch.valid = batch.size - len(batch.malformed_ids)
+    batch.copy_rows = "".join(rows).encode()
+    return batch
+
+
+def _raw_xrange(response: Any, **_: Any) -> Any:
+    return response
+
+
 class Flusher:
     def __init__(self, settings: Settings, *, redis: Any = None, engine: Engine | None = None,
-                 gateway: BillingGateway | None = None, sleep: Callable[[float], None] = time.sleep) -> None:
+                 gateway: BillingGateway | None = None, sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic, use_lock: bool = True,
+                 send_workers: int = SEND_WORKERS, store_workers: int = STORE_WORKERS) -> None:
+        """`use_lock=False` skips the one-flush-at-a-time advisory lock (tests prove idempotency alone keeps
+        concurrent flushes correct). `sleep` and `clock` let tests run the backoff and the budget quickly."""
         self.settings = settings
+        self._owns_redis = redis is None
         self.redis = redis if redis is not None else make_sync_redis(settings)
+        if self._owns_redis and hasattr(self.redis, "set_response_callback") and not settings.redis_cluster:
+            # Entries as redis sends them ([id, [name, value, ...]]): no dict per entry on the hot path.
+            self.redis.set_response_callback("XRANGE", _raw_xrange)
         self.engine = engine or get_engine(settings.database_url)
+        self._owns_gateway = gateway is None
         self.gateway = gateway if gateway is not None else gateway_from_settings(settings)
         self.layout = RedisLayout(settings.redis_key_prefix, settings.redis_usage_shards)
         self.sleep = sleep
+        self.clock = clock
+        self.use_lock = use_lock
+        self.send_workers = max(1, send_workers)
+        self._postgres = self.engine.dialect.name == "postgresql"
+        # SQLite has one writer at a time: no point in storing shards in parallel there.
+        self.store_workers = max(1, min(store_workers if self._postgres else 1, self.layout.shards))
 
     @property
     def billable(self) -> bool:
         return self.gateway is not None and self.settings.stripe_metering_enabled
 
+    def close(self) -> None:
+        """Close the clients this Flusher created (not the ones passed in)."""
+        if self._owns_gateway and self.gateway is not None:
+            self.gateway.close()
+        if self._owns_redis:
+            self.redis.close()
+
     # -- Redis -> Postgres ------------------------------------------------------------------------------
 
     def drain(self, summary: FlushSummary, deadline: float) -> None:
+        """Move the buffer into Postgres. Shards are split over `store_workers` lanes that store in parallel
+        (each on its own connection); within a lane a helper thread reads the next batch while the current
+        one is stored, so Redis, Python and Postgres work at the same time. A shard's batches are stored and
+        removed strictly in order. Memory: at most three batches per lane."""
+        started = self.clock()
+        self._measure_lag(summary)
+        lanes = self.store_workers
+        stop = threading.Event()
+        parts = [FlushSummary() for _ in range(lanes)]
+        failures: list[BaseException] = []
+
+        def lane(j: int) -> None:
+            try:
+                self._drain_lane(list(range(j, self.layout.shards, lanes)), parts[j], deadline, stop)
+            except BaseException as exc:
+                failures.append(exc)
+                stop.set()
+
+        if lanes == 1:
+            lane(0)
+        else:
+            threads = [threading.Thread(target=lane, args=(j,), name=f"flush-lane-{j}", daemon=True)
+                       for j in range(lanes)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        for part in parts:
+            summary.events_read += part.events_read
+            summary.rows_inserted += part.rows_inserted
+            summary.malformed += part.malformed
+            summary.stopped_early = summary.stopped_early or part.stopped_early
+        summary.drain_seconds = round(self.clock() - started, 3)
+        if failures:
+            raise failures[0]
+
+    def _drain_lane(self, shards: list[int], part: FlushSummary, deadline: float, stop: threading.Event) -> None:
+        ahead: queue.Queue[Batch | BaseException | None] = queue.Queue(maxsize=1)
+        halt = threading.Event()
+        reader = threading.Thread(target=self._read_ahead, args=(shards, ahead, halt), daemon=True,
+                                  name="flush-reader")
+        reader.start()
+        try:
+            while not stop.is_set():
+                item = ahead.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                crash_point("after_read")
+                if self.clock() >= deadline:
+                    part.stopped_early = True
+                    break
+                self._store_batch(item, part)
+        finally:
+            halt.set()
+            while reader.is_alive():  # unblock a reader waiting to hand over a batch
+                with suppress(queue.Empty):
+                    ahead.get(timeout=0.05)
+            reader.join()
+
+    def _measure_lag(self, summary: FlushSummary) -> None:
         oldest: float | None = None
         for shard in range(self.layout.shards):
-            stream = self.layout.stream(shard)
-            first = self.redis.xrange(stream, count=1)
+            first = self.redis.xrange(self.layout.stream(shard), count=1)
             if first:
                 ms = int(first[0][0].split("-")[0]) / 1000
                 oldest = ms if oldest is None else min(oldest, ms)
-            while True:
-                if time.monotonic() >= deadline:
-                    summary.stopped_early = True
-                    break
-                entries = self.redis.xrange(stream, count=self.settings.flush_batch_size)
-                if not entries:
-                    break
-                self._store_batch(shard, entries, summary)
-                if len(entries) < self.settings.flush_batch_size:
-                    break
-            if summary.stopped_early:
-                break
         summary.flush_lag_seconds = round(max(0.0, time.time() - oldest), 3) if oldest else 0.0
         emit(FLUSH_LAG, summary.flush_lag_seconds, unit="Seconds")
 
-    def _store_batch(self, shard: int, entries: list[tuple[str, dict[str, str]]], summary: FlushSummary) -> None:
-        events: list[UsageEvent] = []
-        ids: list[str] = []
-        for entry_id, fields in entries:
-            try:
-                events.append(parse_entry(fields))
-            except (KeyError, ValueError):
-                # Never silently dropped: kept aside in the same slot for a human to look at.
-                self.redis.xadd(self.layout.tag(shard) + ":malformed", fields or {"empty": "1"})
-                summary.malformed += 1
-            ids.append(entry_id)
-        with self.engine.begin() as conn:
-            summary.rows_inserted += store_events(
-                conn, events, billable=self.billable,
-                window_seconds=self.settings.stripe_report_window_seconds)
+    def _read_ahead(self, shards: list[int], out: queue.Queue[Batch | BaseException | None],
+                    halt: threading.Event) -> None:
+        try:
+            for batch in self._batches(shards):
+                while not halt.is_set():
+                    try:
+                        out.put(batch, timeout=0.05)
+                        break
+                    except queue.Full:
+                        continue
+                if halt.is_set():
+                    return
+            out.put(None)
+        except BaseException as exc:  # handed to the storing thread, which raises it
+            out.put(exc)
+
+    def _batches(self, shards: list[int]) -> Iterator[Batch]:
+        """Each shard's stream from its head, in contiguous batches: each read starts right after the previous
+        batch (exclusive), never at an acknowledgement, so reading ahead cannot skip an entry. A shard ends at
+        its first short batch: entries arriving meanwhile wait for the next run."""
+        size = self.settings.flush_batch_size
+        for shard in shards:
+            stream = self.layout.stream(shard)
+            start = "-"
+            while True:
+                entries = self.redis.xrange(stream, min=start, count=size)
+                if not entries:
+                    break
+                batch = prepare_batch(shard, entries, billable=self.billable, copy=self._postgres,
+                                      full=len(entries) >= size)
+                del entries  # the raw entries are the bulk of a batch's memory: not kept while it waits
+                yield batch
+                if not batch.full:
+                    break
+                start = "(" + batch.last_id
+
+    def _store_batch(self, batch: Batch, part: FlushSummary) -> None:
+        window = self.settings.stripe_report_window_seconds
+        if batch.valid:
+            with self.engine.begin() as conn:
+                if self._postgres:
+                    inserted = store_copy(conn, batch.copy_rows, window_seconds=window)
+                else:
+                    inserted = store_events(conn, batch.events, billable=self.billable, window_seconds=window)
+            part.rows_inserted += inserted
+        crash_point("after_store")
         # Only now, with the rows committed, may the entries leave Redis.
-        pending_keys = sorted({self.layout.pending(e.api_key_id) for e in events})
-        ACK.run(self.redis, [self.layout.stream(shard), *pending_keys],
-                [self.layout.pending_prefix(shard), *ids])
-        summary.events_read += len(entries)
+        self._ack(batch)
+        crash_point("after_ack")
+        part.events_read += batch.size
+        part.malformed += len(batch.malformed_ids)
+
+    def _ack(self, batch: Batch) -> None:
+        stream = self.layout.stream(batch.shard)
+        prefix = self.layout.pending_prefix(batch.shard)
+        if not batch.malformed_ids:
+            by_key: dict[str, list[str]] = defaultdict(list)
+            for (k, d, m), amounts in batch.deltas.items():
+                fields = by_key[prefix + k]
+                for suffix, amount in zip(("t", "r", "i", "o", "x"), amounts, strict=True):
+                    fields += (f"{d}|{m}|{suffix}", str(amount))
+            keys, args = [stream], [batch.first_id, next_stream_id(batch.last_id)]
+            for key in sorted(by_key):
+                keys.append(key)
+                args += (str(len(by_key[key]) // 2), *by_key[key])
+            if int(ACK_FAST.run(self.redis, keys, args)) >= 0:
+                return
+        # Malformed entries to keep aside, or a concurrent flush removed part of the batch already.
+        if batch.malformed_ids:
+            logger.error("malformed_usage_entries", extra={
+                "shard": batch.shard, "count": len(batch.malformed_ids),
+                "kept_in": self.layout.tag(batch.shard) + ":malformed"})
+        ACK_THROUGH.run(
+            self.redis,
+            [stream, self.layout.tag(batch.shard) + ":malformed", *sorted(prefix + k for k in batch.key_ids)],
+            [prefix, batch.last_id, next_stream_id(batch.last_id), *batch.malformed_ids],
+        )
 
     # -- Postgres -> Stripe -----------------------------------------------------------------------------
 
     def seal(self, summary: FlushSummary, now: dt.datetime) -> None:
         """Fix the value of every report whose window has ended; its identifier was fixed at creation."""
         with self.engine.begin() as conn:
-            lock(conn, REPORT_LOCK_ID)
+            lock(conn, REPORT_LOCK_ID)  # the store adds to open reports under the same lock
             result = conn.execute(
                 update(MeterReport)
                 .where(MeterReport.status == "open", MeterReport.window_end <= now)
                 .values(status="pending")
             )
             summary.reports_sealed += result.rowcount or 0
+        crash_point("after_seal")
 
-    def send(self, summary: FlushSummary, now: dt.datetime, deadline: float) -> None:
-        if self.gateway is None:
-            return
+    def send(self, summary: FlushSummary, deadline: float) -> None:
+        if not self.billable:
+            return  # metering off: sealed reports wait until it is on again
         with self.engine.connect() as conn:
             pending = list(conn.execute(
                 select(MeterReport.id, MeterReport.customer_id, MeterReport.value, MeterReport.window_start,
                        MeterReport.window_end, MeterReport.last_usage_ts)
-                .where(MeterReport.status == "pending").order_by(MeterReport.window_start)
+                .where(MeterReport.status == "pending")
+                .order_by(MeterReport.customer_id, MeterReport.window_start, MeterReport.id)
             ))
         by_customer: dict[str, list[Any]] = defaultdict(list)
         for row in pending:
             by_customer[row.customer_id].append(row)
-        workers = max(1, min(SEND_WORKERS, len(by_customer)))
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(lambda rows: self._send_customer(rows, now, deadline), by_customer.values()))
+        if not by_customer:
+            return
+        workers = min(self.send_workers, len(by_customer))
+        # One thread per customer at a time: never two calls for the same customer in flight.
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flush-send") as pool:
+            results = list(pool.map(lambda rows: self._send_customer(rows, deadline), by_customer.values()))
         for part in results:
             for name, value in part.items():
                 setattr(summary, name, getattr(summary, name) + value)
-            if part.get("reports_left_pending") and time.monotonic() >= deadline:
-                summary.stopped_early = True
+        if summary.reports_left_pending and self.clock() >= deadline:
+            summary.stopped_early = True
 
-    def _send_customer(self, rows: list[Any], now: dt.datetime, deadline: float) -> dict[str, int]:
+    def _send_customer(self, rows: list[Any], deadline: float) -> dict[str, int]:
         assert self.gateway is not None
         counts = {"stripe_calls": 0, "reports_sent": 0, "reports_already_recorded": 0, "reports_parked": 0,
                   "reports_left_pending": 0}
         for i, row in enumerate(rows):
-            outcome = None
+            outcome: ReportOutcome | None = None
+            calls = 0
             for delay in (0.0, *RETRY_DELAYS):
-                if time.monotonic() + delay >= deadline:
+                wait = delay * random.uniform(0.8, 1.2)  # jitter: runs do not retry in lockstep
+                if self.clock() + wait >= deadline:
                     break
-                if delay:
-                    self.sleep(delay)
+                if wait:
+                    self.sleep(wait)
+                calls += 1
                 counts["stripe_calls"] += 1
                 outcome = self.gateway.report_meter_event(
                     identifier=row.id, customer_id=row.customer_id, value=int(row.value),
-                    timestamp=event_timestamp(row, now))
+                    timestamp=event_timestamp(row, dt.datetime.now(dt.UTC)))
                 if outcome.status is not ReportStatus.RETRYABLE:
                     break
                 emit(STRIPE_ERRORS, kind=outcome.error_code or "retryable")
             if outcome is None or outcome.status is ReportStatus.RETRYABLE:
                 # Same identifier next run. Stop this customer here: keeps its reports in order.
-                self._mark(row.id, attempts=True, error=_describe(outcome))
+                self._mark(row.id, attempts=calls, error=_describe(outcome))
                 counts["reports_left_pending"] += len(rows) - i
                 break
             if outcome.status is ReportStatus.PERMANENT:
                 emit(STRIPE_ERRORS, kind=outcome.error_code or "permanent")
                 emit(PARKED_BATCHES)
                 logger.error("meter_report_parked", extra={"report_id": row.id, "customer_id": row.customer_id,
-                                                            "reason": _describe(outcome)})
-                self._mark(row.id, status="parked", attempts=True, error=_describe(outcome))
+                                                            "value": int(row.value), "reason": _describe(outcome)})
+                self._mark(row.id, status="parked", attempts=calls, error=_describe(outcome))
                 counts["reports_parked"] += 1
                 continue
-            self._mark(row.id, status="sent", attempts=True, sent=True)
+            crash_point("after_send")
+            self._mark(row.id, status="sent", attempts=calls, sent=True)
             key = "reports_sent" if outcome.status is ReportStatus.ACCEPTED else "reports_already_recorded"
             counts[key] += 1
         return counts
 
-    def _mark(self, report_id: str, *, status: str | None = None, attempts: bool = False,
+    def _mark(self, report_id: str, *, status: str | None = None, attempts: int = 0,
               error: str | None = None, sent: bool = False) -> None:
+        """attempts: Stripe calls made for it in this run (MeterReport.attempts counts them all)."""
         values: dict[str, Any] = {}
         if status:
             values["status"] = status
         if attempts:
-            values["attempts"] = MeterReport.attempts + 1
+            values["attempts"] = MeterReport.attempts + attempts
         if error is not None:
             values["last_error"] = error[:2000]
         if sent:
             values["sent_at"] = dt.datetime.now(dt.UTC)
+        if not values:
+            return
         with self.engine.begin() as conn:
             # Never move a report backwards (a concurrent flush may have finished it already).
             conn.execute(update(MeterReport).where(MeterReport.id == report_id,
                                                    MeterReport.status == "pending").values(**values))
 
+    # -- one run ----------------------------------------------------------------------------------------
+
     def run(self, *, now: dt.datetime | None = None, time_budget: float | None = None) -> FlushSummary:
-        started = time.monotonic()
-        deadline = started + (time_budget if time_budget is not None else self.settings.flush_time_budget_seconds)
+        """One flush. `now` only decides which windows are sealed (tests pass a later time to seal the current
+        window); event timestamps always come from the usage itself and the real clock."""
+        started = self.clock()
+        budget = time_budget if time_budget is not None else self.settings.flush_time_budget_seconds
+        deadline = started + budget
+        drain_deadline = deadline - min(SEND_RESERVE_MAX_SECONDS, budget * SEND_RESERVE_SHARE)
         summary = FlushSummary()
-        with flush_lock(self.engine) as acquired:
-            if not acquired:
-                summary.skipped = True
-                return summary
-            try:
-                self.drain(summary, deadline)
+        try:
+            with self._exclusive() as acquired:
+                if not acquired:
+                    summary.skipped = True
+                    return summary
+                try:
+                    self.drain(summary, drain_deadline)
+                except Exception as exc:
+                    # Redis down or a bad batch: what already reached Postgres (the request path's fallback
+                    # writes included) still gets sealed and sent.
+                    logger.exception("flush_drain_failed")
+                    summary.errors.append(f"drain: {type(exc).__name__}: {exc}")
                 current = now or dt.datetime.now(dt.UTC)
                 self.seal(summary, current)
-                self.send(summary, current, deadline)
-            except Exception as exc:
-                logger.exception("flush_failed")
-                summary.errors.append(f"{type(exc).__name__}: {exc}")
-        summary.duration_ms = round((time.monotonic() - started) * 1000, 1)
-        emit(FLUSH_DURATION, summary.duration_ms, unit="Milliseconds")
-        emit(EVENTS_FLUSHED, summary.rows_inserted)
+                self.send(summary, deadline)
+        except Exception as exc:
+            logger.exception("flush_failed")
+            summary.errors.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            summary.duration_ms = round((self.clock() - started) * 1000, 1)
+            emit(FLUSH_DURATION, summary.duration_ms, unit="Milliseconds")
+            emit(EVENTS_FLUSHED, summary.rows_inserted)
         return summary
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[bool]:
+        if not self.use_lock:
+            yield True
+            return
+        with flush_lock(self.engine) as acquired:
+            yield acquired
 
 
 def event_timestamp(row: Any, now: dt.datetime) -> int:
@@ -262,7 +577,7 @@ def _aware(value: dt.datetime) -> dt.datetime:
     return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
-def _describe(outcome: Any) -> str:
+def _describe(outcome: ReportOutcome | None) -> str:
     if outcome is None:
         return "out of time before the first attempt"
     return f"{outcome.status.name.lower()}: {outcome.error_code or ''} {outcome.message or ''}".strip()
@@ -291,5 +606,23 @@ def flush_lock(engine: Engine) -> Iterator[bool]:
                 conn.commit()
 
 
+def requeue_parked(settings: Settings, *, customer_id: str | None = None,
+                   report_ids: list[str] | None = None) -> int:
+    """Put parked reports back in the queue after the cause was fixed (customer created, meter reactivated).
+    They keep their identifiers, so one that Stripe did record after all is still counted once. Returns
+    how many were requeued; the next flush sends them."""
+    stmt = update(MeterReport).where(MeterReport.status == "parked")
+    if customer_id is not None:
+        stmt = stmt.where(MeterReport.customer_id == customer_id)
+    if report_ids is not None:
+        stmt = stmt.where(MeterReport.id.in_(report_ids))
+    with get_engine(settings.database_url).begin() as conn:
+        return conn.execute(stmt.values(status="pending")).rowcount or 0
+
+
 def run_flush(settings: Settings, **kwargs: Any) -> FlushSummary:
-    return Flusher(settings).run(**kwargs)
+    flusher = Flusher(settings)
+    try:
+        return flusher.run(**kwargs)
+    finally:
+        flusher.close()

@@ -95,6 +95,14 @@ class Settings(BaseSettings):
             raise ValueError("must be a sqlite:/// or postgresql:// URL")
         return value
 
+    @field_validator("stripe_report_window_seconds")
+    @classmethod
+    def _window(cls, value: int) -> int:
+        # Windows must tile a UTC day, so a window never straddles two days (reconcile compares per day).
+        if 86400 % value:
+            raise ValueError("must divide 86400 (a day) evenly, e.g. 60, 300, 900, 3600")
+        return value
+
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:

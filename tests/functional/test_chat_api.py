@@ -239,3 +239,13 @@ def test_quota_counter_starts_from_usage_the_database_already_holds(runtime: Run
     with TestClient(create_app(runtime=runtime)) as c:
         assert chat(c, key.api_key).status_code == 200  # 15 < 20
         assert chat(c, key.api_key).status_code == 429  # 15 + 7 >= 20
+
+
+def test_flush_leaves_no_pending_fields_behind(runtime: Runtime, api_key: IssuedKey) -> None:
+    with TestClient(create_app(runtime=runtime)) as c:
+        for _ in range(3):
+            assert chat(c, api_key.api_key).status_code == 200
+    assert Flusher(runtime.settings).run().rows_inserted == 3
+    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    assert client.hgetall(runtime.layout.pending(api_key.api_key_id)) == {}
+    client.close()

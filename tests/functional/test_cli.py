@@ -170,3 +170,29 @@ def test_serve_answers_healthz_and_stops_on_sigterm(tmp_path: Path) -> None:
     assert code in (0, -signal.SIGTERM), output
     assert "Application shutdown complete" in output
     assert "Traceback" not in output
+
+
+def test_requeue_parked_puts_parked_reports_back_with_their_identifiers(tmp_path: Path) -> None:
+    import datetime as dt
+
+    from sqlalchemy import create_engine, select
+
+    from aikit.db.migrate import upgrade
+    from aikit.db.models import MeterReport
+
+    url = f"sqlite:///{tmp_path}/aikit.db"
+    upgrade(url)
+    engine = create_engine(url)
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    with engine.begin() as conn:
+        for rid, customer in (("aikit-a", "cus_A"), ("aikit-b", "cus_B")):
+            conn.execute(MeterReport.__table__.insert().values(
+                id=rid, customer_id=customer, window_start=start, window_end=start + dt.timedelta(minutes=5),
+                value=10, last_usage_ts=start, status="parked", attempts=1, last_error="permanent: x",
+                created_at=start))
+    result = aikit("requeue-parked", "--customer", "cus_A", env=base_env(DATABASE_URL=url), cwd=tmp_path)
+    assert out_json(result) == {"requeued": 1}
+    with engine.connect() as conn:
+        rows = dict(conn.execute(select(MeterReport.id, MeterReport.status)).all())
+    engine.dispose()
+    assert rows == {"aikit-a": "pending", "aikit-b": "parked"}

@@ -109,44 +109,86 @@ return {id, q}
 """
 )
 
-# After the flush made a batch durable in Postgres: delete exactly those entries and take them out of
-# the pending counters. Entries already gone (a concurrent flush acked them) are skipped, so the counters
-# move once per entry. KEYS: stream, then every pending hash the batch touches. ARGV: pending prefix, ids...
-ACK = LuaScript(
+# Removes a stored batch from the buffer: every entry up to and including the batch's last id, and exactly
+# those entries from the pending counters. The flush reads each stream as a contiguous prefix, so whatever is
+# still there up to that id is part of the batch just committed; entries a concurrent flush removed already
+# are not there, so counters move once per entry. Entries the flush could not parse are copied aside first.
+# One XRANGE + one XTRIM instead of a lookup and XDEL per id. Validates everything before the first write
+# (a Lua error does not roll back). KEYS: stream, malformed stream, every pending hash the batch may touch.
+# ARGV: pending prefix, last id, first id after it, malformed ids...
+ACK_THROUGH = LuaScript(
     """
-local deltas = {}
-local acked = 0
-for i = 2, #ARGV do
-  local entry = redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i])
-  if #entry > 0 then
-    local raw, h = entry[1][2], {}
-    for j = 1, #raw, 2 do h[raw[j]] = raw[j + 1] end
-    local key = ARGV[1] .. h['k']
-    local base = h['d'] .. '|' .. h['m'] .. '|'
+local allowed = {}
+for i = 3, #KEYS do allowed[KEYS[i]] = true end
+local bad = {}
+for i = 4, #ARGV do bad[ARGV[i]] = true end
+local entries = redis.call('XRANGE', KEYS[1], '-', ARGV[2])
+local deltas, moved = {}, {}
+for n = 1, #entries do
+  local id, raw = entries[n][1], entries[n][2]
+  local h = {}
+  for j = 1, #raw, 2 do h[raw[j]] = raw[j + 1] end
+  if bad[id] then moved[#moved + 1] = entries[n] end
+  local k, inp, out, cx = h['k'], h['i'], h['o'], h['x']
+  if k and h['d'] and h['m'] and inp and out and cx and string.match(inp, '^%d+$')
+      and string.match(out, '^%d+$') and string.match(cx, '^%d+$') then
+    local key = ARGV[1] .. k
+    if not allowed[key] then return redis.error_reply('ACK_THROUGH: ' .. key .. ' not in KEYS') end
     local fields = deltas[key]
     if fields == nil then fields = {}; deltas[key] = fields end
-    local inp, out = tonumber(h['i']), tonumber(h['o'])
+    local base = h['d'] .. '|' .. h['m'] .. '|'
+    inp, out = tonumber(inp), tonumber(out)
     fields[base .. 't'] = (fields[base .. 't'] or 0) + inp + out
     fields[base .. 'r'] = (fields[base .. 'r'] or 0) + 1
     fields[base .. 'i'] = (fields[base .. 'i'] or 0) + inp
     fields[base .. 'o'] = (fields[base .. 'o'] or 0) + out
-    fields[base .. 'x'] = (fields[base .. 'x'] or 0) + tonumber(h['x'])
-    redis.call('XDEL', KEYS[1], ARGV[i])
-    acked = acked + 1
+    fields[base .. 'x'] = (fields[base .. 'x'] or 0) + tonumber(cx)
   end
+end
+for _, entry in ipairs(moved) do
+  local args = {'id', entry[1]}
+  for j = 1, #entry[2] do args[#args + 1] = entry[2][j] end
+  redis.call('XADD', KEYS[2], '*', unpack(args))
 end
 for key, fields in pairs(deltas) do
   for name, amount in pairs(fields) do
-    -- Lua renders -0 as "-0", which HINCRBY refuses: zeros only read the field, so it can be dropped too.
-    local left
-    if amount ~= 0 then
-      left = redis.call('HINCRBY', key, name, -amount)
-    else
-      left = tonumber(redis.call('HGET', key, name) or '0')
-    end
+    -- Lua renders -0 as "-0", which HINCRBY refuses: a zero only removes a field left at zero.
+    local left = 0
+    if amount == 0 then left = tonumber(redis.call('HGET', key, name) or '0')
+    else left = redis.call('HINCRBY', key, name, -amount) end
     if left <= 0 then redis.call('HDEL', key, name) end
   end
 end
-return acked
+if #entries > 0 then redis.call('XTRIM', KEYS[1], 'MINID', '=', ARGV[3]) end
+return #entries
+"""
+)
+
+
+# The usual case of removing a stored batch: nobody removed any of it meanwhile (the stream still starts at
+# its first entry; the buffer only ever loses a prefix), so the pending counters lose exactly the deltas the
+# flush computed while reading it. Returns -1, changing nothing, otherwise (then ACK_THROUGH does the work).
+# KEYS: stream, pending hashes. ARGV: first id of the batch, first id after it, then per pending hash in KEYS
+# order: n, then n (field, amount) pairs.
+ACK_FAST = LuaScript(
+    """
+local head = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+if #head == 0 or head[1][1] ~= ARGV[1] then return -1 end
+local a = 3
+for i = 2, #KEYS do
+  local n = tonumber(ARGV[a])
+  a = a + 1
+  for _ = 1, n do
+    local name, amount, left = ARGV[a], ARGV[a + 1], 0
+    if amount == '0' then  -- "-0" is not an integer to HINCRBY; a zero left by RECORD just goes
+      left = tonumber(redis.call('HGET', KEYS[i], name) or '0')
+    else
+      left = redis.call('HINCRBY', KEYS[i], name, '-' .. amount)
+    end
+    if left <= 0 then redis.call('HDEL', KEYS[i], name) end
+    a = a + 2
+  end
+end
+return redis.call('XTRIM', KEYS[1], 'MINID', '=', ARGV[2])
 """
 )

@@ -10,7 +10,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, select, text
+from sqlalchemy import Connection, func, insert, select, text, update
 from sqlalchemy.dialects import sqlite
 
 from aikit.db.models import ApiKeyUsage, MeterReport, UsageDaily
@@ -50,24 +50,40 @@ def _copy_value(value: object) -> str:
     return str(value).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
-_PG_STAGE = """
-CREATE TEMP TABLE IF NOT EXISTS aikit_usage_in (
+def encode_events(events: Sequence[UsageEvent], *, billable: bool) -> bytes:
+    """UsageEvents -> COPY text rows for `store_copy`, escaping whatever they hold."""
+    buf = io.StringIO()
+    for e in events:
+        row = (e.request_id, e.api_key_id, e.customer_id, repr(float(e.ts)), e.model, e.input_tokens,
+               e.output_tokens, e.cached_tokens, "t" if billable and e.customer_id else "f")
+        buf.write("\t".join(_copy_value(v) for v in row))
+        buf.write("\n")
+    return buf.getvalue().encode()
+
+
+# Staging for one batch, emptied at commit. Temp tables are per connection, so parallel writers never meet.
+_PG_STAGE = (
+    """CREATE TEMP TABLE IF NOT EXISTS aikit_usage_in (
   request_id text, api_key_id text, customer_id text, ts double precision, model text,
   input_tokens int, output_tokens int, cached_tokens int, billable bool
-) ON COMMIT DELETE ROWS
-"""
+) ON COMMIT DELETE ROWS""",
+    """CREATE TEMP TABLE IF NOT EXISTS aikit_report_in (
+  customer_id text, window_start timestamptz, value bigint, last_usage_ts timestamptz
+) ON COMMIT DELETE ROWS""",
+)
 
-_PG_MERGE = """
-WITH staged AS (
-  SELECT DISTINCT ON (request_id) request_id, api_key_id, customer_id, to_timestamp(ts) AS ts, model,
-         input_tokens, output_tokens, cached_tokens, billable
-  FROM aikit_usage_in ORDER BY request_id
-), new AS (
+# Rows and rollups, without the report lock, so writers of different keys run in parallel. Rows are inserted
+# in request_id order and rollups in key order: every writer takes row locks in the same order, so two
+# writers of the same rows (a replayed batch, the request path's fallback) wait for each other, never
+# deadlock. Only rows that are new here count anywhere (RETURNING of ON CONFLICT DO NOTHING; duplicates within
+# the batch are skipped the same way). Their billable tokens per customer and window go to aikit_report_in.
+_PG_ROWS = """
+WITH new AS (
   INSERT INTO api_key_usage (request_id, api_key_id, customer_id, date, ts, model,
                              input_tokens, output_tokens, cached_tokens, tokens, billable)
-  SELECT request_id, api_key_id, customer_id, (ts AT TIME ZONE 'UTC')::date, ts, model,
-         input_tokens, output_tokens, cached_tokens, input_tokens + output_tokens, billable
-  FROM staged
+  SELECT request_id, api_key_id, customer_id, (to_timestamp(ts) AT TIME ZONE 'UTC')::date, to_timestamp(ts),
+         model, input_tokens, output_tokens, cached_tokens, input_tokens + output_tokens, billable
+  FROM aikit_usage_in ORDER BY request_id
   ON CONFLICT (request_id) DO NOTHING
   RETURNING api_key_id, customer_id, date, ts, model, input_tokens, output_tokens, cached_tokens,
             tokens, billable
@@ -76,7 +92,7 @@ WITH staged AS (
                                 output_tokens, cached_tokens, tokens)
   SELECT api_key_id, date, model, max(customer_id), count(*), sum(input_tokens), sum(output_tokens),
          sum(cached_tokens), sum(tokens)
-  FROM new GROUP BY api_key_id, date, model
+  FROM new GROUP BY api_key_id, date, model ORDER BY api_key_id, date, model
   ON CONFLICT (api_key_id, date, model) DO UPDATE SET
     requests = u.requests + EXCLUDED.requests,
     input_tokens = u.input_tokens + EXCLUDED.input_tokens,
@@ -85,44 +101,59 @@ WITH staged AS (
     tokens = u.tokens + EXCLUDED.tokens,
     customer_id = coalesce(EXCLUDED.customer_id, u.customer_id)
 ), rep AS (
-  INSERT INTO meter_reports AS r (id, customer_id, window_start, window_end, value, last_usage_ts,
-                                  status, attempts, created_at)
-  SELECT 'aikit-' || replace(gen_random_uuid()::text, '-', ''), customer_id, w, w + make_interval(secs => :window),
-         sum(tokens), max(ts), 'open', 0, now()
-  FROM (SELECT customer_id, tokens, ts,
-               to_timestamp(floor(extract(epoch FROM ts) / :window) * :window) AS w
-        FROM new WHERE billable AND customer_id IS NOT NULL) b
-  GROUP BY customer_id, w
-  ON CONFLICT (customer_id, window_start) WHERE status = 'open' DO UPDATE SET
-    value = r.value + EXCLUDED.value,
-    last_usage_ts = greatest(r.last_usage_ts, EXCLUDED.last_usage_ts)
+  INSERT INTO aikit_report_in (customer_id, window_start, value, last_usage_ts)
+  SELECT customer_id, date_bin(make_interval(secs => :window), ts, TIMESTAMPTZ '1970-01-01 00:00:00+00'),
+         sum(tokens), max(ts)
+  FROM new WHERE billable AND customer_id IS NOT NULL GROUP BY 1, 2
+  RETURNING 1
 )
-SELECT count(*) FROM new
+SELECT (SELECT count(*) FROM new), (SELECT count(*) FROM rep)
+"""
+
+# Under REPORT_LOCK, held to commit: adds to the open report of each (customer, window), or opens one with
+# its identifier fixed now. A window sealed meanwhile gets a new open report (sent as its own event).
+_PG_REPORTS = """
+INSERT INTO meter_reports AS r (id, customer_id, window_start, window_end, value, last_usage_ts,
+                                status, attempts, created_at)
+SELECT 'aikit-' || replace(gen_random_uuid()::text, '-', ''), customer_id, window_start,
+       window_start + make_interval(secs => :window), value, last_usage_ts, 'open', 0, now()
+FROM aikit_report_in ORDER BY customer_id, window_start
+ON CONFLICT (customer_id, window_start) WHERE status = 'open' DO UPDATE SET
+  value = r.value + EXCLUDED.value,
+  last_usage_ts = greatest(r.last_usage_ts, EXCLUDED.last_usage_ts)
 """
 
 
 def _store_postgres(
     conn: Connection, events: Sequence[UsageEvent], *, billable: bool, window_seconds: int
 ) -> int:
-    conn.execute(text(_PG_STAGE))
-    buf = io.StringIO()
-    for e in events:
-        row = (e.request_id, e.api_key_id, e.customer_id, repr(e.ts), e.model, e.input_tokens,
-               e.output_tokens, e.cached_tokens, "t" if billable and e.customer_id else "f")
-        buf.write("\t".join(_copy_value(v) for v in row))
-        buf.write("\n")
+    return store_copy(conn, encode_events(events, billable=billable), window_seconds=window_seconds)
+
+
+def store_copy(conn: Connection, rows: bytes, *, window_seconds: int) -> int:
+    """Postgres: stage COPY text rows (the columns of aikit_usage_in, as `encode_events` writes them) and merge
+    them into api_key_usage, usage_daily and meter_reports; returns how many rows were new. Caller commits
+    (soon: from the report step on, this transaction holds REPORT_LOCK)."""
+    if not rows:
+        return 0
+    for statement in _PG_STAGE:  # cheap when they exist; created in this transaction if not
+        conn.execute(text(statement))
     raw: Any = conn.connection.driver_connection
     cursor = raw.cursor()
-    cursor.execute("COPY aikit_usage_in FROM STDIN", stream=io.BytesIO(buf.getvalue().encode()))
+    # One CopyData message (an iterable is sent item by item; a file object in 8 KiB pieces).
+    cursor.execute("COPY aikit_usage_in FROM STDIN", stream=[rows])
     cursor.close()
-    conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": REPORT_LOCK_ID})
-    return int(conn.execute(text(_PG_MERGE), {"window": window_seconds}).scalar_one())
+    new, reports = conn.execute(text(_PG_ROWS), {"window": window_seconds}).one()
+    if reports:
+        conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": REPORT_LOCK_ID})
+        conn.execute(text(_PG_REPORTS), {"window": window_seconds})
+    return int(new)
 
 
 def _store_generic(
     conn: Connection, events: Sequence[UsageEvent], *, billable: bool, window_seconds: int
 ) -> int:
-    rows = {
+    rows: dict[str, dict[str, Any]] = {
         e.request_id: {
             "request_id": e.request_id, "api_key_id": e.api_key_id, "customer_id": e.customer_id,
             "date": utc(e.ts).date(), "ts": utc(e.ts), "model": e.model, "input_tokens": e.input_tokens,
@@ -158,7 +189,7 @@ def _store_generic(
             set_={
                 **{f: getattr(UsageDaily, f) + ins.excluded[f] for f in
                    ("requests", "input_tokens", "output_tokens", "cached_tokens", "tokens")},
-                "customer_id": ins.excluded.customer_id,
+                "customer_id": func.coalesce(ins.excluded.customer_id, UsageDaily.customer_id),
             },
         ))
 
@@ -166,19 +197,19 @@ def _store_generic(
         value = sum(r["tokens"] for r in items)
         last = max(r["ts"] for r in items)
         existing = conn.execute(
-            select(MeterReport).where(MeterReport.customer_id == customer,
-                                      MeterReport.window_start == start, MeterReport.status == "open")
+            select(MeterReport.id, MeterReport.last_usage_ts).where(
+                MeterReport.customer_id == customer, MeterReport.window_start == start,
+                MeterReport.status == "open")
         ).first()
         if existing is None:
-            conn.execute(MeterReport.__table__.insert().values(
+            conn.execute(insert(MeterReport).values(
                 id=new_report_id(), customer_id=customer, window_start=start,
                 window_end=start + dt.timedelta(seconds=window_seconds), value=value, last_usage_ts=last,
                 status="open", attempts=0, created_at=dt.datetime.now(dt.UTC)))
         else:
-            report = existing[0]
-            conn.execute(MeterReport.__table__.update().where(MeterReport.id == report.id).values(
+            conn.execute(update(MeterReport).where(MeterReport.id == existing.id).values(
                 value=MeterReport.value + value,
-                last_usage_ts=max(_aware(report.last_usage_ts), last)))
+                last_usage_ts=max(_aware(existing.last_usage_ts), last)))
     return len(new)
 
 
