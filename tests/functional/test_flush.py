@@ -496,15 +496,17 @@ def test_sending_over_its_time_budget_stops_cleanly_and_the_next_run_continues(
     for n, customer in enumerate(customers):
         billing.record(billing.key(customer), customer, 3, seed=n)
 
+    # 0.3 s per call (under the 0.5 s client timeout) against a 1.0 s budget: some calls fit, six never do.
     fake.latency = 0.3
-    first = billing.flush(time_budget=1.6, send_workers=1)
+    first = billing.flush(time_budget=1.0, send_workers=1)
 
     assert first.ok and first.stopped_early
     assert first.rows_inserted == 18
     assert 0 < first.reports_sent < 6 and first.reports_left_pending == 6 - first.reports_sent
     fake.latency = 0
     second = billing.flush()
-    assert second.reports_sent == 6 - first.reports_sent
+    # A call cut off by the deadline may still have landed: Stripe then answers "already exists".
+    assert second.reports_sent + second.reports_already_recorded == 6 - first.reports_sent
     billing.assert_exact()
 
 
