@@ -33,6 +33,7 @@ from aikit.llm.base import (
     TextDelta,
     Usage,
     content_parts,
+    usage_with_cache_beside,
 )
 
 DEFAULT_MAX_TOKENS = 4096
@@ -52,15 +53,8 @@ def finish_reason(stop_reason: object) -> str:
 
 
 def usage_from(raw: dict[str, Any]) -> Usage:
-    base = as_int(raw.get("input_tokens"))
-    read = as_int(raw.get("cache_read_input_tokens"))
-    write = as_int(raw.get("cache_creation_input_tokens"))
-    return Usage(
-        input_tokens=base + read + write,
-        output_tokens=as_int(raw.get("output_tokens")),
-        cached_tokens=read,
-        cache_write_tokens=write,
-    )
+    return usage_with_cache_beside(as_int(raw.get("input_tokens")), as_int(raw.get("cache_read_input_tokens")),
+                                   as_int(raw.get("cache_creation_input_tokens")), as_int(raw.get("output_tokens")))
 
 
 def build_body(req: ChatRequest) -> dict[str, Any]:

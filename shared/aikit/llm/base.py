@@ -29,6 +29,16 @@ class Usage:
         return self.input_tokens + self.output_tokens
 
 
+def usage_with_cache_beside(input_tokens: int, cache_read: int, cache_write: int, output_tokens: int) -> Usage:
+    """Providers that report cache tokens beside the input (Anthropic, Bedrock) bill all three as input."""
+    return Usage(
+        input_tokens=input_tokens + cache_read + cache_write,
+        output_tokens=output_tokens,
+        cached_tokens=cache_read,
+        cache_write_tokens=cache_write,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class ChatRequest:
     messages: list[dict[str, Any]]  # OpenAI chat format; content is a str or a list of text parts

@@ -36,6 +36,7 @@ from aikit.llm.base import (
     TextDelta,
     Usage,
     content_parts,
+    usage_with_cache_beside,
 )
 
 T = TypeVar("T")
@@ -69,15 +70,8 @@ def finish_reason(stop_reason: object) -> str:
 
 
 def usage_from(raw: dict[str, Any]) -> Usage:
-    base = as_int(raw.get("inputTokens"))
-    read = as_int(raw.get("cacheReadInputTokens"))
-    write = as_int(raw.get("cacheWriteInputTokens"))
-    return Usage(
-        input_tokens=base + read + write,
-        output_tokens=as_int(raw.get("outputTokens")),
-        cached_tokens=read,
-        cache_write_tokens=write,
-    )
+    return usage_with_cache_beside(as_int(raw.get("inputTokens")), as_int(raw.get("cacheReadInputTokens")),
+                                   as_int(raw.get("cacheWriteInputTokens")), as_int(raw.get("outputTokens")))
 
 
 def build_kwargs(req: ChatRequest) -> dict[str, Any]:
