@@ -16,9 +16,10 @@ Money rules, in order:
   `last_error` = Stripe's reason) and emits PARKED_BATCHES; other customers are still billed.
   Note that live Stripe validates some things asynchronously (an unknown customer may be accepted and
   reported later as `meter_event_customer_not_found`); `aikit reconcile` shows that as drift.
-- Limit: Stripe keeps identifiers unique for "at least 24 hours". A report whose first send landed unseen and
-  that keeps failing for longer than that could be counted twice when it finally goes through; reconcile
-  shows it. (Guarding it needs the time of the first attempt on meter_reports.)
+- Stripe keeps identifiers unique for "at least 24 hours". A report first tried more than
+  IDENTIFIER_SAFE_HOURS ago and still unconfirmed is parked instead of resent (a first send that landed unseen
+  would otherwise be billed twice); `aikit reconcile` tells whether Stripe has it, `aikit requeue-parked`
+  sends it again.
 
 Throughput: shards are stored by STORE_WORKERS parallel lanes, each reading ahead while it stores (COPY into
 a temp table, one merge statement, REPORT_LOCK only for the outbox upsert), and a stored batch leaves Redis
@@ -51,7 +52,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Engine, select, text, update
+from sqlalchemy import Connection, Engine, func, select, text, update
 
 from aikit.db.engine import get_engine
 from aikit.db.models import MeterReport
@@ -83,6 +84,10 @@ SEND_RESERVE_MAX_SECONDS = 30.0
 CRASH_ENV = "AIKIT_CRASH_AT"
 CRASH_EXIT_CODE = 70
 CRASH_POINTS = ("after_read", "after_store", "after_ack", "after_seal", "after_send")
+
+
+# Stripe remembers identifiers for at least 24 hours; a report first tried longer ago than this is not resent.
+IDENTIFIER_SAFE_HOURS = 23
 
 
 def crash_point(name: str) -> None:
@@ -444,7 +449,7 @@ class Flusher:
         with self.engine.connect() as conn:
             pending = list(conn.execute(
                 select(MeterReport.id, MeterReport.customer_id, MeterReport.value, MeterReport.window_start,
-                       MeterReport.window_end, MeterReport.last_usage_ts)
+                       MeterReport.window_end, MeterReport.last_usage_ts, MeterReport.first_attempt_at)
                 .where(MeterReport.status == "pending")
                 .order_by(MeterReport.customer_id, MeterReport.window_start, MeterReport.id)
             ))
@@ -468,6 +473,16 @@ class Flusher:
         counts = {"stripe_calls": 0, "reports_sent": 0, "reports_already_recorded": 0, "reports_parked": 0,
                   "reports_left_pending": 0}
         for i, row in enumerate(rows):
+            if unsafe_to_resend(row, dt.datetime.now(dt.UTC)):
+                # Stripe may have forgotten the identifier of an unseen first send: a resend could bill twice.
+                reason = (f"unconfirmed for over {IDENTIFIER_SAFE_HOURS} h, past Stripe's identifier memory: "
+                          "check `aikit reconcile`, then `aikit requeue-parked` if Stripe does not have it")
+                emit(PARKED_BATCHES)
+                logger.error("meter_report_parked", extra={"report_id": row.id, "customer_id": row.customer_id,
+                                                            "value": int(row.value), "reason": reason})
+                self._mark(row.id, status="parked", error=reason)
+                counts["reports_parked"] += 1
+                continue
             outcome: ReportOutcome | None = None
             calls = 0
             for delay in (0.0, *RETRY_DELAYS):
@@ -511,6 +526,7 @@ class Flusher:
             values["status"] = status
         if attempts:
             values["attempts"] = MeterReport.attempts + attempts
+            values["first_attempt_at"] = func.coalesce(MeterReport.first_attempt_at, dt.datetime.now(dt.UTC))
         if error is not None:
             values["last_error"] = error[:2000]
         if sent:
@@ -565,6 +581,11 @@ class Flusher:
             yield acquired
 
 
+def unsafe_to_resend(row: Any, now: dt.datetime) -> bool:
+    first = row.first_attempt_at
+    return first is not None and now - _aware(first) >= dt.timedelta(hours=IDENTIFIER_SAFE_HOURS)
+
+
 def event_timestamp(row: Any, now: dt.datetime) -> int:
     """Inside the usage's own window (so it lands in the right invoice), never in the future."""
     last = _aware(row.last_usage_ts).timestamp()
@@ -617,7 +638,8 @@ def requeue_parked(settings: Settings, *, customer_id: str | None = None,
     if report_ids is not None:
         stmt = stmt.where(MeterReport.id.in_(report_ids))
     with get_engine(settings.database_url).begin() as conn:
-        return conn.execute(stmt.values(status="pending")).rowcount or 0
+        # A fresh first attempt: the operator checked (reconcile) that Stripe does not hold it.
+        return conn.execute(stmt.values(status="pending", first_attempt_at=None)).rowcount or 0
 
 
 def run_flush(settings: Settings, **kwargs: Any) -> FlushSummary:

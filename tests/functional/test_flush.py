@@ -25,7 +25,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 from redis.cluster import RedisCluster
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from aikit.api.app import create_app
@@ -553,3 +553,29 @@ def test_embedded_mode_sqlite_and_in_memory_redis(tmp_path: Any, fake: FakeStrip
     assert h.flush().rows_inserted == 0
     h.assert_exact(buffer_empty=False)
     get_engine(url).dispose()
+
+
+def test_a_report_unconfirmed_for_a_day_is_parked_not_resent(billing: Billing, fake: FakeStripe) -> None:
+    """Stripe remembers identifiers for at least 24 h only: past that a resend could bill twice, so the report
+    waits for a human (reconcile, then requeue)."""
+    customer = billing.customer()
+    billing.record(billing.key(customer), customer, 4)
+    fake.inject("500", count=4)  # the first try and every retry of this run fail
+    first = billing.flush()
+    assert first.reports_left_pending == 1 and first.reports_sent == 0
+    [report] = billing.reports()
+    assert report.first_attempt_at is not None and report.attempts == 4
+    with billing.engine.begin() as conn:  # a day of failed runs later
+        conn.execute(update(MeterReport).values(
+            first_attempt_at=dt.datetime.now(dt.UTC) - dt.timedelta(hours=24)))
+    calls_before = fake.calls["/v1/billing/meter_events"]
+
+    second = billing.flush()
+
+    assert second.reports_parked == 1 and second.stripe_calls == 0
+    assert fake.calls["/v1/billing/meter_events"] == calls_before
+    [report] = billing.reports()
+    assert report.status == "parked" and "identifier memory" in (report.last_error or "")
+    assert requeue_parked(billing.settings, customer_id=customer) == 1
+    assert billing.flush().reports_sent == 1
+    billing.assert_exact()
