@@ -39,7 +39,7 @@ from aikit.observability import PARKED_BATCHES, flush_metrics
 from aikit.runtime import Runtime
 from aikit.settings import Settings
 from aikit.stripe_gateway import StripeGateway
-from tests.conftest import _create_database, _drop_database, issue_key, make_settings
+from tests.conftest import issue_key, make_settings, migrated_database
 from tests.fakes.stripe_server import METER_EVENT_PATH, FakeStripe
 
 EVENT = "api_tokens"
@@ -276,12 +276,8 @@ class Billing:
 
 def module_database() -> Iterator[str]:
     """One migrated database per test module; each test empties it first (cheaper than one per test)."""
-    name = f"aikit_flush_{uuid.uuid4().hex[:10]}"
-    url = _create_database(name)
-    upgrade(url)
-    yield url
-    get_engine(url).dispose()
-    _drop_database(name)
+    with migrated_database("flush") as url:
+        yield url
 
 
 def started_fake() -> Iterator[FakeStripe]:
@@ -294,22 +290,6 @@ def empty_database(url: str) -> None:
     with get_engine(url).begin() as conn:
         for table in TABLES:
             conn.execute(text(f"DELETE FROM {table}"))
-
-
-@pytest.fixture(scope="module")
-def flush_db() -> Iterator[str]:
-    yield from module_database()
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeStripe]:
-    yield from started_fake()
-
-
-@pytest.fixture
-def billing(flush_db: str, redis_prefix: str, fake: FakeStripe) -> Billing:
-    empty_database(flush_db)
-    return Billing.create(flush_db, redis_prefix, fake)
 
 
 # ----------------------------------------------------------------------------------------------- tests

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -24,10 +23,8 @@ from tests.fakes.stripe_server import METER_EVENT_PATH, FakeStripe
 from tests.functional.test_flush import (
     Billing,
     empty_database,
-    module_database,
     past_window_start,
     settings_env,
-    started_fake,
 )
 from tests.servers import redis_cluster, throwaway_redis
 
@@ -58,22 +55,6 @@ def start_flush_process(h: Billing, cwd: Path, *, crash_at: str | None = None, l
 def finish(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
     out, err = proc.communicate(timeout=60)
     return proc.returncode, out, err
-
-
-@pytest.fixture(scope="module")
-def flush_db() -> Iterator[str]:
-    yield from module_database()
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeStripe]:
-    yield from started_fake()
-
-
-@pytest.fixture
-def billing(flush_db: str, redis_prefix: str, fake: FakeStripe) -> Billing:
-    empty_database(flush_db)
-    return Billing.create(flush_db, redis_prefix, fake)
 
 
 def spread(h: Billing, customers: int, per_key: int, *, keys_per_customer: int = 2) -> list[str]:

@@ -19,10 +19,8 @@ from tests.fakes.stripe_server import FakeStripe
 from tests.functional.test_flush import (
     Billing,
     empty_database,
-    module_database,
     past_window_start,
     settings_env,
-    started_fake,
 )
 from tests.servers import free_port
 
@@ -70,16 +68,6 @@ def load_handler() -> Any:
     module: ModuleType = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.handler
-
-
-@pytest.fixture(scope="module")
-def flush_db() -> Iterator[str]:
-    yield from module_database()
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeStripe]:
-    yield from started_fake()
 
 
 @pytest.fixture

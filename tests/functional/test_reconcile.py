@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
-from collections.abc import Iterator
 
 import pytest
 import stripe
@@ -20,28 +19,9 @@ from tests.functional.test_flush import (
     DAY,
     EVENT,
     Billing,
-    empty_database,
-    module_database,
     past_window_start,
     settings_env,
-    started_fake,
 )
-
-
-@pytest.fixture(scope="module")
-def flush_db() -> Iterator[str]:
-    yield from module_database()
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeStripe]:
-    yield from started_fake()
-
-
-@pytest.fixture
-def billing(flush_db: str, redis_prefix: str, fake: FakeStripe) -> Billing:
-    empty_database(flush_db)
-    return Billing.create(flush_db, redis_prefix, fake)
 
 
 def day_of(ts: float) -> dt.date:
