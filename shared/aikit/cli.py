@@ -39,14 +39,14 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
 
     from aikit.db.engine import get_engine
     from aikit.db.models import ApiKey, User
-    from aikit.keys import KeyError_, create_key, revoke_key
+    from aikit.keys import KeyRefused, create_key, revoke_key
 
     with Session(get_engine(settings.database_url)) as session:
         if args.keys_command == "create":
             try:
                 issued = create_key(session, settings, email=args.email, customer_id=args.customer, name=args.name,
                                     rpm=args.rpm, rpd=args.rpd, monthly_tokens=args.monthly_tokens)
-            except KeyError_ as exc:
+            except KeyRefused as exc:
                 print(f"error: {exc}", file=sys.stderr)  # noqa: T201
                 return 2
             session.commit()

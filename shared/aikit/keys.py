@@ -23,7 +23,7 @@ KEY_PREFIX = "ak_"
 _PREFIX_LEN = 11  # "ak_" + 8 characters: enough to tell keys apart in a list, useless to an attacker
 
 
-class KeyError_(Exception):
+class KeyRefused(Exception):
     """A key operation was refused; the message says why."""
 
 
@@ -92,12 +92,12 @@ def create_key(
         # stripe_customer_id is unique: refuse here rather than fail on the constraint (a 500).
         owner = session.scalars(select(User.id).where(User.stripe_customer_id == customer_id)).first()
         if owner is not None and (user is None or owner != user.id):
-            raise KeyError_(f"Stripe customer {customer_id} is already linked to another user")
+            raise KeyRefused(f"Stripe customer {customer_id} is already linked to another user")
     if user is None:
         user = User(id=new_id("usr"), email=email, stripe_customer_id=customer_id)
         session.add(user)
     elif customer_id and user.stripe_customer_id not in (None, customer_id):
-        raise KeyError_(f"user {email} is already linked to another Stripe customer")
+        raise KeyRefused(f"user {email} is already linked to another Stripe customer")
     elif customer_id:
         user.stripe_customer_id = customer_id
     session.flush()

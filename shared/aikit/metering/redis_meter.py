@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -33,7 +34,7 @@ def record_args(event: UsageEvent) -> list[Any]:
 
 class RedisMeter(Meter):
     def __init__(self, client: Any, layout: RedisLayout, engine: Engine, settings: Settings,
-                 quota_period_of: Any = None) -> None:
+                 quota_period_of: Callable[[str], int] | None = None) -> None:
         self._redis = client
         self._layout = layout
         self._engine = engine

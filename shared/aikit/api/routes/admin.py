@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from aikit.api.deps import AdminDep, RuntimeDep
 from aikit.api.errors import ApiError
 from aikit.db.models import ApiKey, User
-from aikit.keys import KeyError_, create_key, revoke_key
+from aikit.keys import KeyRefused, create_key, revoke_key
 
 router = APIRouter(prefix="/v1/admin")
 
@@ -42,7 +42,7 @@ async def create(body: CreateKeyBody, _: AdminDep, runtime: RuntimeDep) -> dict[
             try:
                 issued = create_key(session, runtime.settings, email=str(body.email), customer_id=body.customer_id,
                                     name=body.name, rpm=body.rpm, rpd=body.rpd, monthly_tokens=body.monthly_tokens)
-            except KeyError_ as exc:
+            except KeyRefused as exc:
                 raise ApiError(409, str(exc), code="conflict") from None
             session.commit()
             return {"api_key": issued.api_key, "api_key_id": issued.api_key_id, "prefix": issued.prefix}
