@@ -141,10 +141,10 @@ def parse_event(data: Any) -> WebhookEvent:
 
     if not isinstance(data, dict):
         raise bad("not a JSON object")
-    event_id, event_type, created = data.get("id"), data.get("type"), data.get("created")
-    if not isinstance(event_id, str) or not 0 < len(event_id) <= 255:
+    event_id, event_type, created = stripe_id(data.get("id")), data.get("type"), data.get("created")
+    if event_id is None:
         raise bad("id must be a string of 1-255 characters")
-    if not isinstance(event_type, str) or not 0 < len(event_type) <= 128:
+    if not isinstance(event_type, str) or not 0 < len(event_type) <= 128 or "\x00" in event_type:
         raise bad("type must be a string of 1-128 characters")
     # Bounded: `created` is stored in BIGINT columns, and a larger number is no real time anyway.
     if not isinstance(created, int) or isinstance(created, bool) or not 0 <= created < 2**53:
@@ -201,11 +201,18 @@ def next_past_due_since(
     return past_due_since if past_due_since is not None else at
 
 
+def stripe_id(value: Any) -> str | None:
+    """A Stripe object id as our columns can store it (1-255 characters, no NUL), else None."""
+    if isinstance(value, str) and 0 < len(value) <= 255 and "\x00" not in value:
+        return value
+    return None
+
+
 def customer_of(obj: Mapping[str, Any]) -> str | None:
     customer = obj.get("customer")
     if isinstance(customer, dict):  # expanded
         customer = customer.get("id")
-    return customer if isinstance(customer, str) and customer else None
+    return stripe_id(customer)
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -229,17 +236,17 @@ class SubscriptionFields:
 
 def subscription_fields(event: WebhookEvent) -> SubscriptionFields:
     obj = event.obj
-    sub_id = obj.get("id")
-    if not isinstance(sub_id, str) or not sub_id:
-        raise MalformedObject(event, "data.object.id is missing")
+    sub_id = stripe_id(obj.get("id"))
+    if sub_id is None:
+        raise MalformedObject(event, "data.object.id is missing or not a Stripe id")
     customer = customer_of(obj)
     if customer is None:
-        raise MalformedObject(event, "data.object.customer is missing")
+        raise MalformedObject(event, "data.object.customer is missing or not a Stripe id")
     status = obj.get("status")
     if event.type == SUBSCRIPTION_DELETED:
         status = "canceled"
-    if not isinstance(status, str) or not status:
-        raise MalformedObject(event, "data.object.status is missing")
+    if not isinstance(status, str) or not 0 < len(status) <= 32:
+        raise MalformedObject(event, "data.object.status is missing or too long")
     # Since API 2025-03-31 the billing period lives on the items; older versions had it on the subscription.
     items = _dicts(obj.get("items"))
     source: Mapping[str, Any] = items[0] if items else obj
@@ -260,7 +267,7 @@ def invoice_subscription_id(invoice: Mapping[str, Any]) -> str | None:
         sub = invoice.get("subscription")  # API versions before 2025-03-31
     if isinstance(sub, dict):
         sub = sub.get("id")
-    return sub if isinstance(sub, str) and sub else None
+    return stripe_id(sub)
 
 
 def invoice_period_start(invoice: Mapping[str, Any]) -> int | None:

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from moto import mock_aws
 from moto.core import DEFAULT_ACCOUNT_ID
 from moto.ses.models import ses_backends
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from aikit.access import Access
@@ -640,11 +640,31 @@ def test_signed_event_without_a_customer_is_refused(wh_client: TestClient, wh_se
     assert sub_row(wh_settings, sub_id) is None
 
 
-def test_a_failing_handler_answers_5xx_and_keeps_nothing(wh_client: TestClient, wh_settings: Settings) -> None:
-    # A customer id longer than the column: the event claim is written first, then the subscription insert
-    # fails in Postgres. Both must be rolled back so Stripe's retry starts clean.
-    sub_id = new_id("sub")
-    event = sub_event(sub_id, "cus_" + "x" * 300, "active", now(), "customer.subscription.created")
+@pytest.fixture
+def failing_subscription_writes(wh_settings: Settings) -> Iterator[str]:
+    """A real database failure: a trigger refuses writes of subscriptions whose id starts with sub_fail."""
+    engine = get_engine(wh_settings.database_url)
+    with engine.begin() as conn:
+        conn.execute(text("""
+            CREATE OR REPLACE FUNCTION aikit_test_refuse() RETURNS trigger AS $$
+            BEGIN
+              IF NEW.id LIKE 'sub_fail%' THEN RAISE EXCEPTION 'injected failure'; END IF;
+              RETURN NEW;
+            END $$ LANGUAGE plpgsql"""))
+        conn.execute(text("CREATE TRIGGER aikit_test_refuse BEFORE INSERT OR UPDATE ON subscriptions "
+                          "FOR EACH ROW EXECUTE FUNCTION aikit_test_refuse()"))
+    yield "sub_fail"
+    with engine.begin() as conn:
+        conn.execute(text("DROP TRIGGER aikit_test_refuse ON subscriptions"))
+        conn.execute(text("DROP FUNCTION aikit_test_refuse()"))
+
+
+def test_a_failing_handler_answers_5xx_and_keeps_nothing(wh_client: TestClient, wh_settings: Settings,
+                                                         failing_subscription_writes: str) -> None:
+    # The event claim is written first, then the subscription write fails in Postgres. Both must be rolled
+    # back so Stripe's retry starts clean.
+    sub_id = new_id(failing_subscription_writes)
+    event = sub_event(sub_id, new_id("cus"), "active", now(), "customer.subscription.created")
     for _ in range(2):  # Stripe's retry meets the same failure, not a "duplicate"
         r = deliver(wh_client, event)
         assert r.status_code == 500
@@ -655,6 +675,17 @@ def test_a_failing_handler_answers_5xx_and_keeps_nothing(wh_client: TestClient, 
         assert sub_row(wh_settings, sub_id) is None
     # The service is not left broken: the next event is applied.
     assert applied(wh_client, sub_event(new_id("sub"), new_id("cus"), "active", now())) == "applied"
+
+
+def test_ids_our_columns_cannot_hold_are_malformed_events(wh_client: TestClient, wh_settings: Settings) -> None:
+    sub_id = new_id("sub")
+    for customer in ("cus_" + "x" * 300, "cus_\x00nul"):
+        event = sub_event(sub_id, customer, "active", now(), "customer.subscription.created")
+        r = deliver(wh_client, event)
+        assert r.status_code == 400
+        assert "not a Stripe id" in r.json()["error"]["message"]
+        assert event_row(wh_settings, event["id"]) is None
+    assert sub_row(wh_settings, sub_id) is None
 
 
 # --- the webhook Lambda's app --------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 
 from tests.conftest import ADMIN_TOKEN
-from tests.hostile import Env, assert_clean, bearer, billing_env, leaks, post_webhook, subscription_event
+from tests.hostile import Env, assert_clean, bearer, billing_env, post_webhook, subscription_event
 from tests.servers import RedisProcess, throwaway_redis
 
 HOSTILE = [
@@ -70,10 +70,7 @@ def check(e: Env, r: httpx.Response | None, allowed: set[int], what: str) -> Non
 
 
 def webhook_check(e: Env, r: httpx.Response, what: str) -> None:
-    if r.status_code == 500:
-        assert r.json()["error"]["code"] == "webhook_failed", r.text
-        assert not leaks(r.text, e.secrets), r.text
-        return
+    # Signed events with ids our columns cannot hold are malformed (400), never a handler failure (500).
     check(e, r, {200, 400}, what)
 
 
