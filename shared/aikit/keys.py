@@ -13,6 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from sqlalchemy import Engine, select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from aikit.access import Access, access_for_customer
@@ -164,6 +165,10 @@ def _min(a: int | None, b: int) -> int:
     return b if a is None else min(a, b)
 
 
+# How long past its TTL a cached key answer may stand in for the database while the database is down.
+STALE_KEY_SECONDS = 3600.0
+
+
 class KeyCache:
     """Per-process TTL cache of key lookups (misses included), so a revocation shows within the TTL."""
 
@@ -182,8 +187,15 @@ class KeyCache:
             hit = self._entries.get(digest)
             if hit is not None and hit[0] > now:
                 return hit[1]
-        with Session(self._engine) as session:
-            info = load_key_info(session, self._settings, digest)
+        try:
+            with Session(self._engine) as session:
+                info = load_key_info(session, self._settings, digest)
+        except (DBAPIError, OSError):
+            # Database down: a key this instance verified recently keeps its last known state (nothing can
+            # revoke it meanwhile: revoking needs the database too). Unknown keys still fail.
+            if hit is not None and now - hit[0] < STALE_KEY_SECONDS:
+                return hit[1]
+            raise
         with self._lock:
             self._entries[digest] = (now + self._ttl, info)
             self._entries.move_to_end(digest)

@@ -11,7 +11,7 @@ import openai
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import create_engine, func, select, text
 
 from aikit.api.app import create_app
 from aikit.db.models import ApiKeyUsage
@@ -21,7 +21,7 @@ from aikit.metering.base import UsageEvent, new_request_id
 from aikit.metering.sql_sink import store_events
 from aikit.runtime import Runtime
 from aikit.settings import Settings
-from tests.conftest import ADMIN_TOKEN, REDIS_URL, issue_key, make_settings
+from tests.conftest import ADMIN_TOKEN, ADMIN_URL, REDIS_URL, issue_key, make_settings
 from tests.servers import serve_app
 
 
@@ -249,3 +249,20 @@ def test_flush_leaves_no_pending_fields_behind(runtime: Runtime, api_key: Issued
     client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
     assert client.hgetall(runtime.layout.pending(api_key.api_key_id)) == {}
     client.close()
+
+
+def test_a_recently_verified_key_keeps_working_while_the_database_is_down(
+        fresh_pg_url: str, redis_prefix: str) -> None:
+    settings = make_settings(fresh_pg_url, redis_prefix, key_cache_ttl_seconds=0.2)
+    key = issue_key(settings)
+    with TestClient(create_app(runtime=Runtime(settings))) as c:
+        assert chat(c, key.api_key).status_code == 200
+        admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:  # the database goes away (its connections are cut too)
+            conn.execute(text(f'DROP DATABASE "{fresh_pg_url.rsplit("/", 1)[1]}" WITH (FORCE)'))
+        admin.dispose()
+        time.sleep(0.3)  # past the cache TTL: a lookup is due and fails
+        assert chat(c, key.api_key).status_code == 200  # last known state, usage still metered in Redis
+        r = chat(c, "ak_never-seen-before")
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "database_unavailable"

@@ -89,8 +89,8 @@ def install_error_handlers(app: FastAPI) -> None:
         if state.startswith("22"):  # data exception: a NUL character, a string too long, a number too big
             message = "a value in the request cannot be stored: too long, out of range or holding a NUL character"
             return JSONResponse(error_body(422, message, "invalid_value"), 422)
-        if isinstance(exc, (OperationalError, InterfaceError)) or state.startswith(("08", "57P")):
-            # No connection, or the server is starting or shutting down: a retry will do.
+        if isinstance(exc, (OperationalError, InterfaceError)) or state.startswith(("08", "57P", "3D000")):
+            # No connection, the server starting or stopping, or the database missing: a retry may do.
             logger.warning("database_unavailable", extra={"path": request.url.path, "sqlstate": state})
             return JSONResponse(error_body(503, "the database is unavailable, retry shortly", "database_unavailable"),
                                 503, headers={"Retry-After": "5"})
