@@ -124,3 +124,14 @@ def issue_key(settings: Settings, **kwargs: Any) -> IssuedKey:
 @pytest.fixture
 def api_key(settings: Settings) -> IssuedKey:
     return issue_key(settings, rpm=1000, rpd=100_000, monthly_tokens=10_000_000)
+
+
+def read_sdk_stream(stream: Any) -> tuple[str, Any]:
+    """The text and the final usage chunk's usage of an openai SDK chat stream."""
+    text, usage = "", None
+    for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+        if chunk.usage is not None:
+            usage = chunk.usage
+    return text, usage

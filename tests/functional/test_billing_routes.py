@@ -19,7 +19,6 @@ from aikit.settings import Settings
 from aikit.stripe_gateway import StripeGateway
 from tests.conftest import ADMIN_TOKEN, issue_key, make_settings
 from tests.fakes.stripe_server import FakeStripe
-from tests.functional.test_webhooks import with_billing_routes
 
 
 @pytest.fixture
@@ -55,7 +54,7 @@ def b_settings(pg_url: str, redis_prefix: str, fake: FakeStripe, price_id: str) 
 
 
 def client_for(settings: Settings) -> TestClient:
-    return TestClient(with_billing_routes(create_app(runtime=Runtime(settings))))
+    return TestClient(create_app(runtime=Runtime(settings)))
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from aikit.metering.base import UsageEvent, new_request_id
 from aikit.metering.sql_sink import store_events
 from aikit.runtime import Runtime
 from aikit.settings import Settings
-from tests.conftest import ADMIN_TOKEN, ADMIN_URL, REDIS_URL, issue_key, make_settings
+from tests.conftest import ADMIN_TOKEN, ADMIN_URL, REDIS_URL, issue_key, make_settings, read_sdk_stream
 from tests.servers import serve_app
 
 
@@ -64,12 +64,7 @@ def test_openai_sdk_streaming_with_usage(runtime: Runtime, api_key: IssuedKey) -
         stream = sdk.chat.completions.create(
             model="echo-1", messages=[{"role": "user", "content": "alpha beta gamma delta"}],
             stream=True, stream_options={"include_usage": True})
-        text, usage = "", None
-        for chunk in stream:
-            if chunk.choices:
-                text += chunk.choices[0].delta.content or ""
-            if chunk.usage is not None:
-                usage = chunk.usage
+        text, usage = read_sdk_stream(stream)
     assert text == "echo: alpha beta gamma delta"
     assert usage is not None and usage.total_tokens == 4 + 5
     assert pending_tokens(runtime.settings, runtime, api_key.api_key_id) == usage.total_tokens

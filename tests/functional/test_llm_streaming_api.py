@@ -18,7 +18,7 @@ from aikit.flush import Flusher
 from aikit.keys import IssuedKey
 from aikit.runtime import Runtime
 from aikit.settings import Settings
-from tests.conftest import REDIS_URL, issue_key, make_settings
+from tests.conftest import REDIS_URL, issue_key, make_settings, read_sdk_stream
 from tests.fakes.llm_servers import FakeOpenAI, openai_server
 from tests.servers import serve_app
 
@@ -82,12 +82,7 @@ def test_openai_sdk_streams_through_our_api(runtime: Runtime, key: IssuedKey, up
         sdk = openai.OpenAI(api_key=key.api_key, base_url=base + "/v1", max_retries=0)
         stream = sdk.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
                                              stream=True, stream_options={"include_usage": True})
-        text, usage = "", None
-        for chunk in stream:
-            if chunk.choices:
-                text += chunk.choices[0].delta.content or ""
-            if chunk.usage is not None:
-                usage = chunk.usage
+        text, usage = read_sdk_stream(stream)
         reply = sdk.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
     assert text == upstream.reply
     assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (42, 6)

@@ -22,7 +22,6 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
 from aikit.api.app import create_app
-from aikit.api.routes import usage as usage_routes
 from aikit.db.engine import get_engine
 from aikit.keys import IssuedKey
 from aikit.metering.base import UsageEvent
@@ -90,13 +89,6 @@ def pending_hash(runtime: Runtime, key_id: str) -> dict[str, str]:
         client.close()
 
 
-def usage_app(runtime: Runtime) -> Any:
-    app = create_app(runtime=runtime)
-    if not any(getattr(r, "path", None) == "/v1/usage" for r in app.routes):
-        app.include_router(usage_routes.router)  # until the lead mounts it in create_app
-    return app
-
-
 def auth(key: IssuedKey | str) -> dict[str, str]:
     secret = key if isinstance(key, str) else key.api_key
     return {"Authorization": f"Bearer {secret}"}
@@ -118,7 +110,7 @@ def settings(pg_url: str, redis_prefix: str) -> Settings:
 
 @pytest.fixture
 def uclient(runtime: Runtime) -> Iterator[TestClient]:
-    with TestClient(usage_app(runtime)) as c:
+    with TestClient(create_app(runtime=runtime)) as c:
         yield c
 
 
@@ -316,7 +308,7 @@ def test_redis_down_answers_from_postgres_marked_partial(pg_url: str, redis_pref
                              redis_timeout_seconds=0.2)
     key = issue_key(settings)
     store_flushed(settings, [event(key.api_key_id, "gpt-a", 5, 6)])
-    with TestClient(usage_app(Runtime(settings))) as c:
+    with TestClient(create_app(runtime=Runtime(settings))) as c:
         r = c.get("/v1/usage", headers=auth(key))
         assert r.status_code == 200, r.text
         body = r.json()
@@ -544,7 +536,7 @@ def test_usage_reads_pending_hashes_across_cluster_slots(pg_url: str) -> None:
         events = [event(k.api_key_id, "gpt-a", 10 * (i + 1), i + 1, customer=cus) for i, k in enumerate(keys)]
         record_pending(settings, events)
         store_flushed(settings, [event(keys[0].api_key_id, "gpt-a", 1000, 0, customer=cus)])
-        with TestClient(usage_app(runtime)) as c:
+        with TestClient(create_app(runtime=runtime)) as c:
             own = c.get("/v1/usage", headers=auth(keys[2])).json()
             assert (own["tokens_used"], own["requests"], own["partial"]) == (33, 1, False)
             admin = c.get("/v1/admin/usage", params={"customer_id": cus}, headers=ADMIN).json()

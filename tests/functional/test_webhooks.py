@@ -15,7 +15,6 @@ import boto3
 import httpx
 import pytest
 import stripe
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from moto import mock_aws
 from moto.core import DEFAULT_ACCOUNT_ID
@@ -25,8 +24,6 @@ from sqlalchemy.orm import Session
 
 from aikit.access import Access
 from aikit.api.app import create_app
-from aikit.api.routes import billing as billing_routes
-from aikit.api.routes import webhooks as webhook_routes
 from aikit.api.routes.webhooks import create_webhook_app
 from aikit.db.engine import get_engine
 from aikit.db.models import StripeEvent, Subscription, User
@@ -117,16 +114,6 @@ def applied(client: TestClient, event: dict[str, Any]) -> str:
 # --- app, settings, state ------------------------------------------------------------------------------
 
 
-def with_billing_routes(app: FastAPI) -> FastAPI:
-    """Until the lead includes these routers in create_app, include them here."""
-    paths = {getattr(route, "path", None) for route in app.routes}
-    if "/v1/webhooks/stripe" not in paths:
-        app.include_router(webhook_routes.router)
-    if "/v1/billing/checkout" not in paths:
-        app.include_router(billing_routes.router)
-    return app
-
-
 def billing_settings(pg_url: str, redis_prefix: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "stripe_secret_key": "sk_test_webhooks",
@@ -149,7 +136,7 @@ def wh_runtime(wh_settings: Settings) -> Runtime:
 
 @pytest.fixture
 def wh_client(wh_runtime: Runtime) -> Iterator[TestClient]:
-    with TestClient(with_billing_routes(create_app(runtime=wh_runtime))) as c:
+    with TestClient(create_app(runtime=wh_runtime)) as c:
         yield c
 
 
@@ -208,7 +195,7 @@ def ts(value: dt.datetime | None) -> int | None:
 
 def test_no_webhook_secret_answers_503(pg_url: str, redis_prefix: str) -> None:
     settings = billing_settings(pg_url, redis_prefix, stripe_webhook_secret=None)
-    with TestClient(with_billing_routes(create_app(runtime=Runtime(settings)))) as client:
+    with TestClient(create_app(runtime=Runtime(settings))) as client:
         event = sub_event(new_id("sub"), new_id("cus"), "active", now())
         r = deliver(client, event)
     assert r.status_code == 503
@@ -264,7 +251,7 @@ def test_deleted_gives_the_free_tier_when_so_configured(pg_url: str, redis_prefi
     settings = billing_settings(pg_url, redis_prefix, on_subscription_deleted="free_tier", free_tier_rpm=2)
     customer = new_id("cus")
     issued = issue_key(settings, customer_id=customer, rpm=1000, rpd=100_000)
-    with TestClient(with_billing_routes(create_app(runtime=Runtime(settings)))) as client:
+    with TestClient(create_app(runtime=Runtime(settings))) as client:
         sub_id = new_id("sub")
         applied(client, sub_event(sub_id, customer, "active", now() - 60, "customer.subscription.created"))
         applied(client, sub_event(sub_id, customer, "canceled", now() - 30, "customer.subscription.deleted"))
@@ -514,7 +501,7 @@ def sent_messages() -> list[Any]:
 @pytest.fixture
 def ses_client(ses: Any, pg_url: str, redis_prefix: str) -> Iterator[tuple[TestClient, Settings]]:
     settings = billing_settings(pg_url, redis_prefix, email_backend="ses", email_from=SENDER)
-    with TestClient(with_billing_routes(create_app(runtime=Runtime(settings)))) as client:
+    with TestClient(create_app(runtime=Runtime(settings))) as client:
         yield client, settings
 
 
