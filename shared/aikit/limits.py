@@ -12,14 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aikit.keys import KeyInfo
-from aikit.metering.layout import RedisLayout
+from aikit.metering.layout import QUOTA_TTL_SECONDS, RedisLayout
 from aikit.metering.scripts import ADMIT, RELEASE, SEED_QUOTA
 from aikit.observability import logger
 from aikit.redis_client import REDIS_DOWN_ERRORS
 from aikit.settings import Settings
 
 RESERVATION_TTL_SECONDS = 900  # a crashed call's reservation is given back after this
-QUOTA_TTL_SECONDS = 40 * 86400
 
 
 class LimiterUnavailable(Exception):

@@ -9,6 +9,9 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 
+# Quota counters (and their seeded markers) outlive the longest quota period; they hold no billing data.
+QUOTA_TTL_SECONDS = 40 * 86400
+
 
 @dataclass(frozen=True, slots=True)
 class RedisLayout:

@@ -12,14 +12,12 @@ import anyio
 from sqlalchemy import Engine
 
 from aikit.metering.base import Meter, UsageEvent
-from aikit.metering.layout import RedisLayout
+from aikit.metering.layout import QUOTA_TTL_SECONDS, RedisLayout
 from aikit.metering.scripts import RECORD
 from aikit.metering.sql_sink import store_events
 from aikit.observability import METER_FALLBACKS, TOKENS_METERED, emit, logger
 from aikit.redis_client import REDIS_DOWN_ERRORS
 from aikit.settings import Settings
-
-QUOTA_TTL_SECONDS = 40 * 86400
 
 
 class MeterUnavailable(Exception):
