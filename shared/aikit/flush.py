@@ -52,14 +52,14 @@ from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, select, text, update
+from sqlalchemy import Engine, func, select, text, update
 
 from aikit.db.engine import get_engine
 from aikit.db.models import MeterReport
 from aikit.metering.base import UsageEvent
 from aikit.metering.layout import RedisLayout
 from aikit.metering.scripts import ACK_FAST, ACK_THROUGH
-from aikit.metering.sql_sink import REPORT_LOCK_ID, store_copy, store_events
+from aikit.metering.sql_sink import lock_reports, store_copy, store_events
 from aikit.observability import (
     EVENTS_FLUSHED,
     FLUSH_DURATION,
@@ -434,7 +434,7 @@ class Flusher:
     def seal(self, summary: FlushSummary, now: dt.datetime) -> None:
         """Fix the value of every report whose window has ended; its identifier was fixed at creation."""
         with self.engine.begin() as conn:
-            lock(conn, REPORT_LOCK_ID)  # the store adds to open reports under the same lock
+            lock_reports(conn)  # the store adds to open reports under the same lock
             result = conn.execute(
                 update(MeterReport)
                 .where(MeterReport.status == "open", MeterReport.window_end <= now)
@@ -602,11 +602,6 @@ def _describe(outcome: ReportOutcome | None) -> str:
     if outcome is None:
         return "out of time before the first attempt"
     return f"{outcome.status.name.lower()}: {outcome.error_code or ''} {outcome.message or ''}".strip()
-
-
-def lock(conn: Connection, lock_id: int) -> None:
-    if conn.dialect.name == "postgresql":
-        conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": lock_id})
 
 
 @contextmanager

@@ -20,6 +20,12 @@ from aikit.metering.base import UsageEvent
 REPORT_LOCK_ID = 7_214_001
 
 
+def lock_reports(conn: Connection) -> None:
+    """Take REPORT_LOCK for this transaction (SQLite has a single writer and needs none)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": REPORT_LOCK_ID})
+
+
 def new_report_id() -> str:
     return "aikit-" + uuid.uuid4().hex
 
@@ -145,7 +151,7 @@ def store_copy(conn: Connection, rows: bytes, *, window_seconds: int) -> int:
     cursor.close()
     new, reports = conn.execute(text(_PG_ROWS), {"window": window_seconds}).one()
     if reports:
-        conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": REPORT_LOCK_ID})
+        lock_reports(conn)
         conn.execute(text(_PG_REPORTS), {"window": window_seconds})
     return int(new)
 
