@@ -9,7 +9,7 @@ from enum import StrEnum
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from aikit.db.models import Subscription
+from aikit.db.models import Subscription, as_utc
 from aikit.settings import Settings
 
 ACTIVE_STATUSES = frozenset({"active", "trialing"})
@@ -27,12 +27,6 @@ class AccessDecision:
     reason: str
 
 
-def _aware(value: dt.datetime | None) -> dt.datetime | None:
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=dt.UTC)
-    return value
-
-
 def decide_access(
     subscriptions: list[Subscription], settings: Settings, now: dt.datetime
 ) -> AccessDecision:
@@ -47,7 +41,7 @@ def decide_access(
             continue
         if sub.status in ACTIVE_STATUSES:
             return AccessDecision(Access.FULL, f"subscription {sub.status}")
-        since = _aware(sub.past_due_since)
+        since = as_utc(sub.past_due_since)
         if sub.status == "past_due" and since is not None and now - since < grace:
             return AccessDecision(Access.FULL, "subscription past_due, within grace period")
     if had_any and settings.on_subscription_deleted == "free_tier":

@@ -55,7 +55,7 @@ from typing import Any
 from sqlalchemy import Engine, func, select, text, update
 
 from aikit.db.engine import get_engine
-from aikit.db.models import MeterReport
+from aikit.db.models import MeterReport, as_utc
 from aikit.metering.base import UsageEvent
 from aikit.metering.layout import RedisLayout
 from aikit.metering.scripts import ACK_FAST, ACK_THROUGH
@@ -583,19 +583,15 @@ class Flusher:
 
 def unsafe_to_resend(row: Any, now: dt.datetime) -> bool:
     first = row.first_attempt_at
-    return first is not None and now - _aware(first) >= dt.timedelta(hours=IDENTIFIER_SAFE_HOURS)
+    return first is not None and now - as_utc(first) >= dt.timedelta(hours=IDENTIFIER_SAFE_HOURS)
 
 
 def event_timestamp(row: Any, now: dt.datetime) -> int:
     """Inside the usage's own window (so it lands in the right invoice), never in the future."""
-    last = _aware(row.last_usage_ts).timestamp()
-    start = _aware(row.window_start).timestamp()
-    end = _aware(row.window_end).timestamp() - 1
+    last = as_utc(row.last_usage_ts).timestamp()
+    start = as_utc(row.window_start).timestamp()
+    end = as_utc(row.window_end).timestamp() - 1
     return int(min(max(last, start), end, now.timestamp()))
-
-
-def _aware(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 def _describe(outcome: ReportOutcome | None) -> str:

@@ -17,7 +17,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from aikit.access import Access, access_for_customer
-from aikit.db.models import ApiKey, User
+from aikit.db.models import ApiKey, User, as_utc
 from aikit.settings import Settings
 
 KEY_PREFIX = "ak_"
@@ -69,7 +69,7 @@ def month_start(now: dt.datetime) -> dt.datetime:
 def quota_period_start(user: User, now: dt.datetime) -> int:
     start = user.quota_period_start
     if start is not None:
-        start = start if start.tzinfo else start.replace(tzinfo=dt.UTC)
+        start = as_utc(start)
         # A paid invoice sets the period; it lapses after ~a month without a newer invoice.
         if now - start < dt.timedelta(days=32):
             return int(start.timestamp())

@@ -34,7 +34,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from aikit.access import ACTIVE_STATUSES
-from aikit.db.models import StripeEvent, Subscription, User
+from aikit.db.models import StripeEvent, Subscription, User, as_utc
 from aikit.emails import Email, Mailer
 from aikit.observability import WEBHOOK_EVENTS, WEBHOOK_SIGNATURE_FAILURES, emit, logger
 from aikit.settings import Settings
@@ -166,13 +166,6 @@ class MalformedObject(WebhookRejected):
 
 def from_ts(ts: int) -> dt.datetime:
     return dt.datetime.fromtimestamp(ts, dt.UTC)
-
-
-def aware(value: dt.datetime | None) -> dt.datetime | None:
-    # SQLite hands back naive datetimes; everything stored is UTC.
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=dt.UTC)
-    return value
 
 
 def is_terminal(status: str, deleted: bool = False) -> bool:
@@ -367,7 +360,7 @@ def _on_subscription(session: Session, settings: Settings, event: WebhookEvent) 
     row.status = fields.status
     row.deleted = row.deleted or deleting
     row.customer_id = fields.customer_id
-    row.past_due_since = next_past_due_since(aware(row.past_due_since), fields.status, from_ts(event.created))
+    row.past_due_since = next_past_due_since(as_utc(row.past_due_since), fields.status, from_ts(event.created))
     if newer:
         row.current_period_start = (
             from_ts(fields.current_period_start) if fields.current_period_start else row.current_period_start
@@ -399,7 +392,7 @@ def _on_invoice_paid(session: Session, settings: Settings, event: WebhookEvent) 
     if user is None:
         return Outcome.IGNORED, f"no user for customer {customer}", ()
     new_start = from_ts(start)
-    stored = aware(user.quota_period_start)
+    stored = as_utc(user.quota_period_start)
     if stored is not None and new_start <= stored:
         return Outcome.STALE, f"quota period already starts at {stored.isoformat()}", ()
     user.quota_period_start = new_start

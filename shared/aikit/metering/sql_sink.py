@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import Connection, func, insert, select, text, update
 from sqlalchemy.dialects import sqlite
 
-from aikit.db.models import ApiKeyUsage, MeterReport, UsageDaily
+from aikit.db.models import ApiKeyUsage, MeterReport, UsageDaily, as_utc
 from aikit.metering.base import UsageEvent
 
 # Serialises "add to an open report" against "seal open reports", so a sealed report never grows.
@@ -215,11 +215,7 @@ def _store_generic(
         else:
             conn.execute(update(MeterReport).where(MeterReport.id == existing.id).values(
                 value=MeterReport.value + value,
-                last_usage_ts=max(_aware(existing.last_usage_ts), last)))
+                last_usage_ts=max(as_utc(existing.last_usage_ts), last)))
     return len(new)
-
-
-def _aware(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
