@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from aikit.settings import Settings, SettingsError, get_settings
 
@@ -33,6 +34,32 @@ def cmd_migrate(_: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)  # noqa: T201
+    return 2
+
+
+# The admin API's body field -> this command's option, for error messages.
+_KEY_OPTIONS = {"email": "--email", "customer_id": "--customer", "name": "--name", "rpm": "--rpm", "rpd": "--rpd",
+                "monthly_tokens": "--monthly-tokens"}
+
+
+def _key_request(args: argparse.Namespace) -> Any:
+    """The options checked exactly as POST /v1/admin/keys checks its body; a bad one raises ValueError."""
+    from pydantic import ValidationError
+
+    from aikit.api.routes.admin import CreateKeyBody
+
+    values = {"email": args.email, "customer_id": args.customer, "name": args.name, "rpm": args.rpm,
+              "rpd": args.rpd, "monthly_tokens": args.monthly_tokens}
+    try:
+        return CreateKeyBody(**values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "email"
+        raise ValueError(f"invalid {_KEY_OPTIONS.get(field, field)} {values.get(field)!r}: {first['msg']}") from None
+
+
 def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     from sqlalchemy import select
     from sqlalchemy.orm import Session
@@ -41,14 +68,18 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     from aikit.db.models import ApiKey, User
     from aikit.keys import KeyRefused, create_key, revoke_key
 
+    if args.keys_command == "create":
+        try:
+            body = _key_request(args)
+        except ValueError as exc:
+            return _error(str(exc))
     with Session(get_engine(settings.database_url)) as session:
         if args.keys_command == "create":
             try:
-                issued = create_key(session, settings, email=args.email, customer_id=args.customer, name=args.name,
-                                    rpm=args.rpm, rpd=args.rpd, monthly_tokens=args.monthly_tokens)
+                issued = create_key(session, settings, email=str(body.email), customer_id=body.customer_id,
+                                    name=body.name, rpm=body.rpm, rpd=body.rpd, monthly_tokens=body.monthly_tokens)
             except KeyRefused as exc:
-                print(f"error: {exc}", file=sys.stderr)  # noqa: T201
-                return 2
+                return _error(str(exc))
             session.commit()
             _print({"api_key": issued.api_key, "api_key_id": issued.api_key_id, "prefix": issued.prefix})
             return 0
@@ -157,7 +188,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)  # noqa: T201
         return 2
-    code: int = args.func(args, settings)
+    try:
+        code: int = args.func(args, settings)
+    except SettingsError as exc:  # e.g. AIKIT_ROUTERS naming a module that cannot be imported
+        print(f"error: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
     return code
 
 

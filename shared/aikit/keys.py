@@ -161,6 +161,13 @@ def load_key_info(session: Session, settings: Settings, key_hash: str) -> KeyInf
     )
 
 
+def load_quota_period(session: Session, api_key_id: str, now: dt.datetime | None = None) -> int | None:
+    """The quota period start of a key (as `KeyInfo.quota_period_start`), None for an unknown key."""
+    user = session.scalars(select(User).join(ApiKey, ApiKey.user_id == User.id).where(ApiKey.id == api_key_id)
+                           ).first()
+    return None if user is None else quota_period_start(user, now or dt.datetime.now(dt.UTC))
+
+
 def _min(a: int | None, b: int) -> int:
     return b if a is None else min(a, b)
 

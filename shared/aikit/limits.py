@@ -1,5 +1,6 @@
 """Per-key limits, enforced in Redis so they hold across every Lambda instance: requests per minute and per
-UTC day, and a monthly token quota with reservations so parallel requests cannot overspend it."""
+UTC day, and a monthly token quota with reservations so parallel calls cannot overspend it. Every decision
+uses Redis' clock (see metering/scripts.py), so instances with skewed clocks agree."""
 
 from __future__ import annotations
 
@@ -13,12 +14,15 @@ from typing import Any
 
 from aikit.keys import KeyInfo
 from aikit.metering.layout import QUOTA_TTL_SECONDS, RedisLayout
-from aikit.metering.scripts import ADMIT, RELEASE, SEED_QUOTA
+from aikit.metering.scripts import ADMIT, AUTH_FAILURES, PEEK, RELEASE, SEED_QUOTA
 from aikit.observability import logger
 from aikit.redis_client import REDIS_DOWN_ERRORS
 from aikit.settings import Settings
 
 RESERVATION_TTL_SECONDS = 900  # a crashed call's reservation is given back after this
+CATCHUP_TTL_SECONDS = 600  # longer than any seeding takes (one database query)
+
+LIMIT_NAMES = {"minute": "requests per minute", "day": "requests per day", "tokens": "monthly token quota"}
 
 
 class LimiterUnavailable(Exception):
@@ -34,8 +38,13 @@ class LimitDecision:
     degraded: bool = False  # Redis was unreachable; decided by RATE_LIMIT_FAIL_MODE
 
 
-def day_str(now: float) -> str:
-    return time.strftime("%Y%m%d", time.gmtime(now))
+class RateLimited(Exception):
+    """A limit refused the call: the API answers 429 with the decision's headers (Retry-After included)."""
+
+    def __init__(self, decision: LimitDecision) -> None:
+        self.decision = decision
+        self.message = f"rate limit exceeded: {LIMIT_NAMES.get(decision.limit_hit or '', 'limit')}"
+        super().__init__(self.message)
 
 
 def seconds_to_midnight(now: float) -> int:
@@ -76,6 +85,11 @@ async def _nothing_used(_key: KeyInfo, _since: int) -> int:
     return 0
 
 
+def period_start_date(period_start: int) -> str:
+    """The UTC date of a period start, as the rollups and the pending counters name days."""
+    return time.strftime("%Y-%m-%d", time.gmtime(period_start))
+
+
 class RateLimiter:
     def __init__(self, client: Any, layout: RedisLayout, settings: Settings,
                  used_since: QuotaUsedSince = _nothing_used) -> None:
@@ -84,37 +98,28 @@ class RateLimiter:
         self._fail_open = settings.rate_limit_fail_mode == "open"
         self._used_since = used_since
 
-    def _keys(self, key: KeyInfo, now: float) -> list[str]:
-        kid = key.api_key_id
-        return [
-            self._layout.minute(kid, int(now) // 60),
-            self._layout.day(kid, day_str(now)),
-            self._layout.quota(kid, key.quota_period_start),
-            self._layout.inflight(kid),
-            self._layout.quota_seeded(kid, key.quota_period_start),
-        ]
+    def _keys(self, key: KeyInfo) -> list[str]:
+        kid, period = key.api_key_id, key.quota_period_start
+        return [self._layout.minute(kid), self._layout.day(kid), self._layout.quota(kid, period),
+                self._layout.inflight(kid), self._layout.pending(kid), self._layout.quota_catchup(kid, period)]
 
-    async def admit(self, key: KeyInfo, request_id: str, reserve_tokens: int,
-                    now: float | None = None) -> LimitDecision:
-        """One Redis round trip: check every limit, count the request and reserve tokens."""
-        now = time.time() if now is None else now
-        args = [_limit(key.rpm), _limit(key.rpd), _limit(key.monthly_tokens), max(0, reserve_tokens),
-                request_id, 120, 2 * 86400, int(now), RESERVATION_TTL_SECONDS]
-        keys = self._keys(key, now)
+    async def admit(self, key: KeyInfo, call_id: str, reserve_tokens: int, *,
+                    count_request: bool = True) -> LimitDecision:
+        """One Redis round trip (on a warm counter): check the limits, count the request once
+        (`count_request`) and reserve `reserve_tokens` against the monthly quota under `call_id`."""
+        args = [_limit(key.rpm), _limit(key.rpd), _limit(key.monthly_tokens), max(0, reserve_tokens), call_id,
+                1 if count_request else 0, RESERVATION_TTL_SECONDS, period_start_date(key.quota_period_start),
+                CATCHUP_TTL_SECONDS]
+        keys = self._keys(key)
         try:
-            allowed, hit, m, d, used, held = await ADMIT.run_async(self._redis, keys, args)
+            allowed, hit, m, d, used, held, now = await ADMIT.run_async(self._redis, keys, args)
             if int(allowed) == -1:
-                # First request of the period, or Redis lost its counters: start from what the database
-                # holds, so a Redis restart cannot hand a key its whole monthly quota again.
-                try:
-                    already = await self._used_since(key, key.quota_period_start)
-                except Exception:
-                    logger.exception("quota_seed_failed")
+                if not await self._seed(key, keys, int(used)):
                     return self._unavailable()
-                await SEED_QUOTA.run_async(self._redis, [keys[2], keys[4]], [already, QUOTA_TTL_SECONDS])
-                allowed, hit, m, d, used, held = await ADMIT.run_async(self._redis, keys, args)
+                allowed, hit, m, d, used, held, now = await ADMIT.run_async(self._redis, keys, args)
         except REDIS_DOWN_ERRORS:
             return self._unavailable()
+        now = float(now)
         headers = rate_headers(key, int(m), int(d), int(used), int(held), now)
         if int(allowed) == 1:
             return LimitDecision(allowed=True, headers=headers)
@@ -123,56 +128,65 @@ class RateLimiter:
         headers["Retry-After"] = str(retry)
         return LimitDecision(allowed=False, limit_hit=str(hit), retry_after=retry, headers=headers)
 
+    async def count(self, key: KeyInfo) -> None:
+        """Count one request against requests per minute/day, whatever the limits (it was already served).
+        Best effort: the request is over; a Redis failure loses only this count."""
+        args = [-1, -1, -1, 0, "", 1, RESERVATION_TTL_SECONDS, period_start_date(key.quota_period_start),
+                CATCHUP_TTL_SECONDS]
+        with contextlib.suppress(*REDIS_DOWN_ERRORS):
+            await ADMIT.run_async(self._redis, self._keys(key), args)
+
+    async def _seed(self, key: KeyInfo, keys: list[str], unflushed: int) -> bool:
+        """The quota counter is missing (a new period, or Redis lost or evicted it): start it from what the
+        database holds plus what Redis has not flushed yet, so it never restarts from zero."""
+        try:
+            flushed = await self._used_since(key, key.quota_period_start)
+        except Exception:
+            logger.exception("quota_seed_failed")
+            return False
+        await SEED_QUOTA.run_async(self._redis, [keys[2], keys[5]], [flushed + unflushed, QUOTA_TTL_SECONDS])
+        return True
+
     def _unavailable(self) -> LimitDecision:
         if self._fail_open:
             return LimitDecision(allowed=True, degraded=True)
         raise LimiterUnavailable("rate limiter unavailable")
 
-    async def release(self, key: KeyInfo, request_id: str) -> None:
+    async def release(self, key: KeyInfo, call_id: str) -> None:
         """Give a reservation back (the call produced nothing). Best effort: it also expires by itself."""
         with contextlib.suppress(*REDIS_DOWN_ERRORS):
-            await RELEASE.run_async(self._redis, [self._layout.inflight(key.api_key_id)], [request_id])
+            await RELEASE.run_async(self._redis, [self._layout.inflight(key.api_key_id)], [call_id])
 
-    async def remaining(self, key: KeyInfo, now: float | None = None) -> dict[str, int | None]:
+    async def remaining(self, key: KeyInfo) -> dict[str, int | None]:
         """What is left of each limit, from the same counters `admit` enforces."""
-        now = time.time() if now is None else now
-        minute, day, quota, *_ = self._keys(key, now)
-        m, d, q = await self._redis.mget([minute, day, quota])
+        m, d, q = await PEEK.run_async(self._redis, self._keys(key)[:3], [])
         return {
-            "per_minute": None if key.rpm is None else max(0, key.rpm - int(m or 0)),
-            "per_day": None if key.rpd is None else max(0, key.rpd - int(d or 0)),
-            "tokens": None if key.monthly_tokens is None else max(0, key.monthly_tokens - int(q or 0)),
+            "per_minute": None if key.rpm is None else max(0, key.rpm - int(m)),
+            "per_day": None if key.rpd is None else max(0, key.rpd - int(d)),
+            "tokens": None if key.monthly_tokens is None else max(0, key.monthly_tokens - int(q)),
         }
 
 
 class AuthGuard:
-    """Counts invalid API keys per client address and minute, in Redis, so key guessing is rate limited
-    across instances. Only requests with an unknown key pay the round trips."""
+    """Counts invalid API keys per client address and minute (of Redis' clock), in Redis, so key guessing is
+    rate limited across instances. Only requests with an unknown key pay the round trips."""
 
     def __init__(self, client: Any, prefix: str, per_minute: int) -> None:
         self._redis = client
         self._prefix = prefix
         self._per_minute = per_minute
 
-    def _key(self, address: str, now: float) -> str:
+    def _key(self, address: str) -> str:
         digest = hashlib.sha256(address.encode()).hexdigest()[:16]  # addresses never shape key names
-        return f"{self._prefix}:{{authfail:{digest}}}:{int(now) // 60}"
+        return f"{self._prefix}:{{authfail:{digest}}}"
 
-    async def blocked(self, address: str, now: float | None = None) -> bool:
-        now = time.time() if now is None else now
+    async def blocked(self, address: str) -> bool:
         try:
-            count = await self._redis.get(self._key(address, now))
+            count = await AUTH_FAILURES.run_async(self._redis, [self._key(address)], [0])
         except REDIS_DOWN_ERRORS:
             return False
-        return int(count or 0) >= self._per_minute
+        return int(count) >= self._per_minute
 
-    async def failed(self, address: str, now: float | None = None) -> None:
-        now = time.time() if now is None else now
-        key = self._key(address, now)
-        try:
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.incr(key)
-            pipe.expire(key, 120)
-            await pipe.execute()
-        except REDIS_DOWN_ERRORS:
-            pass
+    async def failed(self, address: str) -> None:
+        with contextlib.suppress(*REDIS_DOWN_ERRORS):
+            await AUTH_FAILURES.run_async(self._redis, [self._key(address)], [1])

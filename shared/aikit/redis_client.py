@@ -14,12 +14,16 @@ from redis.cluster import RedisCluster
 
 from aikit.settings import Settings
 
-# Errors that mean "Redis is not answering", as opposed to a bug in a command.
+# Errors that mean "this command did not run": Redis unreachable or slow, or an error reply that refuses
+# the write as a whole (a replica after a failover, the memory cap, loading, a cluster without this slot, a
+# resharding in progress) as opposed to a bug in a command. Callers take their fallback on these.
 REDIS_DOWN_ERRORS: tuple[type[BaseException], ...] = (
-    redis.exceptions.ConnectionError,
+    redis.exceptions.ConnectionError,  # BusyLoadingError (LOADING) included
     redis.exceptions.TimeoutError,
-    redis.exceptions.ClusterDownError,
-    redis.exceptions.TryAgainError,
+    redis.exceptions.ReadOnlyError,  # READONLY
+    redis.exceptions.OutOfMemoryError,  # OOM
+    redis.exceptions.ClusterDownError,  # CLUSTERDOWN, MasterDownError (MASTERDOWN) included
+    redis.exceptions.TryAgainError,  # TRYAGAIN
     ConnectionError,
     TimeoutError,
     OSError,

@@ -27,8 +27,6 @@ if TYPE_CHECKING:
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        # api_key_id -> quota period start, filled by every authenticated request.
-        self.quota_periods: dict[str, int] = {}
 
     @cached_property
     def engine(self) -> Engine:
@@ -66,15 +64,15 @@ class Runtime:
 
     @cached_property
     def meter(self) -> RedisMeter:
-        return RedisMeter(self.redis, self.layout, self.engine, self.settings,
-                          quota_period_of=lambda kid: self.quota_periods.get(kid, 0))
+        return RedisMeter(self.redis, self.layout, self.engine, self.settings)
 
     @cached_property
     def llm(self) -> LLM:
         from aikit.llm import LLM, build_provider
 
         return LLM(build_provider(self.settings), meter=self.meter,
-                   default_model=self.settings.llm_default_model)
+                   default_model=self.settings.llm_default_model,
+                   deadline_seconds=self.settings.llm_deadline_seconds)
 
     @cached_property
     def billing(self) -> BillingGateway | None:

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as SourceError
+
+_ROUTER_SPEC = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def router_specs(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 class SettingsError(RuntimeError):
@@ -43,7 +50,10 @@ class Settings(BaseSettings):
     # LLM providers.
     llm_provider: Literal["echo", "openai", "anthropic", "bedrock"] = "echo"
     llm_default_model: str | None = None
-    llm_timeout_seconds: float = Field(default=60.0, gt=0)
+    llm_timeout_seconds: float = Field(default=60.0, gt=0)  # per read from the upstream
+    # Total time one LLM call may take, streams included; keep it below the function's timeout so a call cut
+    # off here still ends cleanly (504, or a final SSE error event) and is metered for what the upstream bills.
+    llm_deadline_seconds: float = Field(default=25.0, gt=0)
     openai_api_key: str | None = None
     openai_base_url: str = "https://api.openai.com/v1"
     anthropic_api_key: str | None = None
@@ -62,8 +72,9 @@ class Settings(BaseSettings):
     rate_limit_fail_mode: Literal["open", "closed"] = "open"
     # Invalid API keys one client address may present per minute before it gets 429s (slows key guessing).
     auth_failures_per_minute: int = Field(default=20, ge=1)
-    # Tokens reserved against the monthly quota while a call runs when the body gives no max_tokens.
-    quota_reserve_tokens: int = Field(default=1024, ge=0)
+    # The output cap of a metered call without max_tokens on a key with a monthly quota: sent to the provider
+    # as max_tokens and reserved against the quota with the input's upper bound while the call runs.
+    quota_reserve_tokens: int = Field(default=4096, ge=1)
 
     # Subscription lifecycle.
     past_due_grace_days: int = Field(default=7, ge=0)
@@ -83,6 +94,10 @@ class Settings(BaseSettings):
     price_table: dict[str, dict[str, float]] = Field(default_factory=dict)
 
     log_level: str = "INFO"
+
+    # Your own endpoints: comma-separated `module:attribute` of FastAPI APIRouters, mounted by `aikit serve`,
+    # `make run` and the API Lambda beside the built-in routes (API key required unless the router opts out).
+    aikit_routers: str = ""
 
     @field_validator("database_url")
     @classmethod
@@ -109,6 +124,18 @@ class Settings(BaseSettings):
         if not value.startswith(("redis://", "rediss://", "unix://", "memory://")):
             raise ValueError("must be a redis://, rediss://, unix:// or memory:// URL")
         return value
+
+    @field_validator("aikit_routers")
+    @classmethod
+    def _routers(cls, value: str) -> str:
+        for spec in router_specs(value):
+            if not _ROUTER_SPEC.fullmatch(spec):
+                raise ValueError(f"{spec!r} is not module:attribute (e.g. myapp.routes:router)")
+        return value
+
+    @property
+    def routers(self) -> list[str]:
+        return router_specs(self.aikit_routers)
 
     @property
     def stripe_enabled(self) -> bool:

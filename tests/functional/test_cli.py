@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ def test_migrate_then_create_list_and_revoke_keys(pg_url: str, redis_prefix: str
     assert out_json(aikit("migrate", env=env, cwd=tmp_path)) == {"migrated": True}
 
     email = f"cli-{tmp_path.name}@example.com"
-    created = out_json(aikit("keys", "create", "--email", email, "--customer", f"cus_{tmp_path.name[-12:]}",
+    created = out_json(aikit("keys", "create", "--email", email, "--customer", f"cus_{uuid.uuid4().hex[:14]}",
                              "--rpm", "2", "--rpd", "50", "--monthly-tokens", "1000", env=env, cwd=tmp_path))
     assert created["api_key"].startswith("ak_") and created["api_key_id"].startswith("key_")
     with get_engine(pg_url).connect() as conn:

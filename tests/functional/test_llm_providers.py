@@ -236,7 +236,9 @@ async def test_wrong_credentials_are_a_gateway_failure(upstream: Upstream) -> No
 
 
 @pytest.mark.parametrize("streaming", [False, True])
-async def test_slow_upstream_times_out(upstream: Upstream, streaming: bool) -> None:
+async def test_slow_upstream_times_out_and_bills_the_input(upstream: Upstream, streaming: bool) -> None:
+    """The request reached the upstream, which works on it (and bills it) though we stopped waiting: the input
+    is metered, estimated as the upstream never reported it."""
     llm = upstream.llm(timeout=0.2)
     upstream.server.inject("slow")
     call = _stream_all(llm) if streaming else llm.chat(MESSAGES, track_tokens=True, caller=CALLER)
@@ -246,7 +248,8 @@ async def test_slow_upstream_times_out(upstream: Upstream, streaming: bool) -> N
     finally:
         await llm.aclose()
     assert info.value.status_code == 504
-    assert upstream.meter.events == []
+    assert info.value.cut_off
+    assert upstream.meter.figures() == [(10, 0, 0)]  # 40 characters: an estimated 10 input tokens
 
 
 async def test_unreachable_upstream_is_502(upstream: Upstream) -> None:

@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from aikit.api.app import create_app
 from aikit.flush import Flusher
 from aikit.keys import IssuedKey
+from aikit.llm import ChatRequest
 from aikit.runtime import Runtime
 from aikit.settings import Settings
 from tests.conftest import REDIS_URL, issue_key, make_settings, read_sdk_stream
@@ -151,10 +152,19 @@ def test_upstream_dying_mid_stream_is_reported_in_band_and_metered(
     assert held(runtime, key) == {}
 
 
+def own_reservation(runtime: Runtime, content: str) -> int:
+    """What a call without max_tokens reserves: its input bound plus the default output cap."""
+    cap = runtime.settings.quota_reserve_tokens
+    req = ChatRequest(messages=[{"role": "user", "content": content}], model="gpt-4o-mini", max_tokens=cap)
+    return runtime.llm.provider.input_token_bound(req) + cap
+
+
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize(("fault", "status"), [("500", 502), ("503", 502), ("slow", 504)])
-def test_upstream_failure_answers_5xx_meters_nothing_and_releases_the_reservation(
+def test_upstream_failure_answers_5xx_and_settles_the_reservation(
         runtime: Runtime, key: IssuedKey, upstream: FakeOpenAI, fault: str, status: int, stream: bool) -> None:
+    """A refusal (5xx) is not billed and gives its reservation back; a timeout cut the call off while the
+    upstream worked on it, so it bills the input (estimated: the upstream never said) and nothing is held."""
     upstream.inject(fault)
     with TestClient(create_app(runtime=runtime)) as client:
         started = time.monotonic()
@@ -168,12 +178,17 @@ def test_upstream_failure_answers_5xx_meters_nothing_and_releases_the_reservatio
         assert error["type"] == ("timeout_error" if status == 504 else "api_error")
         if fault == "slow":
             assert elapsed < UPSTREAM_TIMEOUT + 1.0
-        assert entries(runtime, key.api_key_id) == []
-        assert pending_tokens(runtime, key.api_key_id) == 0
+            [event] = entries(runtime, key.api_key_id)
+            assert (event["r"], event["i"], event["o"]) == (r.headers["X-Request-Id"], "1", "0")  # ceil(2 / 4)
+            assert pending_tokens(runtime, key.api_key_id) == 1
+        else:
+            assert entries(runtime, key.api_key_id) == []
+            assert pending_tokens(runtime, key.api_key_id) == 0
         assert held(runtime, key) == {}
-        # Nothing is left held: the next call's headers show only its own reservation (QUOTA_RESERVE_TOKENS).
+        # Nothing is left held: the next call's headers show only its own reservation.
         ok = client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key.api_key}"},
                          json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
         assert ok.status_code == 200
-        assert ok.headers["X-RateLimit-Remaining-Tokens"] == str(1_000_000 - runtime.settings.quota_reserve_tokens)
-    assert len(entries(runtime, key.api_key_id)) == 1
+        used = 1 if fault == "slow" else 0
+        assert ok.headers["X-RateLimit-Remaining-Tokens"] == str(1_000_000 - used - own_reservation(runtime, "hi"))
+    assert len(entries(runtime, key.api_key_id)) == 1 + used

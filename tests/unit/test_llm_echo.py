@@ -14,6 +14,7 @@ import pytest
 from aikit.llm import (
     LLM,
     Caller,
+    CallerRequired,
     ChatRequest,
     InvalidRequestError,
     StreamEnd,
@@ -151,11 +152,11 @@ async def test_chat_without_tracking_records_nothing() -> None:
 
 
 async def test_tracking_needs_a_caller_and_a_meter() -> None:
-    with pytest.raises(RuntimeError, match="needs a caller"):
+    with pytest.raises(CallerRequired, match="outside an authenticated request"):
         await echo_llm(MemoryMeter()).chat(MESSAGES, track_tokens=True)
     with pytest.raises(RuntimeError, match="needs an LLM built with a meter"):
         await echo_llm().chat(MESSAGES, track_tokens=True, caller=CALLER)
-    with pytest.raises(RuntimeError, match="needs a caller"):
+    with pytest.raises(CallerRequired, match="outside an authenticated request"):
         echo_llm(MemoryMeter()).stream(MESSAGES, track_tokens=True)  # raised before the first event
 
 

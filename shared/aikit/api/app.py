@@ -1,20 +1,90 @@
-"""The FastAPI application: thin routes over aikit's plain functions."""
+"""The FastAPI application: thin routes over aikit's plain functions, plus the routers you mount.
+
+    create_app(routers=[my_router])   # or AIKIT_ROUTERS=myapp.routes:router for aikit serve / the Lambda
+
+Every route of a mounted router needs an API key exactly like the built-in routes (401, 402, 429), unless
+the router opted out with `aikit.api.deps.public(router)`; inside it, `llm.chat(..., track_tokens=True)`
+meters to the caller and is admitted against its limits.
+"""
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+import importlib
+import os
+import sys
+from collections.abc import Sequence
 
-from aikit.api.errors import install_error_handlers
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from aikit.api.deps import authenticate, is_public
+from aikit.api.errors import error_body, install_error_handlers
 from aikit.api.routes import admin, billing, chat, health, usage, webhooks
+from aikit.api.scope import RequestScopeMiddleware
+from aikit.limits import LimiterUnavailable, RateLimited
+from aikit.llm.base import ProviderError
+from aikit.metering.redis_meter import MeterUnavailable
 from aikit.runtime import Runtime, get_runtime
-from aikit.settings import Settings
+from aikit.settings import Settings, SettingsError
 
 
-def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
+def _bad_routers(spec: str, why: str) -> SettingsError:
+    return SettingsError(f"invalid setting AIKIT_ROUTERS: {spec}: {why}".replace("\n", " "))
+
+
+def load_router(spec: str) -> APIRouter:
+    """The APIRouter a `module:attribute` names; anything wrong is a SettingsError of one line naming it."""
+    module_name, _, attribute = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as uvicorn does: modules of the directory the server runs in
+    try:
+        found: object = importlib.import_module(module_name)
+    except Exception as exc:
+        raise _bad_routers(spec, f"cannot import {module_name} ({type(exc).__name__}: {exc})") from None
+    for name in attribute.split("."):
+        if not hasattr(found, name):
+            raise _bad_routers(spec, f"{module_name} has no attribute {attribute}") from None
+        found = getattr(found, name)
+    if not isinstance(found, APIRouter):
+        raise _bad_routers(spec, f"is a {type(found).__name__}, not a fastapi.APIRouter")
+    return found
+
+
+def install_metered_call_errors(app: FastAPI) -> None:
+    """What a metered LLM call raises, answered in the OpenAI error shape, in built-in and mounted routes."""
+
+    @app.exception_handler(RateLimited)
+    async def _limited(_: Request, exc: RateLimited) -> JSONResponse:
+        return JSONResponse(error_body(429, exc.message, "rate_limit_exceeded"), 429, headers=exc.decision.headers)
+
+    @app.exception_handler(LimiterUnavailable)
+    async def _limiter(_: Request, exc: LimiterUnavailable) -> JSONResponse:
+        return JSONResponse(error_body(503, "rate limiter unavailable, try again shortly", "limiter_unavailable"),
+                            503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(ProviderError)
+    async def _provider(_: Request, exc: ProviderError) -> JSONResponse:
+        return JSONResponse(error_body(exc.status_code, exc.message, "provider_error"), exc.status_code)
+
+    @app.exception_handler(MeterUnavailable)
+    async def _meter(_: Request, exc: MeterUnavailable) -> JSONResponse:
+        # X-Request-Id (added for every billed request) lets support match the rare write that did commit.
+        return JSONResponse(error_body(503, "usage could not be recorded, retry shortly", "metering_unavailable"),
+                            503)
+
+
+def create_app(settings: Settings | None = None, runtime: Runtime | None = None,
+               routers: Sequence[APIRouter] = ()) -> FastAPI:
+    """The API: built-in routes, then `routers` and those AIKIT_ROUTERS names (a bad one raises SettingsError)."""
     runtime = runtime or (Runtime(settings) if settings is not None else get_runtime())
+    mounted = [*routers, *(load_router(spec) for spec in runtime.settings.routers)]
     app = FastAPI(title="aikit", version="0.1.0", docs_url="/docs", redoc_url=None)
     app.state.runtime = runtime
     install_error_handlers(app)
+    install_metered_call_errors(app)
     for module in (health, chat, admin, billing, usage, webhooks):
         app.include_router(module.router)
+    for router in mounted:
+        app.include_router(router, dependencies=[] if is_public(router) else [Depends(authenticate)])
+    app.add_middleware(RequestScopeMiddleware, runtime=runtime)
     return app

@@ -1,4 +1,4 @@
-"""Request dependencies: the runtime, the caller's key, the admin token."""
+"""Request dependencies: the runtime, the caller's key and billing state, the admin token."""
 
 from __future__ import annotations
 
@@ -6,11 +6,14 @@ import hmac
 from typing import Annotated
 
 import anyio
-from fastapi import Depends, Request
+from fastapi import APIRouter, Depends, Request
 
 from aikit.access import Access
 from aikit.api.errors import ApiError
 from aikit.keys import KeyInfo
+from aikit.llm import BoundLLM
+from aikit.llm.admission import MeteredRequest
+from aikit.llm.context import RequestScope, current_request
 from aikit.runtime import Runtime
 
 
@@ -36,8 +39,8 @@ def bearer_token(request: Request) -> str:
     return token
 
 
-async def current_key(request: Request, runtime: RuntimeDep) -> KeyInfo:
-    """The caller's key: valid and not revoked (401). Billing state is checked by `billed_key`."""
+async def verified_key(request: Request, runtime: Runtime) -> KeyInfo:
+    """The caller's key: valid and not revoked (401); unknown keys from an address guessing them: 429."""
     token = bearer_token(request)
     if len(token) > 200:
         raise ApiError(401, "invalid API key", code="invalid_api_key")
@@ -52,21 +55,56 @@ async def current_key(request: Request, runtime: RuntimeDep) -> KeyInfo:
         raise ApiError(401, "invalid API key", code="invalid_api_key")
     if not info.active:
         raise ApiError(401, "API key has been revoked", code="revoked_api_key")
-    runtime.quota_periods[info.api_key_id] = info.quota_period_start
     return info
+
+
+async def current_key(request: Request, runtime: RuntimeDep) -> KeyInfo:
+    """The caller's key, whatever its billing state (its own usage stays readable after a subscription ends)."""
+    return await verified_key(request, runtime)
 
 
 KeyDep = Annotated[KeyInfo, Depends(current_key)]
 
 
-async def billed_key(key: KeyDep) -> KeyInfo:
-    """A key whose customer may use the API now (402 otherwise)."""
+async def authenticate(request: Request) -> MeteredRequest:
+    """The one auth-and-admission step of a metered route: a valid key (401/429) whose customer may use the
+    API now (402), and the request's billing state, which the route's metered LLM calls are admitted and
+    metered through. No Redis or database round trip on a warm key: limits are checked with the first call."""
+    runtime: Runtime = request.app.state.runtime
+    key = await verified_key(request, runtime)
     if key.access is Access.NONE:
         raise ApiError(402, f"payment required: {key.access_reason}", code="subscription_inactive")
-    return key
+    billing = MeteredRequest(key, runtime.limiter, runtime.llm, runtime.settings.quota_reserve_tokens)
+    scope = current_request.get()
+    if scope is None:  # an app built without create_app's middleware
+        scope = RequestScope(runtime)
+        current_request.set(scope)
+    scope.gate = billing
+    return billing
 
 
-BilledKeyDep = Annotated[KeyInfo, Depends(billed_key)]
+BilledDep = Annotated[MeteredRequest, Depends(authenticate)]
+
+
+async def metered_llm(billing: BilledDep) -> BoundLLM:
+    return billing.llm
+
+
+# A route parameter `llm: MeteredLLM` gets an LLM whose calls meter to the caller's key, within its limits.
+MeteredLLM = Annotated[BoundLLM, Depends(metered_llm)]
+
+PUBLIC_ATTRIBUTE = "aikit_public"
+
+
+def public(router: APIRouter) -> APIRouter:
+    """Opt a router out of the API-key check that mounting applies to every route (health checks, webhooks).
+    A metered LLM call made in one of its routes still needs a valid key: it authenticates on first use."""
+    setattr(router, PUBLIC_ATTRIBUTE, True)
+    return router
+
+
+def is_public(router: APIRouter) -> bool:
+    return bool(getattr(router, PUBLIC_ATTRIBUTE, False))
 
 
 def require_admin(request: Request, runtime: RuntimeDep) -> None:

@@ -67,6 +67,9 @@ def transport_errors(provider: str) -> Iterator[None]:
     """Map httpx failures and undecodable answers to ProviderError; ProviderError passes through."""
     try:
         yield
+    except httpx.ReadTimeout:
+        # The request was sent and the upstream is working on it: it bills the call.
+        raise ProviderTimeout(f"{provider} timed out", cut_off=True) from None
     except httpx.TimeoutException:
         raise ProviderTimeout(f"{provider} timed out") from None
     except httpx.HTTPError as exc:

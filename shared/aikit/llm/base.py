@@ -7,6 +7,7 @@ provider's prompt cache.
 
 from __future__ import annotations
 
+import json
 import math
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Sequence
@@ -97,8 +98,12 @@ class ProviderError(Exception):
 
 
 class ProviderTimeout(ProviderError):
-    def __init__(self, message: str = "provider timed out", status_code: int = 504) -> None:
+    """`cut_off`: we stopped waiting while the upstream was working on the request (a read timeout, the call's
+    deadline), so the upstream bills it; false when it never got the request or answered with a timeout."""
+
+    def __init__(self, message: str = "provider timed out", status_code: int = 504, *, cut_off: bool = False) -> None:
         super().__init__(message, status_code)
+        self.cut_off = cut_off
 
 
 class InvalidRequestError(ProviderError):
@@ -109,8 +114,10 @@ class InvalidRequestError(ProviderError):
 
 
 def estimate_tokens(text: str) -> int:
-    """The usual rough rule of ~4 characters per token, for when a provider reports nothing."""
-    return math.ceil(len(text) / 4)
+    """A rough count for when a provider reports nothing: ~4 ASCII characters per token, and one token per
+    other character (CJK, emoji and most non-Latin scripts take about one token or more each)."""
+    ascii_chars = len(text.encode("ascii", "ignore"))
+    return math.ceil(ascii_chars / 4) + len(text) - ascii_chars
 
 
 def content_parts(content: object, where: str = "content") -> list[str]:
@@ -182,3 +189,11 @@ class Provider(ABC):
 
     def estimate_output_tokens(self, text: str, deltas: int) -> int:
         return max(deltas, estimate_tokens(text))
+
+    def input_token_bound(self, req: ChatRequest) -> int:
+        """At least the input tokens the upstream can bill for `req`, for quota reservations. Byte-level BPE
+        tokens (OpenAI, Anthropic, Llama...) each cover one UTF-8 byte or more, so the bytes of the request's
+        JSON (text, roles, names and structure) plus a margin for each message's special tokens bound them.
+        A provider that takes inputs other than text (images) must override this."""
+        raw = json.dumps([req.messages, req.params], ensure_ascii=False, separators=(",", ":"), default=str)
+        return len(raw.encode()) + 4 * len(req.messages) + 16

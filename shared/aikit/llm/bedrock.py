@@ -127,11 +127,10 @@ def boto_errors(provider: str) -> Iterator[None]:
         yield
     except botocore.exceptions.ClientError as exc:  # EventStreamError included
         raise client_error(provider, exc) from None
-    except (
-        botocore.exceptions.ReadTimeoutError,
-        botocore.exceptions.ConnectTimeoutError,
-        urllib3.exceptions.TimeoutError,
-    ):
+    except botocore.exceptions.ReadTimeoutError:
+        # The request was sent and the model is working on it: it bills the call.
+        raise ProviderTimeout(f"{provider} timed out", cut_off=True) from None
+    except (botocore.exceptions.ConnectTimeoutError, urllib3.exceptions.TimeoutError):
         raise ProviderTimeout(f"{provider} timed out") from None
     except (botocore.exceptions.NoCredentialsError, botocore.exceptions.PartialCredentialsError):
         log.error("%s: no AWS credentials available", provider)

@@ -85,3 +85,6 @@ class EchoProvider(Provider):
 
     def estimate_output_tokens(self, text: str, deltas: int) -> int:
         return count_words(text)
+
+    def input_token_bound(self, req: ChatRequest) -> int:
+        return _input_words(req)

@@ -24,6 +24,9 @@ class UsageEvent:
     output_tokens: int
     cached_tokens: int = 0  # the part of input_tokens served from the provider's cache
     ts: float = field(default_factory=time.time)  # Unix seconds, when the usage happened
+    # The start of the key's quota period the tokens count against (KeyInfo.quota_period_start); None lets
+    # a meter that keeps quota counters look it up.
+    quota_period_start: int | None = None
 
     @property
     def tokens(self) -> int:
@@ -48,6 +51,7 @@ class Meter(ABC):
         output_tokens: int | None = None,
         cached_tokens: int = 0,
         ts: float | None = None,
+        quota_period_start: int | None = None,
     ) -> UsageEvent:
         """The documented entry point: `meter.record(api_key_id, tokens, customer_id, ...)`."""
         if input_tokens is None and output_tokens is None:
@@ -65,6 +69,7 @@ class Meter(ABC):
             output_tokens=output_tokens,
             cached_tokens=cached_tokens,
             ts=time.time() if ts is None else ts,
+            quota_period_start=quota_period_start,
         )
         await self.record_event(event)
         return event

@@ -34,19 +34,21 @@ class RedisLayout:
         """Hash of usage recorded but not yet flushed, by `date|model|field`."""
         return self.pending_prefix(self.shard_of(api_key_id)) + api_key_id
 
-    def minute(self, api_key_id: str, minute: int) -> str:
-        return f"{self.tag(self.shard_of(api_key_id))}:rpm:{api_key_id}:{minute}"
+    def minute(self, api_key_id: str) -> str:
+        """Requests in the current minute, as "<minute>:<count>" (the minute from Redis' own clock)."""
+        return f"{self.tag(self.shard_of(api_key_id))}:rpm:{api_key_id}"
 
-    def day(self, api_key_id: str, day: str) -> str:
-        return f"{self.tag(self.shard_of(api_key_id))}:rpd:{api_key_id}:{day}"
+    def day(self, api_key_id: str) -> str:
+        """Requests in the current UTC day, as "<day>:<count>"."""
+        return f"{self.tag(self.shard_of(api_key_id))}:rpd:{api_key_id}"
 
     def quota(self, api_key_id: str, period_start: int) -> str:
         return f"{self.tag(self.shard_of(api_key_id))}:quota:{api_key_id}:{period_start}"
 
-    def quota_seeded(self, api_key_id: str, period_start: int) -> str:
-        """Set once the quota counter of a period was seeded from the database (after a Redis loss or at
-        the start of a period), so the seeding happens once per key and period."""
-        return f"{self.tag(self.shard_of(api_key_id))}:quotaseed:{api_key_id}:{period_start}"
+    def quota_catchup(self, api_key_id: str, period_start: int) -> str:
+        """Tokens recorded while a missing quota counter is being re-seeded from the database; the seed adds
+        them, so usage recorded during the seeding is not lost from the counter."""
+        return f"{self.tag(self.shard_of(api_key_id))}:quotacatchup:{api_key_id}:{period_start}"
 
     def inflight(self, api_key_id: str) -> str:
         return f"{self.tag(self.shard_of(api_key_id))}:inflight:{api_key_id}"

@@ -1,18 +1,24 @@
-"""The request-path meter: one Redis round trip per event, falling back to a direct Postgres write."""
+"""The request-path meter: one Redis round trip per event, falling back to a direct Postgres write whenever
+Redis did not take it (unreachable, timed out, or refusing the write: READONLY, OOM, LOADING, MASTERDOWN,
+CLUSTERDOWN, TRYAGAIN)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
-from collections.abc import Callable
+from collections import OrderedDict
 from dataclasses import asdict
 from typing import Any
 
 import anyio
 from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
 
+from aikit.keys import load_quota_period, month_start
 from aikit.metering.base import Meter, UsageEvent
-from aikit.metering.layout import QUOTA_TTL_SECONDS, RedisLayout
+from aikit.metering.layout import RedisLayout
 from aikit.metering.scripts import RECORD
 from aikit.metering.sql_sink import store_events
 from aikit.observability import METER_FALLBACKS, TOKENS_METERED, emit, logger
@@ -24,37 +30,80 @@ class MeterUnavailable(Exception):
     """Neither Redis nor the database took the event (it was logged as `usage_unrecorded`)."""
 
 
+class UnknownApiKey(ValueError):
+    """Usage for an API key id the database does not know: it would be billed to nobody."""
+
+
 def record_args(event: UsageEvent) -> list[Any]:
     return [event.request_id, event.api_key_id, event.customer_id or "", event.model, event.input_tokens,
             event.output_tokens, event.cached_tokens, repr(event.ts),
-            time.strftime("%Y-%m-%d", time.gmtime(event.ts)), QUOTA_TTL_SECONDS]
+            time.strftime("%Y-%m-%d", time.gmtime(event.ts))]
+
+
+class _QuotaPeriods:
+    """Quota period starts of keys recorded without one (standalone use of the meter), briefly cached."""
+
+    def __init__(self, engine: Engine, ttl: float, max_entries: int = 10_000) -> None:
+        self._engine = engine
+        self._ttl = ttl
+        self._max = max_entries
+        self._entries: OrderedDict[str, tuple[float, int]] = OrderedDict()
+
+    def _load(self, api_key_id: str) -> int:
+        try:
+            with Session(self._engine) as session:
+                found = load_quota_period(session, api_key_id)
+        except (DBAPIError, OSError):
+            # The database is down: the calendar month is every key's period unless a paid invoice moved it.
+            logger.warning("quota_period_unknown", extra={"api_key_id": api_key_id})
+            return int(month_start(dt.datetime.now(dt.UTC)).timestamp())
+        if found is None:
+            raise UnknownApiKey(f"no API key {api_key_id!r}: its usage cannot be metered")
+        return found
+
+    async def of(self, api_key_id: str) -> int:
+        now = time.monotonic()
+        hit = self._entries.get(api_key_id)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        period = await anyio.to_thread.run_sync(self._load, api_key_id)
+        self._entries[api_key_id] = (now + self._ttl, period)
+        self._entries.move_to_end(api_key_id)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+        return period
 
 
 class RedisMeter(Meter):
-    def __init__(self, client: Any, layout: RedisLayout, engine: Engine, settings: Settings,
-                 quota_period_of: Callable[[str], int] | None = None) -> None:
+    """Records usage into the durable buffer and the live counters the limiter reads. An event should carry
+    its quota period (`quota_period_start`, as the API's callers do); one without it is looked up by key."""
+
+    def __init__(self, client: Any, layout: RedisLayout, engine: Engine, settings: Settings) -> None:
         self._redis = client
         self._layout = layout
         self._engine = engine
         self._settings = settings
-        # api_key_id -> quota period start; the API sets it from the key lookup it already made.
-        self._quota_period_of = quota_period_of or (lambda _kid: 0)
+        self._periods = _QuotaPeriods(engine, max(1.0, settings.key_cache_ttl_seconds))
 
-    def keys_for(self, event: UsageEvent) -> list[str]:
+    def keys_for(self, event: UsageEvent, period_start: int) -> list[str]:
         kid = event.api_key_id
-        shard = self._layout.shard_of(kid)
-        return [self._layout.stream(shard), self._layout.pending(kid),
-                self._layout.quota(kid, int(self._quota_period_of(kid))), self._layout.inflight(kid)]
+        return [self._layout.stream(self._layout.shard_of(kid)), self._layout.pending(kid),
+                self._layout.quota(kid, period_start), self._layout.inflight(kid),
+                self._layout.quota_catchup(kid, period_start)]
 
     async def record_event(self, event: UsageEvent) -> None:
+        period = event.quota_period_start
+        if period is None:
+            period = await self._periods.of(event.api_key_id)
         try:
-            await RECORD.run_async(self._redis, self.keys_for(event), record_args(event))
-        except REDIS_DOWN_ERRORS:
+            await RECORD.run_async(self._redis, self.keys_for(event, period), record_args(event))
+        except REDIS_DOWN_ERRORS as exc:
+            logger.warning("meter_fallback", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
             await anyio.to_thread.run_sync(self._fallback, event)
         emit(TOKENS_METERED, event.tokens)
 
     def _fallback(self, event: UsageEvent) -> None:
-        """Redis is down: write the event straight to the database, keyed by the same request id."""
+        """Redis did not take the event: write it straight to the database, keyed by the same request id."""
         emit(METER_FALLBACKS)
         try:
             with self._engine.begin() as conn:

@@ -30,19 +30,33 @@ class LuaScript:
             return client.eval(self.source, len(keys), *keys, *args)
 
 
-# Before the LLM call: check and count requests per minute/day, and reserve tokens against the monthly
-# quota so that parallel requests cannot all slip through the same remaining budget.
-# KEYS: minute, day, quota, inflight, quota_seeded. ARGV: rpm, rpd, quota_limit (-1 = unlimited), reserve,
-# request_id, minute_ttl, day_ttl, now, reservation_ttl.
-# Returns {allowed, limit_hit, minute_count, day_count, quota_used, quota_held}; allowed is -1 when the quota
-# counter of this period has not been seeded from the database yet (nothing was counted then).
+# Every limit decision uses Redis' own clock (TIME), so instances whose clocks disagree share one minute, one
+# day and one expiry time for reservations.
+
+# Before a metered LLM call: check (and, once per HTTP request, count) requests per minute/day, and reserve
+# the call's worst case against the monthly quota, so parallel calls cannot all spend the same remaining
+# budget. A call is admitted while used + held < quota and then reserves its whole worst case: the overshoot
+# is bounded by one call.
+# KEYS: minute, day, quota, inflight, pending, quota_catchup.
+# ARGV: rpm, rpd, quota_limit (-1 = none), reserve, call_id, count_request (1/0), reservation_ttl,
+#       period_start_date (YYYY-MM-DD), catchup_ttl.
+# Returns {allowed, limit_hit, minute_count, day_count, quota_used, quota_held, now}. allowed is -1 when the
+# quota counter of this period is missing (first call of the period, or evicted): nothing was counted, the
+# catch-up counter was started, and quota_used is the key's unflushed usage of the period, which the caller
+# adds to the database's rollups to seed the counter (SEED_QUOTA).
 ADMIT = LuaScript(
     """
+local now = tonumber(redis.call('TIME')[1])
+local minute, day = math.floor(now / 60), math.floor(now / 86400)
 local rpm, rpd, qlim = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local reserve, now = tonumber(ARGV[4]), tonumber(ARGV[8])
-local m = tonumber(redis.call('GET', KEYS[1]) or '0')
-local d = tonumber(redis.call('GET', KEYS[2]) or '0')
-local used = tonumber(redis.call('GET', KEYS[3]) or '0')
+local reserve, count = tonumber(ARGV[4]), ARGV[6] == '1'
+local function current(key, bucket)
+  local b, c = string.match(redis.call('GET', key) or '', '^(%d+):(%d+)$')
+  if b and tonumber(b) == bucket then return tonumber(c) end
+  return 0
+end
+local m, d = current(KEYS[1], minute), current(KEYS[2], day)
+local used = tonumber(redis.call('GET', KEYS[3]) or '-1')
 local held = 0
 if qlim >= 0 then
   local all = redis.call('HGETALL', KEYS[4])
@@ -55,32 +69,46 @@ if qlim >= 0 then
     end
   end
 end
-if rpm >= 0 and m >= rpm then return {0, 'minute', m, d, used, held} end
-if rpd >= 0 and d >= rpd then return {0, 'day', m, d, used, held} end
-if qlim >= 0 and redis.call('EXISTS', KEYS[5]) == 0 then return {-1, 'seed', m, d, used, held} end
-if qlim >= 0 and used + held >= qlim then return {0, 'tokens', m, d, used, held} end
-m = redis.call('INCR', KEYS[1])
-if m == 1 then redis.call('EXPIRE', KEYS[1], ARGV[6]) end
-d = redis.call('INCR', KEYS[2])
-if d == 1 then redis.call('EXPIRE', KEYS[2], ARGV[7]) end
+if count and rpm >= 0 and m >= rpm then return {0, 'minute', m, d, math.max(used, 0), held, now} end
+if count and rpd >= 0 and d >= rpd then return {0, 'day', m, d, math.max(used, 0), held, now} end
+if qlim >= 0 and used < 0 then
+  redis.call('SET', KEYS[6], '0', 'NX', 'EX', ARGV[9])
+  local unflushed = 0
+  local fields = redis.call('HGETALL', KEYS[5])
+  for i = 1, #fields, 2 do
+    local f = fields[i]
+    if string.sub(f, -2) == '|t' and string.sub(f, 1, 10) >= ARGV[8] then
+      unflushed = unflushed + tonumber(fields[i + 1])
+    end
+  end
+  return {-1, 'seed', m, d, unflushed, held, now}
+end
+if qlim >= 0 and used + held >= qlim then return {0, 'tokens', m, d, used, held, now} end
+if count then
+  m = m + 1
+  redis.call('SET', KEYS[1], minute .. ':' .. m, 'EX', 120)
+  d = d + 1
+  redis.call('SET', KEYS[2], day .. ':' .. d, 'EX', 2 * 86400)
+end
 if qlim >= 0 and reserve > 0 then
-  reserve = math.min(reserve, qlim - used - held)
-  redis.call('HSET', KEYS[4], ARGV[5], reserve .. ':' .. (now + tonumber(ARGV[9])))
-  redis.call('EXPIRE', KEYS[4], ARGV[9])
+  redis.call('HSET', KEYS[4], ARGV[5], reserve .. ':' .. (now + tonumber(ARGV[7])))
+  redis.call('EXPIRE', KEYS[4], ARGV[7])
   held = held + reserve
 end
-return {1, '', m, d, used, held}
+return {1, '', m, d, math.max(used, 0), held, now}
 """
 )
 
-# Seed a period's quota counter with the usage the database already holds for it, once.
-# KEYS: quota, quota_seeded. ARGV: tokens, ttl.
+# Seed a missing quota counter: what the database holds for the period plus what was unflushed when ADMIT
+# found the counter missing (ARGV[1]), plus what was recorded since (the catch-up counter). Whoever seeds
+# first wins. A flush that commits between ADMIT and the database read counts twice: the seed errs high,
+# never low. KEYS: quota, quota_catchup. ARGV: tokens, ttl.
 SEED_QUOTA = LuaScript(
     """
-if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-redis.call('INCRBY', KEYS[1], ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local since = tonumber(redis.call('GET', KEYS[2]) or '0')
+redis.call('SET', KEYS[1], tonumber(ARGV[1]) + since, 'EX', ARGV[2])
+redis.call('DEL', KEYS[2])
 return 1
 """
 )
@@ -88,9 +116,40 @@ return 1
 # Give a reservation back when the call produced nothing. KEYS: inflight. ARGV: request_id.
 RELEASE = LuaScript("return redis.call('HDEL', KEYS[1], ARGV[1])")
 
-# After the LLM call: append the event to the durable buffer and move the live counters, atomically.
-# KEYS: stream, pending, quota, inflight.
-# ARGV: request_id, api_key_id, customer_id, model, input, output, cached, ts, date, quota_ttl.
+# What is left of each limit, on Redis' clock. KEYS: minute, day, quota. Returns {minute, day, quota_used}.
+PEEK = LuaScript(
+    """
+local now = tonumber(redis.call('TIME')[1])
+local function current(key, bucket)
+  local b, c = string.match(redis.call('GET', key) or '', '^(%d+):(%d+)$')
+  if b and tonumber(b) == bucket then return tonumber(c) end
+  return 0
+end
+return {current(KEYS[1], math.floor(now / 60)), current(KEYS[2], math.floor(now / 86400)),
+        tonumber(redis.call('GET', KEYS[3]) or '0')}
+"""
+)
+
+# Invalid API keys from one address in the current minute; ARGV[1] = 1 counts one more. KEYS: the counter.
+AUTH_FAILURES = LuaScript(
+    """
+local minute = math.floor(tonumber(redis.call('TIME')[1]) / 60)
+local b, c = string.match(redis.call('GET', KEYS[1]) or '', '^(%d+):(%d+)$')
+local n = 0
+if b and tonumber(b) == minute then n = tonumber(c) end
+if ARGV[1] == '1' then
+  n = n + 1
+  redis.call('SET', KEYS[1], minute .. ':' .. n, 'EX', 120)
+end
+return n
+"""
+)
+
+# After the LLM call: append the event to the durable buffer and move the live counters, atomically. The
+# quota counter moves only if it exists (else the catch-up counter of a seeding in progress, if any): a
+# missing counter is re-seeded from the rollups plus the unflushed usage, never restarted from this event.
+# KEYS: stream, pending, quota, inflight[, quota_catchup].
+# ARGV: request_id, api_key_id, customer_id, model, input, output, cached, ts, date.
 RECORD = LuaScript(
     """
 local tokens = tonumber(ARGV[5]) + tonumber(ARGV[6])
@@ -102,8 +161,12 @@ redis.call('HINCRBY', KEYS[2], f .. 'r', 1)
 redis.call('HINCRBY', KEYS[2], f .. 'i', ARGV[5])
 redis.call('HINCRBY', KEYS[2], f .. 'o', ARGV[6])
 redis.call('HINCRBY', KEYS[2], f .. 'x', ARGV[7])
-local q = redis.call('INCRBY', KEYS[3], tokens)
-if redis.call('TTL', KEYS[3]) < 0 then redis.call('EXPIRE', KEYS[3], ARGV[10]) end
+local q = -1
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  q = redis.call('INCRBY', KEYS[3], tokens)  -- keeps the TTL SEED_QUOTA gave it
+elseif KEYS[5] and redis.call('EXISTS', KEYS[5]) == 1 then
+  redis.call('INCRBY', KEYS[5], tokens)
+end
 redis.call('HDEL', KEYS[4], ARGV[1])
 return {id, q}
 """

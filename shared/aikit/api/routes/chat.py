@@ -1,4 +1,5 @@
-"""POST /v1/chat/completions: OpenAI-compatible, metered, rate limited."""
+"""POST /v1/chat/completions: OpenAI-compatible, metered, rate limited (through the same path as any route
+that calls `llm.chat(..., track_tokens=True)`)."""
 
 from __future__ import annotations
 
@@ -9,17 +10,11 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from aikit.api.deps import BilledKeyDep, RuntimeDep
-from aikit.api.errors import ApiError, error_body
+from aikit.api.deps import BilledDep
+from aikit.api.errors import error_body
 from aikit.api.schemas import ChatCompletionRequest
-from aikit.keys import KeyInfo
-from aikit.limits import LimiterUnavailable
 from aikit.llm.base import ChatResult, ProviderError, StreamEnd, TextDelta, Usage
-from aikit.llm.context import Caller
-from aikit.metering.base import new_request_id
 from aikit.metering.redis_meter import MeterUnavailable
-from aikit.observability import RATE_LIMITED, REQUESTS, emit
-from aikit.runtime import Runtime
 
 router = APIRouter()
 
@@ -45,58 +40,27 @@ def completion_json(request_id: str, result: ChatResult, created: int) -> dict[s
     }
 
 
-async def admit(runtime: Runtime, key: KeyInfo, body: ChatCompletionRequest, request_id: str) -> dict[str, str]:
-    prompt_chars = sum(len(m.content) if isinstance(m.content, str) else sum(len(p.text) for p in m.content)
-                       for m in body.messages)
-    reserve = prompt_chars // 4 + (body.limit() or runtime.settings.quota_reserve_tokens)
-    try:
-        decision = await runtime.limiter.admit(key, request_id, reserve)
-    except LimiterUnavailable:
-        raise ApiError(503, "rate limiter unavailable, try again shortly", code="limiter_unavailable",
-                       headers={"Retry-After": "5"}) from None
-    if not decision.allowed:
-        emit(RATE_LIMITED, limit=decision.limit_hit or "unknown")
-        what = {"minute": "requests per minute", "day": "requests per day", "tokens": "monthly token quota"}
-        raise ApiError(429, f"rate limit exceeded: {what.get(decision.limit_hit or '', 'limit')}",
-                       code="rate_limit_exceeded", headers=decision.headers)
-    return decision.headers
-
-
 @router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(body: ChatCompletionRequest, key: BilledKeyDep,
-                           runtime: RuntimeDep) -> JSONResponse | StreamingResponse:
-    request_id = new_request_id()
-    headers = await admit(runtime, key, body, request_id)
-    headers["X-Request-Id"] = request_id
-    emit(REQUESTS)
-    caller = Caller(api_key_id=key.api_key_id, customer_id=key.customer_id)
-    kwargs = {"messages": body.messages_payload(), "model": body.model, "track_tokens": True,
-              "request_id": request_id, "caller": caller, "max_tokens": body.limit(), **body.provider_params()}
+async def chat_completions(body: ChatCompletionRequest, billing: BilledDep) -> JSONResponse | StreamingResponse:
+    llm = billing.llm
+    kwargs = {"messages": body.messages_payload(), "model": body.model, "max_tokens": body.limit(),
+              **body.provider_params()}
     created = int(time.time())
     if not body.stream:
-        try:
-            result = await runtime.llm.chat(**kwargs)
-        except ProviderError as exc:
-            await runtime.limiter.release(key, request_id)
-            raise ApiError(exc.status_code, exc.message, code="provider_error") from None
-        except MeterUnavailable:
-            # The request id lets support match the rare case where the write did commit before the failure.
-            raise ApiError(503, "usage could not be recorded, retry shortly",
-                           code="metering_unavailable", headers={"X-Request-Id": request_id}) from None
-        return JSONResponse(completion_json(request_id, result, created), headers=headers)
+        # Limits (429), provider failures and unrecorded usage (503) are answered by the app's error handlers.
+        result = await llm.chat(**kwargs)
+        return JSONResponse(completion_json(billing.request_id, result, created))
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    # Pull the first event before answering, so an upstream failure is a clean HTTP error, not a broken stream.
+    # Pull the first event before answering, so a refusal or an upstream failure is a clean HTTP error, not a
+    # broken stream.
+    stream = llm.stream(**kwargs)
     try:
-        stream = runtime.llm.stream(**kwargs)
         first = await anext(stream)
-    except ProviderError as exc:
-        await runtime.limiter.release(key, request_id)
-        raise ApiError(exc.status_code, exc.message, code="provider_error") from None
     except StopAsyncIteration:
         first = None
-    chunk_id = "chatcmpl-" + request_id.removeprefix("req_")
-    model = body.model or runtime.llm.default_model
+    chunk_id = "chatcmpl-" + billing.request_id.removeprefix("req_")
+    model = body.model or llm.default_model
 
     def chunk(delta: dict[str, object], finish: str | None = None) -> str:
         payload = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -126,7 +90,8 @@ async def chat_completions(body: ChatCompletionRequest, key: BilledKeyDep,
                 event = await anext(stream, None)
             yield "data: [DONE]\n\n"
         except ProviderError as exc:
-            # Headers are gone; report the failure in-band as OpenAI does, after metering what was produced.
+            # Headers are gone; report the failure (the deadline included: 504) in-band as OpenAI does, after
+            # metering what was produced.
             yield f"data: {json.dumps(error_body(exc.status_code, exc.message, 'provider_error'))}\n\n"
         except MeterUnavailable:
             message = "usage could not be recorded, retry shortly"
@@ -134,4 +99,4 @@ async def chat_completions(body: ChatCompletionRequest, key: BilledKeyDep,
         finally:
             await stream.aclose()
 
-    return StreamingResponse(sse(), media_type="text/event-stream", headers=headers)
+    return StreamingResponse(sse(), media_type="text/event-stream")

@@ -1,0 +1,50 @@
+"""The per-request scope of the LLM layer, as ASGI middleware: every HTTP request gets a fresh `RequestScope`
+(so billing state never leaks between requests, whatever runs the app), its billed responses carry
+X-Request-Id and the rate-limit headers of their latest admission, and a billed request that made no
+metered call is counted against requests per minute/day once it is answered."""
+
+from __future__ import annotations
+
+from starlette.datastructures import MutableHeaders
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from aikit.llm.admission import MeteredRequest
+from aikit.llm.context import CallGate, RequestScope, current_request
+from aikit.runtime import Runtime
+
+
+class RequestScopeMiddleware:
+    def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
+        self.app = app
+        self.runtime = runtime
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def authenticate() -> CallGate:
+            from aikit.api.deps import authenticate
+
+            return await authenticate(Request(scope, receive))
+
+        request_scope = RequestScope(self.runtime, authenticate)
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start" and isinstance(request_scope.gate, MeteredRequest):
+                headers = MutableHeaders(scope=message)
+                billing = request_scope.gate
+                if "x-request-id" not in headers:
+                    headers["X-Request-Id"] = billing.request_id
+                for name, value in billing.headers.items():
+                    headers.setdefault(name, value)
+            await send(message)
+
+        token = current_request.set(request_scope)
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            current_request.reset(token)
+            if isinstance(request_scope.gate, MeteredRequest):
+                await request_scope.gate.finish()
