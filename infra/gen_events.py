@@ -69,8 +69,13 @@ def main() -> int:
                                  "current_period_start": 1700000000, "current_period_end": 1702592000}]}}},
     }, separators=(",", ":"))
 
+    # A route of your own, mounted with AIKIT_ROUTERS=examples.summarize:router.
+    summarize_body = json.dumps({"text": "Stripe bills each customer for the tokens their API key used this month."})
+
     events = {
         "chat_completions.json": http_event("POST", "/v1/chat/completions", chat_body, {
+            "content-type": "application/json", "authorization": f"Bearer {FAKE_API_KEY}"}),
+        "summarize.json": http_event("POST", "/v1/summarize", summarize_body, {
             "content-type": "application/json", "authorization": f"Bearer {FAKE_API_KEY}"}),
         "healthz.json": http_event("GET", "/healthz", None, {}),
         "stripe_webhook.json": http_event("POST", "/v1/webhooks/stripe", webhook_body, {

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,11 +84,6 @@ async def _nothing_used(_key: KeyInfo, _since: int) -> int:
     return 0
 
 
-def period_start_date(period_start: int) -> str:
-    """The UTC date of a period start, as the rollups and the pending counters name days."""
-    return time.strftime("%Y-%m-%d", time.gmtime(period_start))
-
-
 class RateLimiter:
     def __init__(self, client: Any, layout: RedisLayout, settings: Settings,
                  used_since: QuotaUsedSince = _nothing_used) -> None:
@@ -101,14 +95,15 @@ class RateLimiter:
     def _keys(self, key: KeyInfo) -> list[str]:
         kid, period = key.api_key_id, key.quota_period_start
         return [self._layout.minute(kid), self._layout.day(kid), self._layout.quota(kid, period),
-                self._layout.inflight(kid), self._layout.pending(kid), self._layout.quota_catchup(kid, period)]
+                self._layout.inflight(kid), self._layout.stream(self._layout.shard_of(kid)),
+                self._layout.quota_catchup(kid, period)]
 
     async def admit(self, key: KeyInfo, call_id: str, reserve_tokens: int, *,
                     count_request: bool = True) -> LimitDecision:
         """One Redis round trip (on a warm counter): check the limits, count the request once
         (`count_request`) and reserve `reserve_tokens` against the monthly quota under `call_id`."""
         args = [_limit(key.rpm), _limit(key.rpd), _limit(key.monthly_tokens), max(0, reserve_tokens), call_id,
-                1 if count_request else 0, RESERVATION_TTL_SECONDS, period_start_date(key.quota_period_start),
+                1 if count_request else 0, RESERVATION_TTL_SECONDS, key.api_key_id, key.quota_period_start,
                 CATCHUP_TTL_SECONDS]
         keys = self._keys(key)
         try:
@@ -131,7 +126,7 @@ class RateLimiter:
     async def count(self, key: KeyInfo) -> None:
         """Count one request against requests per minute/day, whatever the limits (it was already served).
         Best effort: the request is over; a Redis failure loses only this count."""
-        args = [-1, -1, -1, 0, "", 1, RESERVATION_TTL_SECONDS, period_start_date(key.quota_period_start),
+        args = [-1, -1, -1, 0, "", 1, RESERVATION_TTL_SECONDS, key.api_key_id, key.quota_period_start,
                 CATCHUP_TTL_SECONDS]
         with contextlib.suppress(*REDIS_DOWN_ERRORS):
             await ADMIT.run_async(self._redis, self._keys(key), args)

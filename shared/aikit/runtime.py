@@ -8,9 +8,10 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from sqlalchemy import Engine
+from sqlalchemy import Engine, func, select
 
 from aikit.db.engine import get_engine
+from aikit.db.models import ApiKeyUsage, UsageDaily
 from aikit.keys import KeyCache, KeyInfo
 from aikit.limits import AuthGuard, RateLimiter
 from aikit.metering.layout import RedisLayout
@@ -22,6 +23,24 @@ if TYPE_CHECKING:
     from aikit.emails import Mailer
     from aikit.llm import LLM
     from aikit.stripe_gateway import BillingGateway
+
+
+def flushed_tokens_since(engine: Engine, api_key_id: str, period_start: int) -> int:
+    """Tokens of a key stored in the database from a Unix time on: the daily rollups of the days after it, and
+    the rows of its own day from that time on (a period can start mid-day, at a renewal)."""
+    start = dt.datetime.fromtimestamp(period_start, dt.UTC)
+    midnight = start == start.replace(hour=0, minute=0, second=0, microsecond=0)
+    with engine.connect() as conn:
+        days = conn.execute(
+            select(func.coalesce(func.sum(UsageDaily.tokens), 0))
+            .where(UsageDaily.api_key_id == api_key_id,
+                   UsageDaily.date >= start.date() if midnight else UsageDaily.date > start.date())
+        ).scalar_one()
+        first_day = 0 if midnight else conn.execute(
+            select(func.coalesce(func.sum(ApiKeyUsage.tokens), 0))
+            .where(ApiKeyUsage.api_key_id == api_key_id, ApiKeyUsage.date == start.date(), ApiKeyUsage.ts >= start)
+        ).scalar_one()
+    return int(days) + int(first_day)
 
 
 class Runtime:
@@ -53,10 +72,7 @@ class Runtime:
         return RateLimiter(self.redis, self.layout, self.settings, used_since=self.quota_used_since)
 
     async def quota_used_since(self, key: KeyInfo, period_start: int) -> int:
-        from aikit.usage import tokens_used_since
-
-        since = dt.datetime.fromtimestamp(period_start, dt.UTC).date()
-        return await anyio.to_thread.run_sync(tokens_used_since, self.engine, key.api_key_id, since)
+        return await anyio.to_thread.run_sync(flushed_tokens_since, self.engine, key.api_key_id, period_start)
 
     @cached_property
     def auth_guard(self) -> AuthGuard:

@@ -10,7 +10,9 @@ Faults every server knows: "500", "503", "401", "429", "slow" (answers after `sl
 (broken JSON; in a stream after the first text), "die_mid_stream" (the connection drops after two text
 pieces), "truncate" (the stream body ends cleanly after two text pieces, unfinished).
 OpenAI also: "invalid_model" (404 model_not_found), "bad_request" (400), "no_usage" (stream without a usage
-chunk). Anthropic also: "invalid_model" (404), "bad_request" (400), "529" (overloaded), "error_event"
+chunk), "trickle" (a stream whose pieces come `trickle_seconds` apart). With `bill_bytes = True` it bills like
+the most expensive byte-level tokenizer: one token per UTF-8 byte of the messages' text (+4 per message), and
+one per byte of the reply, which max_tokens cuts to that many bytes. Anthropic also: "invalid_model" (404), "bad_request" (400), "529" (overloaded), "error_event"
 (an overloaded error event after two text pieces), "error_before_text" (right after message_start).
 Bedrock also: "validation" (400), "invalid_model" (404 ResourceNotFound), "throttle" (429),
 "model_timeout" (408), "stream_exception" (a throttlingException event after two text pieces).
@@ -190,16 +192,33 @@ class FakeLLMServer:
 
 class FakeOpenAI(FakeLLMServer):
     base_path = "/v1"
-    faults = FakeLLMServer.faults | {"invalid_model", "bad_request", "no_usage"}
+    faults = FakeLLMServer.faults | {"invalid_model", "bad_request", "no_usage", "trickle"}
     api_key = "sk-test-fake-openai"
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.usage = {"prompt_tokens": 42, "completion_tokens": 6, "cached_tokens": 10}
         self.finish_reason = "stop"
+        self.trickle_seconds = 0.2
+        self.bill_bytes = False
 
-    def _usage(self) -> dict[str, Any]:
-        u = self.usage
+    def _reply_for(self, body: dict[str, Any]) -> str:
+        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        if not self.bill_bytes or limit is None:
+            return self.reply
+        return self.reply.encode()[:limit].decode(errors="ignore")
+
+    def _billed(self, body: dict[str, Any]) -> dict[str, int]:
+        """What this request is billed: the fixed `usage`, or with `bill_bytes` one token per byte."""
+        if not self.bill_bytes:
+            return self.usage
+        messages = body.get("messages") or []
+        prompt = sum(len(str(m.get("content", "")).encode()) + 4 for m in messages)
+        return {"prompt_tokens": prompt, "completion_tokens": len(self._reply_for(body).encode()),
+                "cached_tokens": 0}
+
+    def _usage(self, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        u = self._billed(body or {})
         return {
             "prompt_tokens": u["prompt_tokens"],
             "completion_tokens": u["completion_tokens"],
@@ -234,7 +253,7 @@ class FakeOpenAI(FakeLLMServer):
         if not body.get("stream"):
             if fault == "malformed":
                 return h.send_bytes(200, b'{"id": "chatcmpl-x", "choices": [', "application/json")
-            answer = {"role": "assistant", "content": self.reply, "refusal": None}
+            answer = {"role": "assistant", "content": self._reply_for(body), "refusal": None}
             return h.send_json(
                 200,
                 {
@@ -243,7 +262,7 @@ class FakeOpenAI(FakeLLMServer):
                     "created": created,
                     "model": model,
                     "choices": [{"index": 0, "message": answer, "finish_reason": self.finish_reason}],
-                    "usage": self._usage(),
+                    "usage": self._usage(body),
                 },
             )
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -262,7 +281,11 @@ class FakeOpenAI(FakeLLMServer):
 
         h.start_chunked("text/event-stream")
         h.chunk(event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]))
-        for i, piece in enumerate(self.words()):
+        reply = self._reply_for(body)
+        pieces = [w + " " for w in reply.split(" ")[:-1]] + reply.split(" ")[-1:]
+        for i, piece in enumerate(pieces):
+            if fault == "trickle" and self.wait(self.trickle_seconds):
+                return  # server shutting down
             if i == 2 and fault in ("die_mid_stream", "truncate", "malformed"):
                 if fault == "die_mid_stream":
                     return h.die()
@@ -272,7 +295,7 @@ class FakeOpenAI(FakeLLMServer):
             h.chunk(event([{"index": 0, "delta": {"content": piece}, "finish_reason": None}]))
         h.chunk(event([{"index": 0, "delta": {}, "finish_reason": self.finish_reason}]))
         if include_usage and fault != "no_usage":
-            h.chunk(event([], self._usage()))
+            h.chunk(event([], self._usage(body)))
         h.chunk(b"data: [DONE]\n\n")
         h.end_chunked()
 

@@ -455,7 +455,9 @@ def test_invoice_paid_resets_the_monthly_token_quota(wh_client: TestClient, wh_s
     r = chat(wh_client, issued)
     assert r.status_code == 429 and "monthly token quota" in r.json()["error"]["message"]
 
-    renewal = now() - 60
+    # The new period starts after that call (usage counts in the period its time falls in).
+    renewal = now() + 1
+    time.sleep(renewal - time.time())
     paid = invoice_event("invoice.paid", customer, renewal, lines=[(renewal - MONTH, renewal)])
     assert applied(wh_client, paid) == "applied"
     assert ts(user_row(wh_settings, issued.user_id).quota_period_start) == renewal

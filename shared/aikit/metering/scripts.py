@@ -37,13 +37,14 @@ class LuaScript:
 # the call's worst case against the monthly quota, so parallel calls cannot all spend the same remaining
 # budget. A call is admitted while used + held < quota and then reserves its whole worst case: the overshoot
 # is bounded by one call.
-# KEYS: minute, day, quota, inflight, pending, quota_catchup.
+# KEYS: minute, day, quota, inflight, usage stream (the key's shard), quota_catchup.
 # ARGV: rpm, rpd, quota_limit (-1 = none), reserve, call_id, count_request (1/0), reservation_ttl,
-#       period_start_date (YYYY-MM-DD), catchup_ttl.
+#       api_key_id, period_start (Unix seconds), catchup_ttl.
 # Returns {allowed, limit_hit, minute_count, day_count, quota_used, quota_held, now}. allowed is -1 when the
 # quota counter of this period is missing (first call of the period, or evicted): nothing was counted, the
-# catch-up counter was started, and quota_used is the key's unflushed usage of the period, which the caller
-# adds to the database's rollups to seed the counter (SEED_QUOTA).
+# catch-up counter was started, and quota_used is the key's unflushed usage since the period start (its
+# entries in the shard's stream from that time on), which the caller adds to what the database holds for
+# the period to seed the counter (SEED_QUOTA).
 ADMIT = LuaScript(
     """
 local now = tonumber(redis.call('TIME')[1])
@@ -72,14 +73,15 @@ end
 if count and rpm >= 0 and m >= rpm then return {0, 'minute', m, d, math.max(used, 0), held, now} end
 if count and rpd >= 0 and d >= rpd then return {0, 'day', m, d, math.max(used, 0), held, now} end
 if qlim >= 0 and used < 0 then
-  redis.call('SET', KEYS[6], '0', 'NX', 'EX', ARGV[9])
+  redis.call('SET', KEYS[6], '0', 'NX', 'EX', ARGV[10])
   local unflushed = 0
-  local fields = redis.call('HGETALL', KEYS[5])
-  for i = 1, #fields, 2 do
-    local f = fields[i]
-    if string.sub(f, -2) == '|t' and string.sub(f, 1, 10) >= ARGV[8] then
-      unflushed = unflushed + tonumber(fields[i + 1])
+  for _, entry in ipairs(redis.call('XRANGE', KEYS[5], ARGV[9] .. '000', '+')) do
+    local f = entry[2]
+    local k, i, o = nil, nil, nil
+    for j = 1, #f, 2 do
+      if f[j] == 'k' then k = f[j + 1] elseif f[j] == 'i' then i = f[j + 1] elseif f[j] == 'o' then o = f[j + 1] end
     end
+    if k == ARGV[8] and tonumber(i) and tonumber(o) then unflushed = unflushed + tonumber(i) + tonumber(o) end
   end
   return {-1, 'seed', m, d, unflushed, held, now}
 end

@@ -1,0 +1,1 @@
+"""Example apps built on aikit, written the way a user writes them (see README: "Add your own metered endpoint")."""
