@@ -20,7 +20,7 @@ run: install
 	POWERTOOLS_METRICS_DISABLED=$${POWERTOOLS_METRICS_DISABLED:-true} $(BIN)/aikit serve --host 127.0.0.1 --port 8000
 
 lint: install
-	$(BIN)/ruff check shared functions tests bench
+	$(BIN)/ruff check shared functions tests bench examples
 
 typecheck: install
 	$(BIN)/mypy

@@ -102,6 +102,12 @@ def api_rows(result: dict[str, Any]) -> list[tuple[str, Any]]:
             rows.append((f"{label} billing overhead", f"p50 +{values['billing_overhead_p50_ms']} ms, "
                                                       f"p99 +{values['billing_overhead_p99_ms']} ms, "
                                                       f"server time +{values['billing_cost_per_request_ms']} ms"))
+    for run, values in (result.get("mounted_route") or {}).items():
+        if isinstance(values, dict) and "mounted_route" in values:
+            label = f"mounted route vs /v1/chat/completions {run.replace('concurrency_', 'c=')}"
+            mine, builtin = values["mounted_route"], values["chat_completions"]
+            rows.append((label, f"{mine['rps']} vs {builtin['rps']} req/s, p50 {mine['p50_ms']} vs "
+                                f"{builtin['p50_ms']} ms ({values['mounted_overhead_p50_ms']:+} ms)"))
     for key in ("redis_round_trips_per_request", "redis_scripts_per_request", "postgres_statements_per_request",
                 "all_metered", "target"):
         if key in result:

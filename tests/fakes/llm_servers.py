@@ -12,7 +12,8 @@ pieces), "truncate" (the stream body ends cleanly after two text pieces, unfinis
 OpenAI also: "invalid_model" (404 model_not_found), "bad_request" (400), "no_usage" (stream without a usage
 chunk), "trickle" (a stream whose pieces come `trickle_seconds` apart). With `bill_bytes = True` it bills like
 the most expensive byte-level tokenizer: one token per UTF-8 byte of the messages' text (+4 per message), and
-one per byte of the reply, which max_tokens cuts to that many bytes. Anthropic also: "invalid_model" (404), "bad_request" (400), "529" (overloaded), "error_event"
+one per byte of the reply, which max_tokens cuts to that many bytes.
+Anthropic also: "invalid_model" (404), "bad_request" (400), "529" (overloaded), "error_event"
 (an overloaded error event after two text pieces), "error_before_text" (right after message_start).
 Bedrock also: "validation" (400), "invalid_model" (404 ResourceNotFound), "throttle" (429),
 "model_timeout" (408), "stream_exception" (a throttlingException event after two text pieces).

@@ -197,3 +197,29 @@ def test_requeue_parked_puts_parked_reports_back_with_their_identifiers(tmp_path
         rows = dict(conn.execute(select(MeterReport.id, MeterReport.status)).all())
     engine.dispose()
     assert rows == {"aikit-a": "pending", "aikit-b": "parked"}
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--email", "not-an-email"], "invalid --email 'not-an-email'"),
+        (["--email", "ok@example.com", "--customer", "cus-bad id"], "invalid --customer"),
+        (["--email", "ok@example.com", "--rpm", "-3"], "invalid --rpm -3: Input should be greater than or equal to 0"),
+        (["--email", "ok@example.com", "--rpd", "-1"], "invalid --rpd -1"),
+        (["--email", "ok@example.com", "--rpm", str(2**31)], "invalid --rpm"),
+        (["--email", "ok@example.com", "--monthly-tokens", "-5"], "invalid --monthly-tokens -5"),
+        (["--email", "ok@example.com", "--name", "n" * 201], "invalid --name"),
+    ],
+)
+def test_keys_create_validates_like_the_admin_api(tmp_path: Path, args: list[str], fragment: str) -> None:
+    url = f"sqlite:///{tmp_path}/aikit.db"
+    env = base_env(DATABASE_URL=url)
+    out_json(aikit("migrate", env=env, cwd=tmp_path))
+    result = aikit("keys", "create", *args, env=env, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert fragment in lines[0]
+    with get_engine(url).connect() as conn:  # nothing was stored
+        assert conn.execute(text("SELECT count(*) FROM api_keys")).scalar_one() == 0
