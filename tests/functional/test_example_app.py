@@ -31,7 +31,7 @@ from aikit.db.models import Subscription
 from aikit.flush import Flusher
 from aikit.keys import IssuedKey
 from aikit.runtime import Runtime
-from aikit.settings import Settings, get_settings
+from aikit.settings import Settings, SettingsError, get_settings
 from aikit.stripe_gateway import StripeGateway
 from tests.conftest import issue_key
 from tests.fakes.stripe_server import FakeStripe
@@ -267,3 +267,23 @@ def test_the_example_through_the_lambda_handler(handler: ModuleType, stripe_sett
     assert summary.ok, summary.errors
     assert seed_query(settings, key.api_key_id)[0][1:] == (total, 4)
     assert fake.meter_totals(EVENT)[customer] == total
+
+
+def test_a_bad_aikit_routers_value_fails_the_lambda_cold_start_with_one_line(
+        stripe_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in serve_env(stripe_settings).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AIKIT_ROUTERS", "examples.summarize:router,examples.nowhere:router")
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(aikit.runtime, "_runtime", None)
+    get_settings.cache_clear()
+    spec = importlib.util.spec_from_file_location(f"api_lambda_{uuid.uuid4().hex[:8]}", HANDLER_FILE)
+    assert spec is not None and spec.loader is not None
+    try:
+        with pytest.raises(SettingsError) as info:
+            spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    finally:
+        get_settings.cache_clear()
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("invalid setting AIKIT_ROUTERS: examples.nowhere:router: cannot import")
