@@ -72,6 +72,7 @@ def test_custom_alarms_see_the_metrics_the_code_emits_and_breach_on_faults(
     flush_metrics()
     capsys.readouterr()
     # A flush whose report Stripe refuses for good (unknown customer): ParkedBatches, FlushLagSeconds.
+    fake.rules["customer"] = "sync"
     unknown = billing.customer(in_stripe=False)
     billing.record(billing.key(unknown), unknown, 3, billable=False)
     assert billing.flush().reports_parked == 1
