@@ -1003,6 +1003,32 @@ class FakeStripe:
             found = [p for p in self.products.values() if active is None or p["active"] == active]
         return self._list(request, found, "/v1/products")
 
+    def _recurring_param(self, recurring_in: Any) -> dict[str, Any] | None:
+        if recurring_in is None:
+            return None
+        if not isinstance(recurring_in, dict) or recurring_in.get("interval") not in ("day", "week", "month", "year"):
+            raise StripeHTTPError(400, "Invalid recurring[interval]", param="recurring[interval]")
+        usage_type = recurring_in.get("usage_type", "licensed")
+        meter = recurring_in.get("meter")
+        if usage_type == "metered":
+            if not meter:
+                raise StripeHTTPError(
+                    400,
+                    "Metered prices must be backed by a meter: pass recurring[meter].",
+                    code="parameter_missing",
+                    param="recurring[meter]",
+                )
+            with self._lock:
+                if meter not in self.meters:
+                    raise missing("billing meter", meter, "recurring[meter]")
+        return {
+            "interval": recurring_in["interval"],
+            "interval_count": int(recurring_in.get("interval_count", 1)),
+            "meter": meter,
+            "trial_period_days": None,
+            "usage_type": usage_type,
+        }
+
     def create_price_route(self, request: _Request, _: list[str]) -> _Answer:
         p = request.params
         currency = (_str_param(p, "currency", required=True) or "").lower()
@@ -1028,36 +1054,7 @@ class FakeStripe:
                     code="parameter_invalid_decimal",
                     param="unit_amount_decimal",
                 ) from None
-        recurring_in = p.get("recurring")
-        recurring: dict[str, Any] | None = None
-        if recurring_in is not None:
-            if not isinstance(recurring_in, dict) or recurring_in.get("interval") not in (
-                "day",
-                "week",
-                "month",
-                "year",
-            ):
-                raise StripeHTTPError(400, "Invalid recurring[interval]", param="recurring[interval]")
-            usage_type = recurring_in.get("usage_type", "licensed")
-            meter = recurring_in.get("meter")
-            if usage_type == "metered":
-                if not meter:
-                    raise StripeHTTPError(
-                        400,
-                        "Metered prices must be backed by a meter: pass recurring[meter].",
-                        code="parameter_missing",
-                        param="recurring[meter]",
-                    )
-                with self._lock:
-                    if meter not in self.meters:
-                        raise missing("billing meter", meter, "recurring[meter]")
-            recurring = {
-                "interval": recurring_in["interval"],
-                "interval_count": int(recurring_in.get("interval_count", 1)),
-                "meter": meter,
-                "trial_period_days": None,
-                "usage_type": usage_type,
-            }
+        recurring = self._recurring_param(p.get("recurring"))
         lookup_key = _str_param(p, "lookup_key")
         price = {
             "id": _new_id("price"),
@@ -1210,6 +1207,41 @@ class FakeStripe:
         _check_length(event_name, "event_name", MAX_EVENT_NAME_LENGTH)
         identifier = _str_param(p, "identifier") or _new_id("mtrevt")
         _check_length(identifier, "identifier", MAX_IDENTIFIER_LENGTH)
+        errors: list[tuple[str, str, str, str | None]] = []  # (event type, code, message, meter id)
+        meter = self._active_meter(event_name)
+        if meter is None:
+            problem = self._meter_problem(event_name)
+            errors += [problem] if problem else []
+            meter = self._any_meter(event_name)
+        payload, customer_id, value = self._meter_event_payload(p, meter)
+        now = self.now()
+        timestamp = _int_param(p, "timestamp")
+        if timestamp is None:
+            timestamp = int(now)
+        errors += self._timestamp_problems(timestamp, now, meter)
+        errors += self._customer_problems(customer_id, meter)
+        if request.async_reject is not None and meter is not None:
+            errors.append((ERROR_REPORT_TRIGGERED, request.async_reject,
+                           f"Meter event {identifier} was rejected ({request.async_reject}).", meter["id"]))
+        record = MeterEventRecord(identifier, event_name, customer_id, value, timestamp, now,
+                                  meter["id"] if meter else None)
+        self._record_meter_event(record, self._rejection(errors))
+        return _Answer(
+            200,
+            {
+                "object": "billing.meter_event",
+                "created": int(record.created),
+                "event_name": event_name,
+                "identifier": identifier,
+                "livemode": False,
+                "payload": {str(k): str(v) for k, v in payload.items()},
+                "timestamp": timestamp,
+            },
+        )
+
+    @staticmethod
+    def _meter_event_payload(p: dict[str, Any], meter: dict[str, Any] | None) -> tuple[dict[str, Any], str, int]:
+        """The payload, its customer and its whole-number value, under the meter's payload keys."""
         payload = p.get("payload")
         if not isinstance(payload, dict):
             raise missing_param("payload")
@@ -1218,14 +1250,7 @@ class FakeStripe:
                 raise StripeHTTPError(400, f"Invalid string: {value!r}", code="parameter_invalid_string",
                                       param=f"payload[{key}]")
             _check_length(value, f"payload[{key}]", MAX_STRING_LENGTH)
-        errors: list[tuple[str, str, str, str | None]] = []  # (event type, code, message, meter id)
-        meter = self._active_meter(event_name)
-        if meter is None:
-            problem = self._meter_problem(event_name)
-            errors += [problem] if problem else []
-            meter = self._any_meter(event_name)
-        mapping = meter["customer_mapping"] if meter else {"event_payload_key": "stripe_customer_id"}
-        customer_key = mapping["event_payload_key"]
+        customer_key = meter["customer_mapping"]["event_payload_key"] if meter else "stripe_customer_id"
         value_key = meter["value_settings"]["event_payload_key"] if meter else "value"
         customer_id = payload.get(customer_key)
         if not isinstance(customer_id, str) or not customer_id:
@@ -1244,18 +1269,12 @@ class FakeStripe:
                 code="parameter_invalid_integer",
                 param=f"payload[{value_key}]",
             )
-        now = self.now()
-        timestamp = _int_param(p, "timestamp")
-        if timestamp is None:
-            timestamp = int(now)
-        errors += self._timestamp_problems(timestamp, now, meter)
-        errors += self._customer_problems(customer_id, customer_key, meter)
-        if request.async_reject is not None and meter is not None:
-            errors.append((ERROR_REPORT_TRIGGERED, request.async_reject,
-                           f"Meter event {identifier} was rejected ({request.async_reject}).", meter["id"]))
-        rejection = self._rejection(errors)
+        return payload, customer_id, int(raw_value)
 
-        slot = (customer_id, meter["id"] if meter else event_name)
+    def _record_meter_event(self, record: MeterEventRecord,
+                            rejection: tuple[str, str, str, str | None] | None) -> None:
+        """Keep the event unless its identifier was taken in the last 24 h; one call per customer and meter."""
+        slot = (record.customer, record.meter_id or record.event_name)
         with self._lock:
             busy = self._in_flight_customers[slot] > 0
             if busy:
@@ -1272,36 +1291,25 @@ class FakeStripe:
             self._sleep(self.latency)
             with self._lock:
                 now = self.now()
-                taken = self._identifiers.get(identifier)
+                taken = self._identifiers.get(record.identifier)
                 if taken is not None and now - taken < IDENTIFIER_MEMORY_SECONDS:
                     raise StripeHTTPError(
                         400,
-                        f"An event already exists with identifier {identifier}.",
+                        f"An event already exists with identifier {record.identifier}.",
                         param="identifier",
                         headers={"Stripe-Should-Retry": "false"},
                     )
-                self._identifiers[identifier] = now
-                record = MeterEventRecord(identifier, event_name, customer_id, int(raw_value), timestamp, now,
-                                          meter["id"] if meter else None, rejection[1] if rejection else None)
+                self._identifiers[record.identifier] = now
+                record.created = now
                 self._events.append(record)
                 if rejection is not None:
                     event_type, code, message, meter_id = rejection
-                    self._pending_errors.append(_MeterError(event_type, meter_id, code, message, identifier, now))
+                    record.rejection = code
+                    self._pending_errors.append(_MeterError(event_type, meter_id, code, message, record.identifier,
+                                                            now))
         finally:
             with self._lock:
                 self._in_flight_customers[slot] -= 1
-        return _Answer(
-            200,
-            {
-                "object": "billing.meter_event",
-                "created": int(now),
-                "event_name": event_name,
-                "identifier": identifier,
-                "livemode": False,
-                "payload": {str(k): str(v) for k, v in payload.items()},
-                "timestamp": timestamp,
-            },
-        )
 
     def _any_meter(self, event_name: str) -> dict[str, Any] | None:
         with self._lock:
@@ -1341,7 +1349,7 @@ class FakeStripe:
             return []
         return [(ERROR_REPORT_TRIGGERED, code, message, meter["id"] if meter else None)]
 
-    def _customer_problems(self, customer_id: str, customer_key: str,
+    def _customer_problems(self, customer_id: str,
                            meter: dict[str, Any] | None) -> list[tuple[str, str, str, str | None]]:
         with self._lock:
             known = customer_id in self.customers and not self.customers[customer_id].get("deleted")
@@ -1349,7 +1357,8 @@ class FakeStripe:
         if known or mode == "off":
             return []
         if mode == "sync":
-            raise missing("customer", customer_id, f"payload[{customer_key}]")
+            key = meter["customer_mapping"]["event_payload_key"] if meter else "stripe_customer_id"
+            raise missing("customer", customer_id, f"payload[{key}]")
         return [(ERROR_REPORT_TRIGGERED, "meter_event_customer_not_found", f"No such customer: '{customer_id}'",
                  meter["id"] if meter else None)]
 
