@@ -1,5 +1,5 @@
-"""Real-shaped Stripe webhook events for tests, built on Stripe's published fixtures (stripe/openapi
-`openapi/fixtures3.json`, copied in stripe_fixtures/ with their commit):
+"""Stripe webhook events for tests, in the shapes Stripe's API reference documents (full objects, not a
+hand-picked subset, so code under test meets every field a real delivery carries):
 
 * "basil": the shape since API 2025-03-31.basil: a subscription's billing period on
   `items.data[].current_period_start/end`, an invoice's subscription at `parent.subscription_details`, its
@@ -7,17 +7,14 @@
 * "acacia": the older shape: the period on the subscription itself (its items have none), `invoice.subscription`,
   `lines.data[].subscription` and `.type == "subscription"`.
 
-Every builder starts from the full fixture object (all of Stripe's fields, in its types) and sets only what the
-test is about, so code under test meets the whole object, not a hand-made subset.
+The templates below are our own, written field by field from the API reference (subscription, invoice, invoice
+line item and event objects of each version); every builder starts from a fresh copy and sets what the test is about.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
-import json
 import uuid
-from pathlib import Path
 from typing import Any, Literal
 
 import stripe
@@ -25,18 +22,134 @@ import stripe
 Shape = Literal["basil", "acacia"]
 SHAPES: tuple[Shape, ...] = ("basil", "acacia")
 API_VERSIONS: dict[Shape, str] = {"basil": "2025-03-31.basil", "acacia": "2025-01-27.acacia"}
-_FIXTURES = Path(__file__).parent / "stripe_fixtures"
+_T = 1_764_547_200  # a placeholder time; builders overwrite the times a test is about
 
 
-@functools.cache
-def _fixtures(shape: Shape) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((_FIXTURES / f"{shape}.json").read_text())
-    return data
+def _price() -> dict[str, Any]:
+    return {
+        "id": "price_template", "object": "price", "active": True, "billing_scheme": "per_unit", "created": _T,
+        "currency": "usd", "custom_unit_amount": None, "livemode": False, "lookup_key": "aikit_api_tokens",
+        "metadata": {}, "nickname": None, "product": "prod_template",
+        "recurring": {"interval": "month", "interval_count": 1, "meter": "mtr_template", "trial_period_days": None,
+                      "usage_type": "metered"},
+        "tax_behavior": "unspecified", "tiers_mode": None, "transform_quantity": None, "type": "recurring",
+        "unit_amount": None, "unit_amount_decimal": "0.0002",
+    }
+
+
+def _plan() -> dict[str, Any]:
+    return {
+        "id": "price_template", "object": "plan", "active": True, "amount": None, "amount_decimal": "0.0002",
+        "billing_scheme": "per_unit", "created": _T, "currency": "usd", "interval": "month", "interval_count": 1,
+        "livemode": False, "metadata": {}, "meter": "mtr_template", "nickname": None, "product": "prod_template",
+        "tiers_mode": None, "transform_usage": None, "trial_period_days": None, "usage_type": "metered",
+    }
+
+
+def _subscription_template(shape: Shape) -> dict[str, Any]:
+    item: dict[str, Any] = {
+        "id": "si_template", "object": "subscription_item", "billing_thresholds": None, "created": _T,
+        "discounts": [], "metadata": {}, "plan": _plan(), "price": _price(), "quantity": None,
+        "subscription": "sub_template", "tax_rates": [],
+    }
+    sub: dict[str, Any] = {
+        "id": "sub_template", "object": "subscription", "application": None, "application_fee_percent": None,
+        "automatic_tax": {"disabled_reason": None, "enabled": False, "liability": None},
+        "billing_cycle_anchor": _T, "billing_cycle_anchor_config": None, "billing_thresholds": None,
+        "cancel_at": None, "cancel_at_period_end": False, "canceled_at": None,
+        "cancellation_details": {"comment": None, "feedback": None, "reason": None},
+        "collection_method": "charge_automatically", "created": _T, "currency": "usd", "customer": "cus_template",
+        "days_until_due": None, "default_payment_method": "pm_template", "default_source": None,
+        "default_tax_rates": [], "description": None, "discounts": [], "ended_at": None,
+        "invoice_settings": {"account_tax_ids": None, "issuer": {"type": "self"}},
+        "items": {"object": "list", "data": [item], "has_more": False, "total_count": 1,
+                  "url": "/v1/subscription_items?subscription=sub_template"},
+        "latest_invoice": None, "livemode": False, "metadata": {}, "next_pending_invoice_item_invoice": None,
+        "on_behalf_of": None, "pause_collection": None,
+        "payment_settings": {"payment_method_options": None, "payment_method_types": None,
+                             "save_default_payment_method": "off"},
+        "pending_invoice_item_interval": None, "pending_setup_intent": None, "pending_update": None,
+        "schedule": None, "start_date": _T, "status": "active", "test_clock": None, "transfer_data": None,
+        "trial_end": None, "trial_settings": {"end_behavior": {"missing_payment_method": "create_invoice"}},
+        "trial_start": None,
+    }
+    if shape == "basil":
+        item.update(current_period_start=_T, current_period_end=_T)
+        sub.update(billing_mode={"type": "classic"}, customer_account=None)
+    else:
+        sub.update(current_period_start=_T, current_period_end=_T, discount=None)
+    return sub
+
+
+def _line_template(shape: Shape) -> dict[str, Any]:
+    line: dict[str, Any] = {
+        "id": "il_template", "object": "line_item", "amount": 0, "currency": "usd",
+        "description": "API tokens", "discount_amounts": [], "discountable": True, "discounts": [],
+        "invoice": "in_template", "livemode": False, "metadata": {}, "period": {"start": _T, "end": _T},
+        "pretax_credit_amounts": [], "quantity": 0, "subscription": None,
+    }
+    if shape == "basil":
+        line.update(parent=None, pricing={"price_details": {"price": "price_template", "product": "prod_template"},
+                                          "type": "price_details", "unit_amount_decimal": "0.0002"},
+                    quantity_decimal="0", subtotal=0, taxes=[])
+    else:
+        line.update(amount_excluding_tax=0, invoice_item=None, plan=_plan(), price=_price(), proration=False,
+                    proration_details={"credited_items": None}, tax_amounts=[], tax_rates=[], type="subscription",
+                    unit_amount_excluding_tax="0")
+    return line
+
+
+def _invoice_template(shape: Shape) -> dict[str, Any]:
+    inv: dict[str, Any] = {
+        "id": "in_template", "object": "invoice", "account_country": "US", "account_name": "aikit tests",
+        "account_tax_ids": None, "amount_due": 0, "amount_paid": 0, "amount_remaining": 0, "amount_shipping": 0,
+        "application": None, "attempt_count": 1, "attempted": True, "auto_advance": False,
+        "automatic_tax": {"disabled_reason": None, "enabled": False, "liability": None, "provider": None,
+                          "status": None},
+        "automatically_finalizes_at": None, "billing_reason": "subscription_cycle",
+        "collection_method": "charge_automatically", "created": _T, "currency": "usd", "custom_fields": None,
+        "customer": "cus_template", "customer_address": None, "customer_email": "payer@example.com",
+        "customer_name": None, "customer_phone": None, "customer_shipping": None, "customer_tax_exempt": "none",
+        "customer_tax_ids": [], "default_payment_method": None, "default_source": None, "default_tax_rates": [],
+        "description": None, "discounts": [], "due_date": None, "effective_at": _T, "ending_balance": 0,
+        "footer": None, "from_invoice": None, "hosted_invoice_url": "https://invoice.stripe.com/i/template",
+        "invoice_pdf": "https://pay.stripe.com/invoice/template/pdf", "issuer": {"type": "self"},
+        "last_finalization_error": None, "latest_revision": None,
+        "lines": {"object": "list", "data": [_line_template(shape)], "has_more": False, "total_count": 1,
+                  "url": "/v1/invoices/in_template/lines"},
+        "livemode": False, "metadata": {}, "next_payment_attempt": None, "number": "TEMPLATE-0001",
+        "on_behalf_of": None, "payment_settings": {"default_mandate": None, "payment_method_options": None,
+                                                  "payment_method_types": None},
+        "period_end": _T, "period_start": _T, "post_payment_credit_notes_amount": 0,
+        "pre_payment_credit_notes_amount": 0, "receipt_number": None, "rendering": None, "shipping_cost": None,
+        "shipping_details": None, "starting_balance": 0, "statement_descriptor": None, "status": "paid",
+        "status_transitions": {"finalized_at": _T, "marked_uncollectible_at": None, "paid_at": _T,
+                               "voided_at": None},
+        "subtotal": 0, "subtotal_excluding_tax": 0, "test_clock": None, "total": 0, "total_discount_amounts": [],
+        "total_excluding_tax": 0, "total_pretax_credit_amounts": [], "webhooks_delivered_at": _T,
+    }
+    if shape == "basil":
+        inv.update(amount_overpaid=0, customer_account=None, parent=None, total_taxes=[])
+    else:
+        inv.update(application_fee_amount=None, charge=None, discount=None, paid=True, paid_out_of_band=False,
+                   payment_intent=None, quote=None, subscription=None, subscription_details=None, tax=None,
+                   total_tax_amounts=[], transfer_data=None)
+    return inv
+
+
+def _event_template() -> dict[str, Any]:
+    return {"id": "evt_template", "object": "event", "api_version": None, "created": _T, "data": {"object": {}},
+            "livemode": False, "pending_webhooks": 1, "request": {"id": None, "idempotency_key": None},
+            "type": "customer.subscription.updated"}
 
 
 def fixture(shape: Shape, kind: Literal["subscription", "invoice", "event"]) -> dict[str, Any]:
-    """A fresh copy of Stripe's fixture object."""
-    return copy.deepcopy(_fixtures(shape)[kind])
+    """A fresh copy of the template object."""
+    if kind == "subscription":
+        return _subscription_template(shape)
+    if kind == "invoice":
+        return _invoice_template(shape)
+    return copy.deepcopy(_event_template())
 
 
 def new_id(prefix: str) -> str:
