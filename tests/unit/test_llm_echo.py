@@ -163,12 +163,22 @@ async def test_tracking_needs_a_caller_and_a_meter() -> None:
     ("kwargs", "message"),
     [
         ({"messages": []}, "messages must be a non-empty list"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, r"messages\[0\].role must be one of"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, r"messages\[0\].role must be one of"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, r"messages\[0\].tool_call_id is required"),
         ({"messages": [{"role": "user"}]}, r"messages\[0\].content is required"),
         ({"messages": [{"role": "user", "content": 5}]}, r"messages\[0\].content must be a string"),
+        ({"messages": [{"role": "user", "content": None}]}, r"messages\[0\].content must be a string"),
         (
-            {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
-            r"content\[0\] must be a text",
+            {"messages": [{"role": "user", "content": [{"text": "x"}]}]},
+            r"content\[0\] must be a content part with a type",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]},
+            r"content\[0\].text must be a string",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x", "tool_calls": []}]},
+            r"messages\[0\].tool_calls must be a list on an assistant message",
         ),
         ({"messages": MESSAGES, "max_tokens": 0}, "max_tokens must be a positive integer"),
         ({"messages": MESSAGES, "model": " "}, "model must be a non-empty string"),
