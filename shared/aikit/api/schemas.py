@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from aikit.llm.base import ChatRequest, image_count, request_text
+from aikit.llm.base import ChatRequest, EmbeddingRequest, image_count, request_text
 
 # Size limits, in characters unless said otherwise (the README lists them).
 MAX_MESSAGES = 2048  # messages in one request
@@ -71,7 +71,7 @@ def _check_json(value: dict[str, Any] | None) -> dict[str, Any] | None:
     return value
 
 
-def _tag(prefix: str, key: str, known: frozenset[str]) -> Any:
+def by_field(prefix: str, key: str, known: frozenset[str]) -> Any:
     """A discriminator reading `key` of a JSON object (or a model): 'prefix:value', None when unknown."""
 
     def tag(value: Any) -> str | None:
@@ -81,7 +81,7 @@ def _tag(prefix: str, key: str, known: frozenset[str]) -> Any:
     return tag
 
 
-def _kind(value: Any) -> str | None:
+def by_kind(value: Any) -> str | None:
     """A discriminator by JSON kind: 'kind:str' or 'kind:list'."""
     if isinstance(value, str):
         return "kind:str"
@@ -147,28 +147,28 @@ UserPart = Annotated[
     | Annotated[ImagePart, Tag("part:image_url")]
     | Annotated[AudioPart, Tag("part:input_audio")]
     | Annotated[FilePart, Tag("part:file")],
-    one_of(_tag("part", "type", frozenset({"text", "image_url", "input_audio", "file"})),
+    one_of(by_field("part", "type", frozenset({"text", "image_url", "input_audio", "file"})),
            "must be one of text, image_url, input_audio, file", "type"),
 ]
 AssistantPart = Annotated[
     Annotated[TextPart, Tag("part:text")] | Annotated[RefusalPart, Tag("part:refusal")],
-    one_of(_tag("part", "type", frozenset({"text", "refusal"})), "must be one of text, refusal", "type"),
+    one_of(by_field("part", "type", frozenset({"text", "refusal"})), "must be one of text, refusal", "type"),
 ]
 _CONTENT = "must be a string or a list of content parts"
 TextContent = Annotated[
     Annotated[Text, Tag("kind:str")]
     | Annotated[list[TextPart], Field(min_length=1, max_length=MAX_PARTS), Tag("kind:list")],
-    one_of(_kind, _CONTENT),
+    one_of(by_kind, _CONTENT),
 ]
 UserContent = Annotated[
     Annotated[Text, Tag("kind:str")]
     | Annotated[list[UserPart], Field(min_length=1, max_length=MAX_PARTS), Tag("kind:list")],
-    one_of(_kind, _CONTENT),
+    one_of(by_kind, _CONTENT),
 ]
 AssistantContent = Annotated[
     Annotated[Text, Tag("kind:str")]
     | Annotated[list[AssistantPart], Field(min_length=1, max_length=MAX_PARTS), Tag("kind:list")],
-    one_of(_kind, _CONTENT),
+    one_of(by_kind, _CONTENT),
 ]
 
 # ------------------------------------------------------------------------------------------------ messages
@@ -198,7 +198,7 @@ class CustomCall(Open):
 
 ToolCall = Annotated[
     Annotated[FunctionCall, Tag("call:function")] | Annotated[CustomCall, Tag("call:custom")],
-    one_of(_tag("call", "type", frozenset({"function", "custom"})), "must be one of function, custom", "type"),
+    one_of(by_field("call", "type", frozenset({"function", "custom"})), "must be one of function, custom", "type"),
 ]
 Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
 
@@ -248,7 +248,7 @@ Message = Annotated[
     | Annotated[UserMessage, Tag("role:user")]
     | Annotated[AssistantMessage, Tag("role:assistant")]
     | Annotated[ToolMessage, Tag("role:tool")],
-    one_of(_tag("role", "role", frozenset({"system", "developer", "user", "assistant", "tool"})),
+    one_of(by_field("role", "role", frozenset({"system", "developer", "user", "assistant", "tool"})),
            "must be one of system, developer, user, assistant, tool", "role"),
 ]
 
@@ -285,7 +285,7 @@ class CustomTool(Open):
 
 Tool = Annotated[
     Annotated[FunctionTool, Tag("tool:function")] | Annotated[CustomTool, Tag("tool:custom")],
-    one_of(_tag("tool", "type", frozenset({"function", "custom"})), "must be one of function, custom", "type"),
+    one_of(by_field("tool", "type", frozenset({"function", "custom"})), "must be one of function, custom", "type"),
 ]
 
 
@@ -311,7 +311,7 @@ class AllowedToolsChoice(Open):
 def _choice_tag(value: Any) -> str | None:
     if isinstance(value, str):
         return "choice:mode"
-    tag: str | None = _tag("choice", "type", frozenset({"function", "custom", "allowed_tools"}))(value)
+    tag: str | None = by_field("choice", "type", frozenset({"function", "custom", "allowed_tools"}))(value)
     return tag
 
 
@@ -357,14 +357,14 @@ ResponseFormat = Annotated[
     Annotated[TextFormat, Tag("format:text")]
     | Annotated[JsonObjectFormat, Tag("format:json_object")]
     | Annotated[JsonSchemaFormat, Tag("format:json_schema")],
-    one_of(_tag("format", "type", frozenset({"text", "json_object", "json_schema"})),
+    one_of(by_field("format", "type", frozenset({"text", "json_object", "json_schema"})),
            "must be one of text, json_object, json_schema", "type"),
 ]
 Stop = Annotated[
     Annotated[Annotated[str, Field(max_length=MAX_STOP_CHARS)], Tag("kind:str")]
     | Annotated[list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP),
                 Tag("kind:list")],
-    one_of(_kind, "must be a string or a list of strings"),
+    one_of(by_kind, "must be a string or a list of strings"),
 ]
 Metadata = Annotated[
     dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
@@ -474,3 +474,6 @@ class EmbeddingsRequest(Open):
     def params(self) -> dict[str, Any]:
         """Every field but model, input and dimensions, as sent: the EmbeddingRequest's params."""
         return self.model_dump(exclude_none=True, exclude={"model", "input", "dimensions"})
+
+    def embedding_request(self, default_model: str) -> EmbeddingRequest:
+        return EmbeddingRequest(self.input, self.model or default_model, self.dimensions, self.params())

@@ -75,7 +75,7 @@ HANDLED = frozenset(
      "response_format", "reasoning_effort"}
 )
 EFFORTS = ("low", "medium", "high", "xhigh")  # the OpenAI reasoning_effort values Anthropic also has
-_MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "refusal")
+_MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "refusal", "is_error")
 
 
 def finish_reason(stop_reason: object) -> str:
@@ -127,7 +127,10 @@ def _tool_result(message: dict[str, Any], where: str) -> dict[str, Any]:
     body = content if isinstance(content, str) else [
         _cached({"type": "text", "text": p["text"]}, p) for p in texts_only(PROVIDER, message, where)
     ]
-    return {"type": "tool_result", "tool_use_id": message["tool_call_id"], "content": body}
+    result = {"type": "tool_result", "tool_use_id": message["tool_call_id"], "content": body}
+    if message.get("is_error") is True:  # carried from an Anthropic-shaped request
+        result["is_error"] = True
+    return result
 
 
 def _append(turns: list[dict[str, Any]], role: str, blocks: list[dict[str, Any]]) -> None:

@@ -99,7 +99,7 @@ HANDLED = frozenset(
      "reasoning_effort"}
 )
 EFFORTS = ("low", "medium", "high", "xhigh")  # the OpenAI reasoning_effort values Converse also has
-_MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "refusal")
+_MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "refusal", "is_error")
 
 
 def finish_reason(stop_reason: object) -> str:
@@ -150,7 +150,10 @@ def _assistant_blocks(message: dict[str, Any], where: str) -> list[dict[str, Any
 def _tool_result(message: dict[str, Any], where: str) -> dict[str, Any]:
     content = message.get("content")
     texts = [content] if isinstance(content, str) else [p["text"] for p in texts_only(PROVIDER, message, where)]
-    return {"toolResult": {"toolUseId": message["tool_call_id"], "content": [{"text": t} for t in texts]}}
+    result: dict[str, Any] = {"toolUseId": message["tool_call_id"], "content": [{"text": t} for t in texts]}
+    if message.get("is_error") is True:  # carried from an Anthropic-shaped request
+        result["status"] = "error"
+    return {"toolResult": result}
 
 
 def _append(turns: list[dict[str, Any]], role: str, blocks: list[dict[str, Any]]) -> None:
