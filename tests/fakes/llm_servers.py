@@ -10,7 +10,8 @@ Faults every server knows: "500", "503", "401", "429", "slow" (answers after `sl
 (broken JSON; in a stream after the first text), "die_mid_stream" (the connection drops after two text
 pieces), "truncate" (the stream body ends cleanly after two text pieces, unfinished).
 OpenAI also: "invalid_model" (404 model_not_found), "bad_request" (400), "no_usage" (stream without a usage
-chunk). Anthropic also: "invalid_model" (404), "bad_request" (400), "529" (overloaded), "error_event"
+chunk), "refusal" (the model refuses: `refusal` set, content null).
+Anthropic also: "invalid_model" (404), "bad_request" (400), "529" (overloaded), "error_event"
 (an overloaded error event after two text pieces), "error_before_text" (right after message_start).
 Bedrock also: "validation" (400), "invalid_model" (404 ResourceNotFound), "throttle" (429),
 "model_timeout" (408), "stream_exception" (a throttlingException event after two text pieces).
@@ -376,6 +377,7 @@ class FakeOpenAI(FakeLLMServer):
         self.usage = {"prompt_tokens": 42, "completion_tokens": 6, "cached_tokens": 10}
         self.finish_reason = "stop"
         self.refusal = "I can't help with that."
+        self.reasoning: str | None = None  # set: answers carry `reasoning_content`, as DeepSeek or vLLM send it
 
     def _usage(self, tools: int = 0, images: int = 0) -> dict[str, Any]:
         u = self.usage
@@ -455,6 +457,8 @@ class FakeOpenAI(FakeLLMServer):
                 return h.send_bytes(200, b'{"id": "chatcmpl-x", "choices": [', "application/json")
             refusal = self.refusal if fault == "refusal" else None
             answer: dict[str, Any] = {"role": "assistant", "content": content, "refusal": refusal, "annotations": []}
+            if self.reasoning is not None:
+                answer["reasoning_content"] = self.reasoning
             if calls:
                 answer["tool_calls"] = calls
             logprobs = self._logprobs(content) if body.get("logprobs") and content else None
@@ -491,6 +495,8 @@ class FakeOpenAI(FakeLLMServer):
 
         h.start_chunked("text/event-stream")
         h.chunk(delta({"role": "assistant", "content": "", "refusal": None}))
+        for piece in pieces(self.reasoning, 8) if self.reasoning else ():
+            h.chunk(delta({"reasoning_content": piece}))
         if fault == "refusal":
             for piece in pieces(self.refusal, 8):
                 h.chunk(delta({"refusal": piece}))
@@ -565,7 +571,7 @@ def _anthropic_block(block: Any, where: str, expected_ids: set[str], first_other
         first_other[0] = True
         return 0
     if kind == "image":
-        _extra(where, block, {"type", "source", "cache_control"})
+        _extra(where, block, {"type", "source", "cache_control", "transformations"})
         source = block.get("source") or {}
         if source.get("type") == "base64":
             fmt = ANTHROPIC_IMAGE_TYPES.get(source.get("media_type", ""))
@@ -579,12 +585,12 @@ def _anthropic_block(block: Any, where: str, expected_ids: set[str], first_other
         first_other[0] = True
         return 1
     if kind == "tool_use":
-        _extra(where, block, {"type", "id", "name", "input", "cache_control"})
+        _extra(where, block, {"type", "id", "name", "input", "cache_control", "caller", "toolset_name"})
         if not isinstance(block.get("input"), dict):
             raise Refused(f"{where}.input: Input should be a valid dictionary")
         return 0
     if kind == "tool_result":
-        _extra(where, block, {"type", "tool_use_id", "content", "is_error", "cache_control"})
+        _extra(where, block, {"type", "tool_use_id", "content", "is_error", "cache_control", "toolset_name"})
         if first_other[0]:
             raise Refused(f"{where}: tool_result blocks must come first in the user message")
         if block.get("tool_use_id") not in expected_ids:
@@ -709,7 +715,9 @@ class FakeAnthropic(FakeLLMServer):
     def handle(self, h: _Handler, rec: Recorded, fault: str | None) -> None:
         if rec.path != "/v1/messages":
             return self._error(h, 404, "not_found_error", "Not found")
-        if fault == "401" or rec.headers.get("x-api-key") != self.api_key:
+        # The API takes the key as x-api-key or (as recent SDKs send it) as a bearer token.
+        keys = {rec.headers.get("x-api-key"), rec.headers.get("authorization", "").removeprefix("Bearer ")}
+        if fault == "401" or self.api_key not in keys:
             return self._error(h, 401, "authentication_error", "invalid x-api-key")
         if not rec.headers.get("anthropic-version"):
             return self._error(h, 400, "invalid_request_error", "anthropic-version: header is required")
