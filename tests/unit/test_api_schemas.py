@@ -146,7 +146,7 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
     ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "a string or a list of content parts"),
     ({"messages": [{"role": "user", "content": []}]}, "messages[0].content", "at least 1 item"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role", "must be one of system"),
-    ({"messages": [{"content": "x"}]}, "messages[0].role", "must be one of system"),
+    ({"messages": [{"content": "x"}]}, "messages[0].role", "Field required"),
     ({"messages": [{"role": "assistant"}]}, "messages[0].content", "required unless tool_calls are given"),
     ({"messages": [{"role": "assistant", "content": None}]}, "messages[0].content", "required unless tool_calls"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id", "Field required"),

@@ -32,7 +32,6 @@ from aikit.api.schemas import (
     Open,
     ShortText,
     Text,
-    by_field,
     by_kind,
     one_of,
 )
@@ -89,8 +88,8 @@ class URLSource(Open):
 
 
 ImageSource = Annotated[
-    Annotated[Base64Source, Tag("source:base64")] | Annotated[URLSource, Tag("source:url")],
-    one_of(by_field("source", "type", frozenset({"base64", "url"})), "must be one of base64, url", "type"),
+    Base64Source | URLSource,
+    Field(discriminator="type"),
 ]
 
 
@@ -123,13 +122,12 @@ class ToolResultBlock(Open):
     cache_control: CacheControl | None = None
 
 
-_BLOCKS = "must be one of text, image, tool_use, tool_result (other block types are not supported here)"
 Block = Annotated[
-    Annotated[TextBlock, Tag("block:text")]
-    | Annotated[ImageBlock, Tag("block:image")]
-    | Annotated[ToolUseBlock, Tag("block:tool_use")]
-    | Annotated[ToolResultBlock, Tag("block:tool_result")],
-    one_of(by_field("block", "type", frozenset({"text", "image", "tool_use", "tool_result"})), _BLOCKS, "type"),
+    TextBlock
+    | ImageBlock
+    | ToolUseBlock
+    | ToolResultBlock,
+    Field(discriminator="type"),
 ]
 Content = Annotated[
     Annotated[Text, Tag("kind:str")]
@@ -173,12 +171,11 @@ class NoneChoice(Open):
 
 
 ToolChoice = Annotated[
-    Annotated[AutoChoice, Tag("choice:auto")]
-    | Annotated[AnyChoice, Tag("choice:any")]
-    | Annotated[ToolNameChoice, Tag("choice:tool")]
-    | Annotated[NoneChoice, Tag("choice:none")],
-    one_of(by_field("choice", "type", frozenset({"auto", "any", "tool", "none"})),
-           "must be one of auto, any, tool, none", "type"),
+    AutoChoice
+    | AnyChoice
+    | ToolNameChoice
+    | NoneChoice,
+    Field(discriminator="type"),
 ]
 System = Annotated[
     Annotated[Text, Tag("kind:str")]

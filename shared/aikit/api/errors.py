@@ -75,10 +75,15 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str]:
     if first.get("type") == "json_invalid":
         return "request body is not valid JSON", "body"
     kind = str(first.get("type", ""))
-    # Our own error types may name the field they are about: "<kind>:<field>" (see api.schemas.one_of).
-    about = kind.partition(":")[2] or None
-    field = field_path(first.get("loc", ()), exc.body, kind, about)
+    context = first.get("ctx") or {}
     msg = str(first.get("msg", "invalid value"))
+    # Our own error types may name the field they are about: "<kind>:<field>" (see api.schemas.one_of).
+    about: str | None = kind.partition(":")[2] or None
+    if kind in ("union_tag_invalid", "union_tag_not_found"):  # a union picked by a field (role, type)
+        about = str(context.get("discriminator", "")).strip("'") or None
+        tags = str(context.get("expected_tags", "")).replace("'", "")
+        msg = f"must be one of {tags}" if kind == "union_tag_invalid" and tags else "Field required"
+    field = field_path(first.get("loc", ()), exc.body, kind, about)
     return f"{field}: {msg}", field
 
 

@@ -9,6 +9,7 @@ JSON, never a branch of ours.
 from __future__ import annotations
 
 import json
+from functools import cached_property
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
@@ -54,7 +55,9 @@ class Open(BaseModel):
 
     @model_validator(mode="after")
     def _bounded_unknown_fields(self) -> Open:
-        extra = self.model_extra or {}
+        extra = self.__pydantic_extra__
+        if not extra:
+            return self
         if len(extra) > MAX_UNKNOWN_FIELDS:
             raise PydanticCustomError("too_many_fields", "more than {limit} unknown fields",
                                       {"limit": MAX_UNKNOWN_FIELDS})
@@ -91,9 +94,11 @@ def by_kind(value: Any) -> str | None:
 
 
 def one_of(tag: Any, message: str, field: str | None = None) -> Any:
-    """A discriminated union whose failure to pick a branch is one clear error. Its type, `invalid_choice:<field>`,
-    names the field that picks the branch: an error type `<kind>:<field>` is about that field of the object at
-    the error's location (api.errors.validation_message reads it)."""
+    """A union discriminated by a function returning the branch's Tag, whose failure to pick a branch is one clear
+    error. Its type, `invalid_choice:<field>`, names the field that picks the branch: an error type
+    `<kind>:<field>` is about that field of the object at the error's location (api.errors reads it).
+    Unions picked by a field (role, type) use pydantic's own discriminator: faster, and api.errors words its
+    errors the same way."""
     return Discriminator(tag, custom_error_type=f"invalid_choice:{field}" if field else "invalid_choice",
                          custom_error_message=message)
 
@@ -143,16 +148,12 @@ class FilePart(Open):
 
 
 UserPart = Annotated[
-    Annotated[TextPart, Tag("part:text")]
-    | Annotated[ImagePart, Tag("part:image_url")]
-    | Annotated[AudioPart, Tag("part:input_audio")]
-    | Annotated[FilePart, Tag("part:file")],
-    one_of(by_field("part", "type", frozenset({"text", "image_url", "input_audio", "file"})),
-           "must be one of text, image_url, input_audio, file", "type"),
+    TextPart | ImagePart | AudioPart | FilePart,
+    Field(discriminator="type"),
 ]
 AssistantPart = Annotated[
-    Annotated[TextPart, Tag("part:text")] | Annotated[RefusalPart, Tag("part:refusal")],
-    one_of(by_field("part", "type", frozenset({"text", "refusal"})), "must be one of text, refusal", "type"),
+    TextPart | RefusalPart,
+    Field(discriminator="type"),
 ]
 _CONTENT = "must be a string or a list of content parts"
 TextContent = Annotated[
@@ -197,8 +198,8 @@ class CustomCall(Open):
 
 
 ToolCall = Annotated[
-    Annotated[FunctionCall, Tag("call:function")] | Annotated[CustomCall, Tag("call:custom")],
-    one_of(by_field("call", "type", frozenset({"function", "custom"})), "must be one of function, custom", "type"),
+    FunctionCall | CustomCall,
+    Field(discriminator="type"),
 ]
 Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
 
@@ -243,13 +244,12 @@ class ToolMessage(Open):
 
 
 Message = Annotated[
-    Annotated[SystemMessage, Tag("role:system")]
-    | Annotated[DeveloperMessage, Tag("role:developer")]
-    | Annotated[UserMessage, Tag("role:user")]
-    | Annotated[AssistantMessage, Tag("role:assistant")]
-    | Annotated[ToolMessage, Tag("role:tool")],
-    one_of(by_field("role", "role", frozenset({"system", "developer", "user", "assistant", "tool"})),
-           "must be one of system, developer, user, assistant, tool", "role"),
+    SystemMessage
+    | DeveloperMessage
+    | UserMessage
+    | AssistantMessage
+    | ToolMessage,
+    Field(discriminator="role"),
 ]
 
 # --------------------------------------------------------------------------------------------------- tools
@@ -284,8 +284,8 @@ class CustomTool(Open):
 
 
 Tool = Annotated[
-    Annotated[FunctionTool, Tag("tool:function")] | Annotated[CustomTool, Tag("tool:custom")],
-    one_of(by_field("tool", "type", frozenset({"function", "custom"})), "must be one of function, custom", "type"),
+    FunctionTool | CustomTool,
+    Field(discriminator="type"),
 ]
 
 
@@ -354,11 +354,10 @@ class JsonSchemaFormat(Open):
 
 
 ResponseFormat = Annotated[
-    Annotated[TextFormat, Tag("format:text")]
-    | Annotated[JsonObjectFormat, Tag("format:json_object")]
-    | Annotated[JsonSchemaFormat, Tag("format:json_schema")],
-    one_of(by_field("format", "type", frozenset({"text", "json_object", "json_schema"})),
-           "must be one of text, json_object, json_schema", "type"),
+    TextFormat
+    | JsonObjectFormat
+    | JsonSchemaFormat,
+    Field(discriminator="type"),
 ]
 Stop = Annotated[
     Annotated[Annotated[str, Field(max_length=MAX_STOP_CHARS)], Tag("kind:str")]
@@ -416,15 +415,22 @@ class ChatCompletionRequest(Open):
         keys = ("temperature", "top_p", "stop", "presence_penalty", "frequency_penalty", "seed")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
+    @cached_property
+    def _payload(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        # Dumped once per request: the route, the limiter and the provider all read it (and none changes it).
+        messages = [m.model_dump(exclude_none=True, by_alias=True) for m in self.messages]
+        params = self.model_dump(exclude_none=True, by_alias=True,
+                                 exclude={"model", "messages", "stream", "max_tokens"})
+        return messages, params
+
     def messages_payload(self) -> list[dict[str, Any]]:
         """The messages as sent (a null field means absent in the OpenAI API, so nulls are left out)."""
-        return [m.model_dump(exclude_none=True, by_alias=True) for m in self.messages]
+        return self._payload[0]
 
     def params(self) -> dict[str, Any]:
         """Every field but model, messages, stream and max_tokens, as sent (unknown ones included): the
         `**params` of `LLM.chat` / `LLM.stream`."""
-        return self.model_dump(exclude_none=True, by_alias=True,
-                               exclude={"model", "messages", "stream", "max_tokens"})
+        return self._payload[1]
 
     def chat_request(self, default_model: str) -> ChatRequest:
         return ChatRequest(self.messages_payload(), self.model or default_model, self.max_tokens, self.params())
