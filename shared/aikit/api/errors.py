@@ -68,7 +68,12 @@ def field_path(loc: Sequence[Any], body: Any, error_type: str = "", field: objec
 
 
 def validation_message(exc: RequestValidationError) -> tuple[str, str]:
-    errors = exc.errors()
+    return describe_errors(exc.errors(), exc.body)
+
+
+def describe_errors(errors: Sequence[Any], body: Any) -> tuple[str, str]:
+    """(message, field) of the first of pydantic's errors about `body` (the JSON the client sent): the field in
+    the client's notation, the message without names of our own."""
     if not errors:
         return "invalid request", "body"
     first = errors[0]
@@ -83,7 +88,7 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str]:
         about = str(context.get("discriminator", "")).strip("'") or None
         tags = str(context.get("expected_tags", "")).replace("'", "")
         msg = f"must be one of {tags}" if kind == "union_tag_invalid" and tags else "Field required"
-    field = field_path(first.get("loc", ()), exc.body, kind, about)
+    field = field_path(first.get("loc", ()), body, kind, about)
     return f"{field}: {msg}", field
 
 
