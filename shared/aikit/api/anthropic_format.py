@@ -25,7 +25,6 @@ from aikit.api.schemas import (
     MAX_MESSAGES,
     MAX_PARTS,
     MAX_TOOLS,
-    FunctionName,
     Ident,
     JsonObject,
     ModelName,
@@ -60,6 +59,7 @@ ERROR_TYPES = {
     503: "overloaded_error",
     504: "timeout_error",
 }
+ToolName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")]  # Anthropic's rule
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "content_filter": "refusal"}
 
 # ---------------------------------------------------------------------------------------------- the request
@@ -102,7 +102,7 @@ class ImageBlock(Open):
 class ToolUseBlock(Open):
     type: Literal["tool_use"]
     id: Ident
-    name: FunctionName
+    name: ToolName
     input: JsonObject
     cache_control: CacheControl | None = None
 
@@ -142,7 +142,7 @@ class InputMessage(Open):
 
 
 class ToolDefinition(Open):
-    name: FunctionName
+    name: ToolName
     description: Annotated[str, Field(max_length=MAX_DESCRIPTION)] | None = None
     input_schema: JsonObject
     type: Literal["custom"] | None = None
@@ -162,7 +162,7 @@ class AnyChoice(Open):
 
 class ToolNameChoice(Open):
     type: Literal["tool"]
-    name: FunctionName
+    name: ToolName
     disable_parallel_tool_use: bool | None = None
 
 

@@ -51,9 +51,11 @@ def field_path(loc: Sequence[Any], body: Any, error_type: str = "", field: objec
     Pydantic's location mixes the client's keys and indices with names of our own (union branches,
     validators); walking it along the body the client sent keeps only the client's part.
     """
+    if loc and loc[0] in ("query", "path", "header", "cookie"):  # a parameter, named as the client named it
+        return ".".join(str(p) for p in loc[1:]) or str(loc[0])
     path = ""
     value = body
-    steps = [p for p in loc if p not in ("body", "query", "path", "header")]
+    steps = list(loc[1:] if loc and loc[0] == "body" else loc)
     for i, step in enumerate(steps):
         if isinstance(step, int) and isinstance(value, list) and 0 <= step < len(value):
             path, value = f"{path}[{step}]", value[step]
