@@ -335,6 +335,8 @@ def _openai_check(body: dict[str, Any]) -> int:
     unknown = sorted(set(body) - OPENAI_FIELDS)
     if unknown:
         raise Refused(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0])
+    if body.get("stream_options") is not None and not body.get("stream"):
+        raise Refused("The 'stream_options' parameter is only allowed when 'stream' is enabled.", "stream_options")
     for j, tool in enumerate(body.get("tools") or ()):
         name = ((tool.get("function") or {}) if isinstance(tool, dict) else {}).get("name")
         if tool.get("type") != "function" or not isinstance(name, str) or not FUNCTION_NAME.match(name):

@@ -596,3 +596,16 @@ def test_anthropic_sdk_drives_a_tool_round_trip_on_the_fake(servers: dict[str, A
     with pytest.raises(anthropic.BadRequestError, match="without `tool_result` blocks"):
         client.messages.create(model="claude-x", max_tokens=100, messages=[*answer[:2], question[0]], tools=tools)
     client.close()
+
+
+@by_name("openai")
+async def test_openai_stream_options_are_ours_to_set(upstream: Upstream) -> None:
+    """The stream always asks for usage (we meter it), keeping the client's other stream options; a plain call
+    sends none (OpenAI refuses stream_options without stream)."""
+    options = {"include_usage": False, "include_obfuscation": False}
+    await upstream.llm.chat([QUESTION], stream_options=options)
+    events = [e async for e in upstream.llm.stream([QUESTION], stream_options=options)]
+    plain, streamed = upstream.bodies()
+    assert "stream_options" not in plain
+    assert streamed["stream_options"] == {"include_usage": True, "include_obfuscation": False}
+    assert isinstance(events[-1], StreamEnd) and events[-1].usage == upstream.reported()
