@@ -54,9 +54,9 @@ class MeteredRequest:
         quota = self.key.monthly_tokens is not None
         reserve = 0
         if quota:
-            if req.max_tokens is None:
+            if req.output_limit is None:
                 req = dataclasses.replace(req, max_tokens=self._default_max_tokens)
-            reserve = provider.input_token_bound(req) + (req.max_tokens or 0)
+            reserve = provider.input_token_bound(req) + (req.output_limit or 0)
         while self._admitting is not None:  # another call of this request is counting it: its outcome decides
             await self._admitting.wait()
         count = not self._counted
