@@ -496,7 +496,8 @@ def test_only_an_invoice_that_opens_a_service_period_resets_the_quota(
     assert chat(wh_client, issued).status_code == 200
     assert chat(wh_client, issued).status_code == 429  # the quota of 7 tokens is used up
 
-    paid_at = now() - 60
+    # The new period starts after those calls (usage counts in the period its time falls in).
+    paid_at = now() + 1
     # A plan change mid-period bills a proration: paying it must not buy a fresh quota.
     paid = invoice_event("invoice.paid", customer, paid_at, sub_id=sub_id, shape=shape, billing_reason=reason,
                          lines=[(paid_at - MONTH, paid_at)])
