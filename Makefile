@@ -61,13 +61,17 @@ build-AikitLayer:
 	@test -n "$(ARTIFACTS_DIR)" || { echo "ARTIFACTS_DIR is not set (sam build sets it)" >&2; exit 2; }
 	@$(LAYER_PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 12), sys.version' \
 	  || { echo "the layer needs python3.12 for its bytecode: set LAYER_PYTHON" >&2; exit 2; }
-	rm -rf "$(ARTIFACTS_DIR)/python" "$(ARTIFACTS_DIR)/.wheel"
-	$(LAYER_PYTHON) -m pip wheel -q --no-deps -w "$(ARTIFACTS_DIR)/.wheel" "$(ROOT)"
+	rm -rf "$(ARTIFACTS_DIR)/python" "$(ARTIFACTS_DIR)/.wheel" "$(ARTIFACTS_DIR)/.src"
+	# The wheel is built from a clean copy: an in-tree build/ directory would keep modules deleted since.
+	mkdir -p "$(ARTIFACTS_DIR)/.src"
+	tar -C "$(ROOT)" --exclude=__pycache__ --exclude='*.egg-info' -cf - pyproject.toml README.md shared \
+	  | tar -C "$(ARTIFACTS_DIR)/.src" -xf -
+	$(LAYER_PYTHON) -m pip wheel -q --no-deps -w "$(ARTIFACTS_DIR)/.wheel" "$(ARTIFACTS_DIR)/.src"
 	$(LAYER_PYTHON) -m pip install -q --target "$(ARTIFACTS_DIR)/python" --no-compile \
 	  --platform $(LAYER_PLATFORM) --implementation cp --python-version 3.12 --only-binary=:all: \
 	  "$(ARTIFACTS_DIR)"/.wheel/aikit-*.whl
 	cd "$(ARTIFACTS_DIR)/python" && rm -rf bin $(foreach p,$(LAYER_RUNTIME_PROVIDED),$(p) $(p)-*.dist-info) \
-	  && rm -rf "$(ARTIFACTS_DIR)/.wheel"
+	  && rm -rf "$(ARTIFACTS_DIR)/.wheel" "$(ARTIFACTS_DIR)/.src"
 	# Test suites some dependencies carry; nothing imports them at run time.
 	find "$(ARTIFACTS_DIR)/python" -depth -type d \( -name tests -o -path '*/testing/suite' \) -exec rm -rf {} +
 	$(LAYER_PYTHON) -m compileall -q -j 0 --invalidation-mode unchecked-hash \
