@@ -1,5 +1,6 @@
 """Webhook Lambda: only POST /v1/webhooks/stripe, behind API Gateway (HTTP API), through Mangum."""
 
+import stripe  # noqa: F401 - every delivery verifies a signature with it: loaded at init, inside a SnapStart snapshot
 from mangum import Mangum
 
 from aikit.api.routes.webhooks import create_webhook_app

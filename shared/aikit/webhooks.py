@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-import stripe
 from sqlalchemy import Engine, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
@@ -117,6 +116,8 @@ def verify_event(raw_body: bytes, sig_header: str | None, secret: str) -> Webhoo
         )
     if not sig_header or not sig_header.strip():
         raise WebhookRejected("missing Stripe-Signature header", kind="missing_signature")
+    import stripe  # here, not at import: the API function's cold start does not need the SDK
+
     try:
         stripe.Webhook.construct_event(raw_body, sig_header, secret, tolerance=SIGNATURE_TOLERANCE_SECONDS)
     except stripe.SignatureVerificationError as exc:
