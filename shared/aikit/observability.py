@@ -8,7 +8,7 @@ Metrics: this module owns a small EMF writer (no Powertools Metrics internals). 
 a Count metric is summed, any other unit keeps its values (at most MAX_VALUES per record). Buffers are written
 as EMF JSON lines on stdout at the end of every Lambda invocation (lambda_entry) and of every request under
 Lambda Web Adapter (asgi_entry), since Lambda may freeze the process right after; in a long-running process
-(`aikit serve`) at least every WRITE_INTERVAL_SECONDS and at exit. POWERTOOLS_METRICS_DISABLED=true turns the
+(`aikit serve`) every WRITE_INTERVAL_SECONDS (aikit.server) and at shutdown. POWERTOOLS_METRICS_DISABLED=true turns the
 writing off (`make run`).
 
 Dimensions: every value is recorded in the total series {service=aikit} (which the alarms in template.yaml
@@ -22,7 +22,6 @@ only TRACED_MODULES; importing this module never imports the X-Ray SDK.
 
 from __future__ import annotations
 
-import atexit
 import io
 import json
 import math
@@ -256,7 +255,6 @@ def metrics_disabled() -> bool:
 
 
 metrics = MetricWriter()
-atexit.register(metrics.flush)
 
 
 def emit(name: str, value: float = 1, unit: str | None = None, **dimensions: str) -> None:

@@ -190,6 +190,25 @@ def test_a_long_running_process_writes_metrics_at_least_every_interval(
     assert find(records, STRIPE_ERRORS, ["service", "kind"])[STRIPE_ERRORS] == [1.0]
 
 
+def test_aikit_serve_writes_buffered_metrics_every_interval_even_when_quiet(
+    out: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import anyio
+
+    from aikit.server import write_metrics_forever
+
+    emit(TOKENS_METERED, 7)  # buffered: no later emit will come to trigger a write
+    assert emf_records(out.readouterr().out) == []
+    monkeypatch.setattr(observability, "WRITE_INTERVAL_SECONDS", 0.05)
+
+    async def quiet_period() -> None:
+        with anyio.move_on_after(0.3):
+            await write_metrics_forever()
+
+    anyio.run(quiet_period)
+    assert find(emf_records(out.readouterr().out), TOKENS_METERED, ["service"])[TOKENS_METERED] == [7.0]
+
+
 def test_a_bad_metric_is_dropped_with_a_warning_and_never_raises(out: Any) -> None:
     emit(REQUESTS, 1, unit="Parsecs")
     emit(STRIPE_ERRORS, "not a number", kind="k")  # type: ignore[arg-type]
@@ -435,6 +454,34 @@ def test_apply_writes_the_environment_once_and_reports_names_only(aws: Any) -> N
 def test_plain_string_admin_token_secret(aws: Any) -> None:
     arn = aws.create_secret(Name="aikit/admin-plain", SecretString="  plain-admin-token \n")["ARN"]
     assert resolve_secret_settings({"ADMIN_TOKEN_SECRET_ARN": arn}) == {"ADMIN_TOKEN": "plain-admin-token"}
+
+
+def test_snapstart_restore_rereads_the_secrets(aws: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    hooks: list[Any] = []
+    fake = types.ModuleType("snapshot_restore_py")
+    fake.register_after_restore = hooks.append  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "snapshot_restore_py", fake)
+    arn = make_secrets(aws)["STRIPE_SECRET_ARN"]
+    monkeypatch.setenv("STRIPE_SECRET_ARN", arn)
+    monkeypatch.delenv("STRIPE_SECRET_KEY", raising=False)
+    apply_secret_settings()  # the init phase, before the snapshot
+    assert aws_secrets.refresh_after_snapstart_restore() is True
+    aws.put_secret_value(SecretId=arn, SecretString=json.dumps({"secret_key": "sk_test_after_restore"}))
+
+    (hook,) = hooks
+    hook()  # what Lambda runs after restoring the snapshot: the cached value is not trusted
+
+    import os
+
+    assert os.environ["STRIPE_SECRET_KEY"] == "sk_test_after_restore"
+    monkeypatch.delenv("STRIPE_SECRET_KEY")
+
+
+def test_without_snapstart_no_restore_hook_is_registered() -> None:
+    assert aws_secrets.refresh_after_snapstart_restore() is False
 
 
 def test_no_arns_is_a_no_op_without_touching_aws(monkeypatch: pytest.MonkeyPatch) -> None:
