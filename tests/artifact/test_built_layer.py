@@ -60,6 +60,18 @@ def test_layer_ships_the_package_with_bytecode_and_no_tests_requirements_or_boto
         assert int.from_bytes(pyc[4:8], "little") == 0b01, source
 
 
+def test_the_layer_holds_exactly_the_packages_modules_and_functions_only_their_code(sam_build: Path,
+                                                                                  layer: Path) -> None:
+    shipped = {p.relative_to(layer / "aikit") for p in (layer / "aikit").rglob("*.py")}
+    source = {p.relative_to(ROOT / "shared" / "aikit") for p in (ROOT / "shared" / "aikit").rglob("*.py")}
+    assert shipped == source  # nothing stale from an earlier build, nothing missing
+    for function in FUNCTIONS:
+        files = {p.name for p in (sam_build / function).iterdir()}
+        expected = {"app.py", "run.sh"} if function == "ApiFunction" else {"app.py"}
+        assert files == expected, (function, files)
+    assert (sam_build / "ApiFunction" / "run.sh").stat().st_mode & 0o111  # Lambda Web Adapter executes it
+
+
 @pytest.mark.parametrize("function", FUNCTIONS)
 def test_every_handler_imports_in_a_clean_runtime_with_tracing_on(
         sam_build: Path, runtime_venv: Path, function: str) -> None:
