@@ -291,9 +291,16 @@ _tracer: Any = None
 _tracer_lock = threading.Lock()
 
 
+# Lambda Web Adapter's exec wrapper: invocations reach uvicorn over HTTP, never a Python handler.
+WEB_ADAPTER_WRAPPER = "/opt/bootstrap"
+
+
 def tracing_enabled(environ: MutableMapping[str, str] = os.environ) -> bool:
-    """In Lambda (Powertools' test: LAMBDA_TASK_ROOT, not sam local) unless POWERTOOLS_TRACE_DISABLED."""
+    """In Lambda (Powertools' test: LAMBDA_TASK_ROOT, not sam local) unless POWERTOOLS_TRACE_DISABLED, and not
+    under Lambda Web Adapter: its server process has no per-invocation X-Ray segment to attach to."""
     if not environ.get("LAMBDA_TASK_ROOT") or environ.get("AWS_SAM_LOCAL"):
+        return False
+    if environ.get("AWS_LAMBDA_EXEC_WRAPPER") == WEB_ADAPTER_WRAPPER:
         return False
     return environ.get("POWERTOOLS_TRACE_DISABLED", "").strip().lower() not in ("1", "true", "yes", "on")
 

@@ -78,6 +78,8 @@ def lwa_started(build_dir: Path, venv: Path, settings: dict[str, str]) -> Iterat
         # What template.yaml sets for ApiStreaming=true, and what Lambda sets for the handler.
         "AWS_LAMBDA_EXEC_WRAPPER": "/opt/bootstrap", "AWS_LWA_INVOKE_MODE": "response_stream",
         "AWS_LWA_READINESS_CHECK_PATH": "/healthz", "PORT": str(port), "_HANDLER": "run.sh",
+        # Tracing: Active, as deployed (the X-Ray SDK must stay out of the server process).
+        "POWERTOOLS_TRACE_DISABLED": "false", "_X_AMZN_TRACE_ID": "Root=1-5759e988-bd862e3fe1be46a994272793",
         # The runtime's python3 first on PATH; the layer where Lambda mounts it (/opt/python) is not here.
         "PATH": f"{venv / 'bin'}{os.pathsep}{env['PATH']}",
         "PYTHONPATH": str(build_dir / "AikitLayer" / "python"),
@@ -160,6 +162,7 @@ def test_run_sh_streams_the_first_chunk_long_before_the_upstream_finishes_and_me
     assert metered[0][0] <= finished + 0.2
     logs = [json.loads(line) for _, line in output.lines if line.startswith("{") and '"level"' in line]
     assert all(key.api_key not in json.dumps(log) for log in logs)
+    assert not [line for _, line in output.lines if "segment" in line.lower() or "Traceback" in line]
 
     # Durable: the flush moves exactly that usage to Postgres.
     flush_env = lambda_env(sam_build / "FlushFunction", "aikit-flush", **settings_env(pg_url, redis_prefix))

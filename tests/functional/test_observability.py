@@ -311,6 +311,10 @@ def test_tracing_is_off_outside_lambda_and_importing_never_loads_xray(monkeypatc
     monkeypatch.setenv("LAMBDA_TASK_ROOT", "/var/task")
     monkeypatch.setenv("POWERTOOLS_TRACE_DISABLED", "true")
     assert observability.tracer() is None
+    monkeypatch.setenv("POWERTOOLS_TRACE_DISABLED", "false")
+    monkeypatch.setenv("AWS_LAMBDA_EXEC_WRAPPER", "/opt/bootstrap")  # Lambda Web Adapter runs uvicorn
+    assert observability.tracer() is None
+    monkeypatch.delenv("AWS_LAMBDA_EXEC_WRAPPER")
     # A cold start with tracing on pays for X-Ray only when a handler is wrapped, never at import.
     code = ("import sys, aikit.observability as o; "
             "assert 'aws_xray_sdk' not in sys.modules, 'imported X-Ray'; "
