@@ -168,7 +168,9 @@ def lambda_env(function_dir: Path, name: str, **settings: str) -> dict[str, str]
         "LAMBDA_TASK_ROOT": str(function_dir), "AWS_LAMBDA_FUNCTION_NAME": name, "AWS_REGION": "us-east-1",
         "AWS_DEFAULT_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
         "POWERTOOLS_SERVICE_NAME": "aikit", "POWERTOOLS_METRICS_NAMESPACE": "aikit",
-        "POWERTOOLS_TRACE_DISABLED": "true", "FLUSH_INTERVAL_SECONDS": "0", **settings,
+        "POWERTOOLS_TRACE_DISABLED": "true", "FLUSH_INTERVAL_SECONDS": "0",
+        # /var/task and /opt are read-only on Lambda: nothing may count on writing bytecode there.
+        "PYTHONDONTWRITEBYTECODE": "1", **settings,
     }
 
 

@@ -17,7 +17,7 @@ from sqlalchemy import create_engine, func, inspect, select, text
 from aikit.db.models import ApiKeyUsage
 from aikit.keys import IssuedKey
 from tests.artifact.builds import FUNCTIONS, ROOT, invoke, lambda_env
-from tests.conftest import ADMIN_URL, REDIS_URL, issue_key, make_settings
+from tests.conftest import ADMIN_URL, REDIS_URL
 from tests.fakes.stripe_server import FakeStripe
 
 EVENTS = ROOT / "events"
@@ -92,11 +92,6 @@ def _free_udp_port() -> int:
 
 
 # ---------------------------------------------------------------------------------------------- one request each
-
-
-@pytest.fixture
-def key(pg_url: str, redis_prefix: str) -> IssuedKey:
-    return issue_key(make_settings(pg_url, redis_prefix), rpm=100, rpd=1000, monthly_tokens=100_000)
 
 
 def tokens_in_postgres(pg_url: str, api_key_id: str) -> int:
