@@ -20,6 +20,9 @@ from tests.artifact.builds import FUNCTIONS, ROOT, invoke, lambda_env
 from tests.conftest import ADMIN_URL, REDIS_URL
 from tests.fakes.stripe_server import FakeStripe
 
+# The first test builds the artifacts (sam build, venvs) in its setup: minutes on a clean checkout.
+pytestmark = pytest.mark.timeout(1800)
+
 EVENTS = ROOT / "events"
 WEBHOOK_SECRET = "whsec_artifact_test"
 

@@ -27,6 +27,9 @@ from tests.artifact.test_built_layer import settings_env, tokens_in_postgres
 from tests.fakes.llm_servers import FakeOpenAI, _Handler
 from tests.servers import free_port
 
+# The first test builds the artifacts (sam build, venvs) in its setup: minutes on a clean checkout.
+pytestmark = pytest.mark.timeout(1800)
+
 WORDS = 12
 WORD_DELAY = 0.25  # the upstream takes WORDS * WORD_DELAY seconds to finish
 

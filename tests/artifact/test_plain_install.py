@@ -15,6 +15,9 @@ import pytest
 
 from tests.servers import free_port
 
+# The first test builds the artifacts (sam build, venvs) in its setup: minutes on a clean checkout.
+pytestmark = pytest.mark.timeout(1800)
+
 
 def cli(venv: Path, cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(venv / "bin" / "aikit"), *args], capture_output=True, text=True, cwd=cwd,
@@ -49,7 +52,6 @@ def test_every_cli_command_runs(plain_venv: Path, tmp_path: Path) -> None:
         assert "Traceback" not in result.stderr and "ModuleNotFoundError" not in result.stderr, (args, result.stderr)
 
 
-@pytest.mark.timeout(180)
 def test_aikit_serve_answers_a_metered_chat_on_the_defaults(plain_venv: Path, tmp_path: Path) -> None:
     assert cli(plain_venv, tmp_path, "migrate").returncode == 0
     created = json.loads(cli(plain_venv, tmp_path, "keys", "create", "--email", "serve@example.com").stdout)
