@@ -117,7 +117,7 @@ def main() -> None:
     result: dict[str, Any] = {"events": args.events, "keys": args.keys, "customers": args.customers}
     try:
         upgrade(url)
-        with FakeStripe() as fake:
+        with FakeStripe(rate_limit=1000) as fake:  # live mode: meter events have their own 1,000 calls/s
             overrides: dict[str, Any] = {
                 "database_url": url, "redis_url": REDIS_URL, "redis_key_prefix": prefix,
                 "stripe_secret_key": fake.api_key, "stripe_api_base": fake.url,

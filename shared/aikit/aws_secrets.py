@@ -3,7 +3,8 @@
 The template sets only ARNs and endpoints:
   DATABASE_SECRET_ARN (+ DATABASE_HOST, DATABASE_PORT, DATABASE_NAME)  -> DATABASE_URL
       secret JSON {"username", "password"} (+ "host", "port", "dbname" from the RDS attachment)
-  STRIPE_SECRET_ARN       -> STRIPE_SECRET_KEY, STRIPE_WEBHOOK_SECRET   JSON {"secret_key", "webhook_secret"}
+  STRIPE_SECRET_ARN       -> STRIPE_SECRET_KEY, STRIPE_WEBHOOK_SECRET, STRIPE_EVENT_DESTINATION_SECRET
+                             JSON {"secret_key", "webhook_secret", "event_destination_secret"}
   ADMIN_TOKEN_SECRET_ARN  -> ADMIN_TOKEN                                 JSON {"token"} or a plain string
   LLM_SECRET_ARN          -> OPENAI_API_KEY, ANTHROPIC_API_KEY           JSON {"openai_api_key", ...}
 Unset or empty *_ARN variables are skipped, so outside AWS this is a no-op.
@@ -36,7 +37,8 @@ DEFAULT_DATABASE_NAME = "aikit"
 DEFAULT_SSLMODE = "verify-full"
 
 # JSON field in the secret -> environment variable
-_STRIPE_FIELDS = {"secret_key": "STRIPE_SECRET_KEY", "webhook_secret": "STRIPE_WEBHOOK_SECRET"}
+_STRIPE_FIELDS = {"secret_key": "STRIPE_SECRET_KEY", "webhook_secret": "STRIPE_WEBHOOK_SECRET",
+                  "event_destination_secret": "STRIPE_EVENT_DESTINATION_SECRET"}
 _LLM_FIELDS = {"openai_api_key": "OPENAI_API_KEY", "anthropic_api_key": "ANTHROPIC_API_KEY"}
 _ADMIN_FIELDS = ("token", "admin_token")
 

@@ -35,6 +35,18 @@ class StripeFailed(Exception):
     """A Stripe call failed; the message says which."""
 
 
+class AlreadySubscribed(Exception):
+    """The customer already pays for the metered price: a second subscription would bill the meter twice."""
+
+    def __init__(self, message: str, portal_url: str) -> None:
+        super().__init__(message)
+        self.portal_url = portal_url
+
+
+# Subscriptions that still bill (or will again): a second one on the same price would double the invoice.
+BILLING_STATUSES = frozenset({"active", "trialing", "past_due"})
+
+
 @dataclass(frozen=True, slots=True)
 class CheckoutSession:
     url: str
@@ -90,6 +102,8 @@ def start_checkout(
             "billing is not configured: set STRIPE_METERED_PRICE_ID (`aikit stripe setup` prints it)"
         )
     customer_id, created = ensure_customer(engine, gateway, user_id)
+    if not created:
+        _refuse_second_subscription(settings, gateway, customer_id, price_id)
     try:
         url = gateway.create_checkout_session(
             customer_id=customer_id,
@@ -101,6 +115,28 @@ def start_checkout(
         raise StripeFailed(str(exc)) from exc
     match = _SESSION_ID.search(url)
     return CheckoutSession(url=url, id=match.group(1) if match else None), created
+
+
+def _refuse_second_subscription(settings: Settings, gateway: BillingGateway, customer_id: str,
+                                price_id: str) -> None:
+    """AlreadySubscribed (with a Billing Portal link to manage it) when the customer has a subscription on the
+    metered price that bills. Stripe is asked, not our table: a subscription whose webhook has not arrived
+    yet counts too."""
+    from aikit.stripe_gateway import BillingError
+
+    try:
+        subscriptions = gateway.list_subscriptions(customer_id, price_id=price_id)
+        billing = [s for s in subscriptions if s.get("status") in BILLING_STATUSES]
+        if not billing:
+            return
+        portal = gateway.create_portal_session(customer_id=customer_id, return_url=settings.stripe_portal_return_url)
+    except BillingError as exc:
+        raise StripeFailed(str(exc)) from exc
+    raise AlreadySubscribed(
+        f"already subscribed (subscription {billing[0].get('id')} is {billing[0].get('status')}): manage it in "
+        f"the billing portal instead: {portal}",
+        portal,
+    )
 
 
 def open_portal(engine: Engine, settings: Settings, gateway: BillingGateway | None, user_id: str) -> str:

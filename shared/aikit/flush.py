@@ -623,7 +623,7 @@ def requeue_parked(settings: Settings, *, customer_id: str | None = None,
     """Put parked reports back in the queue after the cause was fixed (customer created, meter reactivated).
     They keep their identifiers, so one that Stripe did record after all is still counted once. Returns
     how many were requeued; the next flush sends them."""
-    stmt = update(MeterReport).where(MeterReport.status == "parked")
+    stmt = update(MeterReport).where(MeterReport.status.in_(("parked", "rejected")))  # rejected: by Stripe, later
     if customer_id is not None:
         stmt = stmt.where(MeterReport.customer_id == customer_id)
     if report_ids is not None:

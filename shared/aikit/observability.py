@@ -51,6 +51,7 @@ FLUSH_LAG = "FlushLagSeconds"  # Seconds
 WEBHOOK_EVENTS = "WebhookEvents"  # dimensions: type, outcome
 WEBHOOK_SIGNATURE_FAILURES = "WebhookSignatureFailures"
 METER_FALLBACKS = "MeterFallbacks"  # usage written straight to Postgres while Redis was down
+METER_EVENTS_REJECTED = "MeterEventsRejected"  # Stripe rejected meter events after accepting them (dimension: code)
 
 ALL_METRICS: tuple[str, ...] = (
     TOKENS_METERED, REQUESTS, RATE_LIMITED, FLUSH_DURATION, EVENTS_FLUSHED, STRIPE_ERRORS, PARKED_BATCHES,

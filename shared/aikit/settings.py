@@ -84,6 +84,12 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
+    # Stripe event destination for thin events (meter-event error reports), delivered to the same
+    # POST /v1/webhooks/stripe; its own signing secret (the snapshot webhook keeps STRIPE_WEBHOOK_SECRET).
+    stripe_event_destination_secret: str | None = None
+    # The account's invoice finalization grace period (Stripe: 1 h by default, up to 72 h in Billing settings).
+    stripe_finalization_grace_seconds: int = Field(default=3600, ge=0, le=72 * 3600)
+
     @field_validator("database_url")
     @classmethod
     def _database_url(cls, value: str) -> str:

@@ -94,6 +94,14 @@ class BillingGateway(ABC):
     def retrieve_subscription(self, subscription_id: str) -> dict[str, Any]: ...
 
     @abstractmethod
+    def list_subscriptions(self, customer_id: str, *, price_id: str | None = None) -> list[dict[str, Any]]:
+        """The customer's subscriptions that are not canceled (on one price when given)."""
+
+    @abstractmethod
+    def retrieve_event(self, event_id: str) -> dict[str, Any]:
+        """A v2 (thin) event with its data, as GET /v2/core/events/{id} returns it."""
+
+    @abstractmethod
     def ensure_setup(self, *, event_name: str) -> SetupResult:
         """Create the meter, product and metered price if missing; safe to run again."""
 
@@ -288,6 +296,23 @@ class StripeGateway(BillingGateway):
         except stripe.StripeError as exc:
             raise _billing_error(exc, "subscription retrieval") from exc
         return subscription.to_dict()
+
+    def list_subscriptions(self, customer_id: str, *, price_id: str | None = None) -> list[dict[str, Any]]:
+        params: stripe.params.SubscriptionListParams = {"customer": customer_id, "limit": 100}
+        if price_id:
+            params["price"] = price_id
+        try:
+            page = self._client.v1.subscriptions.list(params=params)
+            return [s.to_dict() for s in page.auto_paging_iter()]
+        except stripe.StripeError as exc:
+            raise _billing_error(exc, "subscription listing") from exc
+
+    def retrieve_event(self, event_id: str) -> dict[str, Any]:
+        try:
+            event = self._client.v2.core.events.retrieve(event_id)
+        except stripe.StripeError as exc:
+            raise _billing_error(exc, "event retrieval") from exc
+        return event.to_dict()
 
     # --- reconciliation ------------------------------------------------------------------------------
 

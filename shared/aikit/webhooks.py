@@ -13,10 +13,19 @@ Rules (each one a plain function below, unit-tested):
   applied, and a non-terminal event never moves a subscription out of one. Otherwise the event with the newer
   `created` wins; at a tie (same second) the later delivery wins. So a tie between a terminal and a
   non-terminal state always ends terminal.
-* Quota: `invoice.paid` moves the user's quota period start forward only (never back), which resets the
-  monthly token counter because its Redis key contains that start.
+  When order cannot be decided (same `created`, both non-terminal, different status) the state is taken
+  from Stripe (the subscription retrieved through the gateway) instead of the delivery order.
+* Quota: `invoice.paid` for an invoice that opens a service period (billing_reason subscription_create or
+  subscription_cycle) moves the user's quota period start forward only (never back), which resets the
+  monthly token counter because its Redis key contains that start. Mid-period invoices (a plan change, a
+  threshold, a manual invoice) leave the quota alone.
+* Billing periods: every subscription and invoice event records the periods it names (aikit.periods), stale
+  ones included (an old period is still history); the flush cuts and stamps reports by them.
 * Email: `invoice.payment_failed` emails the customer after the commit, so a redelivery (already recorded)
   never emails twice; a mail failure is logged, not retried (at most once).
+* Thin events (API v2 event destinations) arrive at the same endpoint, told apart by the signed body's
+  `object` ("v2.core.event"); meter-event error reports go to aikit.meter_errors.
+* A signed body we cannot use (not JSON, too deeply nested, wrong types) is a 400 that changes nothing.
 """
 
 from __future__ import annotations
@@ -26,17 +35,22 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from aikit import meter_errors
 from aikit.access import ACTIVE_STATUSES
 from aikit.db.models import StripeEvent, Subscription, User, as_utc
 from aikit.emails import Email, Mailer
 from aikit.observability import WEBHOOK_EVENTS, WEBHOOK_SIGNATURE_FAILURES, emit, logger
+from aikit.periods import SOURCE_INVOICE, SOURCE_SUBSCRIPTION, record_period
 from aikit.settings import Settings
+
+if TYPE_CHECKING:  # the Stripe SDK loads when Stripe is called, not on the API function's cold start
+    from aikit.stripe_gateway import BillingGateway
 
 MAX_BODY_BYTES = 1024 * 1024  # Stripe events are a few KB; anything near this is not from Stripe
 SIGNATURE_TOLERANCE_SECONDS = 300
@@ -44,11 +58,19 @@ TERMINAL_STATUSES = frozenset({"canceled", "incomplete_expired"})
 # A line period ending at most this long after the invoice was created counts as already begun (clock slack).
 _PERIOD_SLACK_SECONDS = 86400
 
+# Timestamps beyond this (year 9999) are no real time; datetime cannot hold them.
+_MAX_TIMESTAMP = 253_402_300_799
+# billing_reason of the invoices that open a service period; the others are mid-period.
+PERIOD_OPENING_REASONS = frozenset({"subscription_create", "subscription_cycle"})
+THIN_EVENT_OBJECT = "v2.core.event"
+
 SUBSCRIPTION_CREATED = "customer.subscription.created"
 SUBSCRIPTION_UPDATED = "customer.subscription.updated"
 SUBSCRIPTION_DELETED = "customer.subscription.deleted"
 INVOICE_PAID = "invoice.paid"
 INVOICE_PAYMENT_FAILED = "invoice.payment_failed"
+INVOICE_CREATED = "invoice.created"
+INVOICE_FINALIZED = "invoice.finalized"
 
 
 class Outcome(StrEnum):
@@ -108,8 +130,8 @@ class WebhookResult:
 # --- verification --------------------------------------------------------------------------------------
 
 
-def verify_event(raw_body: bytes, sig_header: str | None, secret: str) -> WebhookEvent:
-    """The verified event; WebhookRejected naming what is wrong otherwise."""
+def verify_signature(raw_body: bytes, sig_header: str | None, secrets: list[str]) -> None:
+    """Passes when one of our secrets signed these exact bytes recently; WebhookRejected otherwise."""
     if len(raw_body) > MAX_BODY_BYTES:
         raise WebhookRejected(
             f"payload too large (limit {MAX_BODY_BYTES} bytes)", kind="too_large", status=413
@@ -118,22 +140,37 @@ def verify_event(raw_body: bytes, sig_header: str | None, secret: str) -> Webhoo
         raise WebhookRejected("missing Stripe-Signature header", kind="missing_signature")
     import stripe  # here, not at import: the API function's cold start does not need the SDK
 
+    stale = False
+    for secret in secrets:
+        try:
+            stripe.WebhookSignature.verify_header(raw_body, sig_header, secret, SIGNATURE_TOLERANCE_SECONDS)
+            return
+        except stripe.SignatureVerificationError as exc:
+            stale = stale or "tolerance" in str(exc.user_message or exc)
+        except ValueError:  # not UTF-8: no Stripe signature covers it
+            raise WebhookRejected("payload is not UTF-8 JSON", kind="malformed") from None
+        except (TypeError, AttributeError):  # the SDK trips over non-ASCII signatures in the header
+            raise WebhookRejected("Stripe-Signature does not match the payload", kind="bad_signature") from None
+    if stale:
+        raise WebhookRejected("Stripe-Signature timestamp is outside the tolerance window", kind="stale_signature")
+    raise WebhookRejected("Stripe-Signature does not match the payload", kind="bad_signature")
+
+
+def parse_json_object(raw_body: bytes) -> dict[str, Any]:
+    """The signed body as plain dicts; nesting too deep for the parser or anything but an object is a 400."""
     try:
-        stripe.Webhook.construct_event(raw_body, sig_header, secret, tolerance=SIGNATURE_TOLERANCE_SECONDS)
-    except stripe.SignatureVerificationError as exc:
-        message = str(exc.user_message or exc)
-        if "tolerance" in message:
-            raise WebhookRejected(
-                "Stripe-Signature timestamp is outside the tolerance window", kind="stale_signature"
-            ) from None
-        raise WebhookRejected(
-            "Stripe-Signature does not match the payload", kind="bad_signature"
-        ) from None
-    except (ValueError, AttributeError, TypeError):
-        # ValueError: not UTF-8 or not JSON; the SDK fails with AttributeError/TypeError on a non-object.
+        data = json.loads(raw_body)
+    except (ValueError, RecursionError):
         raise WebhookRejected("payload is not a JSON object", kind="malformed") from None
-    # Signed, so these exact bytes came from Stripe: parse them into plain dicts.
-    return parse_event(json.loads(raw_body))
+    if not isinstance(data, dict):
+        raise WebhookRejected("payload is not a JSON object", kind="malformed")
+    return data
+
+
+def verify_event(raw_body: bytes, sig_header: str | None, secret: str) -> WebhookEvent:
+    """The verified snapshot event; WebhookRejected naming what is wrong otherwise."""
+    verify_signature(raw_body, sig_header, [secret])
+    return parse_event(parse_json_object(raw_body))
 
 
 def parse_event(data: Any) -> WebhookEvent:
@@ -213,6 +250,12 @@ def _int_or_none(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def timestamp_or_none(value: Any) -> int | None:
+    """A Unix timestamp a datetime can hold, else None."""
+    number = _int_or_none(value)
+    return number if number is not None and 0 <= number <= _MAX_TIMESTAMP else None
+
+
 def _dicts(value: Any) -> list[Mapping[str, Any]]:
     """`x.data` of a Stripe list object, keeping only the objects."""
     data = value.get("data") if isinstance(value, dict) else None
@@ -226,10 +269,15 @@ class SubscriptionFields:
     status: str
     current_period_start: int | None
     current_period_end: int | None
+    ended_at: int | None = None
 
 
 def subscription_fields(event: WebhookEvent) -> SubscriptionFields:
-    obj = event.obj
+    return subscription_fields_of(event, event.obj)
+
+
+def subscription_fields_of(event: WebhookEvent, obj: Mapping[str, Any]) -> SubscriptionFields:
+    """The fields we keep of a subscription object (from the event, or as retrieved from Stripe)."""
     sub_id = stripe_id(obj.get("id"))
     if sub_id is None:
         raise MalformedObject(event, "data.object.id is missing or not a Stripe id")
@@ -241,15 +289,17 @@ def subscription_fields(event: WebhookEvent) -> SubscriptionFields:
         status = "canceled"
     if not isinstance(status, str) or not 0 < len(status) <= 32:
         raise MalformedObject(event, "data.object.status is missing or too long")
-    # Since API 2025-03-31 the billing period lives on the items; older versions had it on the subscription.
-    items = _dicts(obj.get("items"))
+    # Since API 2025-03-31 the billing period lives on the items; older versions had it on the subscription
+    # (and items without it).
+    items = [i for i in _dicts(obj.get("items")) if timestamp_or_none(i.get("current_period_start")) is not None]
     source: Mapping[str, Any] = items[0] if items else obj
     return SubscriptionFields(
         sub_id,
         customer,
         status,
-        _int_or_none(source.get("current_period_start")),
-        _int_or_none(source.get("current_period_end")),
+        timestamp_or_none(source.get("current_period_start")),
+        timestamp_or_none(source.get("current_period_end")),
+        timestamp_or_none(obj.get("ended_at")),
     )
 
 
@@ -262,6 +312,32 @@ def invoice_subscription_id(invoice: Mapping[str, Any]) -> str | None:
     if isinstance(sub, dict):
         sub = sub.get("id")
     return stripe_id(sub)
+
+
+def invoice_line_periods(invoice: Mapping[str, Any]) -> list[tuple[str, int, int]]:
+    """(subscription id, start, end) of the invoice's subscription lines that bill a whole period: not
+    prorations, not one-off invoice items. Basil shape: line.parent.subscription_item_details; older:
+    line.type == "subscription" with line.subscription and line.proration."""
+    fallback = invoice_subscription_id(invoice)
+    out = []
+    for line in _dicts(invoice.get("lines")):
+        raw_parent = line.get("parent")
+        parent: Mapping[str, Any] = raw_parent if isinstance(raw_parent, dict) else {}
+        details = parent.get("subscription_item_details")
+        if isinstance(details, dict) and parent.get("type") == "subscription_item_details":
+            sub_id, proration = stripe_id(details.get("subscription")), details.get("proration")
+        elif line.get("type") == "subscription":
+            sub_id, proration = stripe_id(line.get("subscription")), line.get("proration")
+        else:
+            continue
+        period = line.get("period")
+        if proration is True or not isinstance(period, dict):
+            continue
+        start, end = timestamp_or_none(period.get("start")), timestamp_or_none(period.get("end"))
+        sub_id = sub_id or fallback
+        if sub_id and start is not None and end is not None and start < end:
+            out.append((sub_id, start, end))
+    return out
 
 
 def invoice_period_start(invoice: Mapping[str, Any]) -> int | None:
@@ -277,13 +353,14 @@ def invoice_period_start(invoice: Mapping[str, Any]) -> int | None:
     for line in _dicts(invoice.get("lines")):
         period = line.get("period")
         if isinstance(period, dict):
-            points += [p for p in (_int_or_none(period.get("start")), _int_or_none(period.get("end"))) if p]
+            points += [p for p in (timestamp_or_none(period.get("start")), timestamp_or_none(period.get("end")))
+                       if p]
     if not points:
-        own = (_int_or_none(invoice.get("period_start")), _int_or_none(invoice.get("period_end")))
+        own = (timestamp_or_none(invoice.get("period_start")), timestamp_or_none(invoice.get("period_end")))
         points = [p for p in own if p]
     if not points:
         return None
-    created = _int_or_none(invoice.get("created"))
+    created = timestamp_or_none(invoice.get("created"))
     if created is None:
         return min(points)
     begun = [p for p in points if p <= created + _PERIOD_SLACK_SECONDS]
@@ -312,6 +389,12 @@ def payment_failed_email(notice: PaymentFailedNotice) -> Email:
 # --- applying events -----------------------------------------------------------------------------------
 
 _Handled = tuple[Outcome, str, tuple[PaymentFailedNotice, ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerContext:
+    settings: Settings
+    gateway: BillingGateway | None  # Stripe, for state the events cannot decide
 
 
 def _insert_ignore(session: Session, model: type[Any], values: dict[str, Any]) -> bool:
@@ -348,8 +431,9 @@ def _lock_subscription(session: Session, fields: SubscriptionFields, event: Webh
     return row, created
 
 
-def _on_subscription(session: Session, settings: Settings, event: WebhookEvent) -> _Handled:
+def _on_subscription(session: Session, ctx: HandlerContext, event: WebhookEvent) -> _Handled:
     fields = subscription_fields(event)
+    _record_subscription_period(session, fields, event.created)
     deleting = event.type == SUBSCRIPTION_DELETED
     row, new = _lock_subscription(session, fields, event)
     event_terminal = is_terminal(fields.status, deleting)
@@ -357,6 +441,10 @@ def _on_subscription(session: Session, settings: Settings, event: WebhookEvent) 
     if not should_apply(None if new else row.last_event_created, stored_terminal, event.created,
                         event_terminal):
         return Outcome.STALE, f"subscription {fields.id}: older than the stored state", ()
+    source = "event"
+    if not new and undecidable(row, fields, event, event_terminal, stored_terminal):
+        fields, source = _state_from_stripe(ctx, event, fields), "stripe"
+        _record_subscription_period(session, fields, event.created)
     newer = new or event.created >= row.last_event_created
     row.status = fields.status
     row.deleted = row.deleted or deleting
@@ -371,7 +459,48 @@ def _on_subscription(session: Session, settings: Settings, event: WebhookEvent) 
         )
     row.last_event_created = max(row.last_event_created, event.created)
     row.updated_at = dt.datetime.now(dt.UTC)
-    return Outcome.APPLIED, f"subscription {fields.id}: {fields.status}", ()
+    detail = f"subscription {fields.id}: {fields.status}"
+    return Outcome.APPLIED, detail + (" (state from Stripe: same-second events)" if source == "stripe" else ""), ()
+
+
+def undecidable(row: Subscription, fields: SubscriptionFields, event: WebhookEvent, event_terminal: bool,
+                stored_terminal: bool) -> bool:
+    """Same `created` second, both non-terminal, different status: the events cannot say which is newer."""
+    return (event.created == row.last_event_created and not event_terminal and not stored_terminal
+            and fields.status != row.status)
+
+
+def _state_from_stripe(ctx: HandlerContext, event: WebhookEvent, fields: SubscriptionFields) -> SubscriptionFields:
+    """The subscription as Stripe holds it now. Without a gateway the later delivery wins (logged); a failed
+    retrieval fails the event, so Stripe delivers it again."""
+    if ctx.gateway is None:
+        logger.warning("webhook_same_second_without_stripe", extra={"event_id": event.id, "subscription": fields.id})
+        return fields
+    from aikit.stripe_gateway import BillingError
+
+    try:
+        current = ctx.gateway.retrieve_subscription(fields.id)
+    except BillingError as exc:
+        raise WebhookFailed(f"subscription {fields.id} could not be retrieved: {exc}") from exc
+    return subscription_fields_of(event, current)
+
+
+def _record_subscription_period(session: Session, fields: SubscriptionFields, created: int) -> None:
+    start, end = fields.current_period_start, fields.current_period_end
+    if start is None or end is None:
+        return
+    if fields.ended_at is not None and start <= fields.ended_at < end:
+        end = fields.ended_at  # ended early: its last period stops there
+    record_period(session, customer_id=fields.customer_id, subscription_id=fields.id, start=start, end=end,
+                  source=SOURCE_SUBSCRIPTION, event_created=created)
+
+
+def _record_invoice_periods(session: Session, customer: str, invoice: Mapping[str, Any], created: int) -> int:
+    recorded = 0
+    for sub_id, start, end in invoice_line_periods(invoice):
+        recorded += record_period(session, customer_id=customer, subscription_id=sub_id, start=start, end=end,
+                                  source=SOURCE_INVOICE, event_created=created)
+    return recorded
 
 
 def _user_for_customer(session: Session, customer_id: str) -> User | None:
@@ -379,13 +508,28 @@ def _user_for_customer(session: Session, customer_id: str) -> User | None:
     return session.scalars(stmt).first()
 
 
-def _on_invoice_paid(session: Session, settings: Settings, event: WebhookEvent) -> _Handled:
+def _on_invoice_created(session: Session, ctx: HandlerContext, event: WebhookEvent) -> _Handled:
+    """invoice.created / invoice.finalized: only the billing periods they name."""
+    customer = customer_of(event.obj)
+    if customer is None:
+        raise MalformedObject(event, "data.object.customer is missing")
+    if _record_invoice_periods(session, customer, event.obj, event.created):
+        return Outcome.APPLIED, "billing periods recorded", ()
+    return Outcome.IGNORED, "no new billing period", ()
+
+
+def _on_invoice_paid(session: Session, ctx: HandlerContext, event: WebhookEvent) -> _Handled:
     invoice = event.obj
     customer = customer_of(invoice)
     if customer is None:
         raise MalformedObject(event, "data.object.customer is missing")
     if invoice_subscription_id(invoice) is None:
         return Outcome.IGNORED, "not a subscription invoice", ()
+    _record_invoice_periods(session, customer, invoice, event.created)
+    reason = invoice.get("billing_reason")
+    if reason not in PERIOD_OPENING_REASONS:
+        # A plan change, threshold or manual invoice: paying it buys no fresh quota.
+        return Outcome.IGNORED, f"billing_reason {str(reason)[:40]!r} opens no service period", ()
     start = invoice_period_start(invoice)
     if start is None:
         return Outcome.IGNORED, "invoice has no service period", ()
@@ -400,11 +544,12 @@ def _on_invoice_paid(session: Session, settings: Settings, event: WebhookEvent) 
     return Outcome.APPLIED, f"quota period of {user.id} starts {new_start.isoformat()}", ()
 
 
-def _on_payment_failed(session: Session, settings: Settings, event: WebhookEvent) -> _Handled:
+def _on_payment_failed(session: Session, ctx: HandlerContext, event: WebhookEvent) -> _Handled:
     invoice = event.obj
     customer = customer_of(invoice)
     if customer is None:
         raise MalformedObject(event, "data.object.customer is missing")
+    _record_invoice_periods(session, customer, invoice, event.created)
     user = session.scalars(select(User).where(User.stripe_customer_id == customer)).first()
     if user is None:
         return Outcome.IGNORED, f"no user for customer {customer}", ()
@@ -433,16 +578,19 @@ def _on_payment_failed(session: Session, settings: Settings, event: WebhookEvent
     return Outcome.APPLIED, f"payment failed email to {user.id}", (notice,)
 
 
-HANDLERS: dict[str, Callable[[Session, Settings, WebhookEvent], _Handled]] = {
+HANDLERS: dict[str, Callable[[Session, HandlerContext, WebhookEvent], _Handled]] = {
     SUBSCRIPTION_CREATED: _on_subscription,
     SUBSCRIPTION_UPDATED: _on_subscription,
     SUBSCRIPTION_DELETED: _on_subscription,
     INVOICE_PAID: _on_invoice_paid,
     INVOICE_PAYMENT_FAILED: _on_payment_failed,
+    INVOICE_CREATED: _on_invoice_created,
+    INVOICE_FINALIZED: _on_invoice_created,
 }
 
 
-def apply_event(session: Session, settings: Settings, event: WebhookEvent) -> WebhookResult:
+def apply_event(session: Session, settings: Settings, event: WebhookEvent,
+                gateway: BillingGateway | None = None) -> WebhookResult:
     """Claim the event id, then apply it. Runs inside the caller's transaction; the caller commits."""
     claimed = _insert_ignore(
         session,
@@ -456,15 +604,16 @@ def apply_event(session: Session, settings: Settings, event: WebhookEvent) -> We
     if handler is None:
         outcome, detail = Outcome.IGNORED, f"event type {event.type} is not handled"
     else:
-        outcome, detail, notices = handler(session, settings, event)
+        outcome, detail, notices = handler(session, HandlerContext(settings, gateway), event)
     session.execute(update(StripeEvent).where(StripeEvent.id == event.id).values(outcome=outcome.value))
     return WebhookResult(event, outcome, detail, notices)
 
 
-def process_event(engine: Engine, settings: Settings, event: WebhookEvent) -> WebhookResult:
+def process_event(engine: Engine, settings: Settings, event: WebhookEvent,
+                  gateway: BillingGateway | None = None) -> WebhookResult:
     """Apply one verified event in its own transaction (rolled back on any error)."""
     with Session(engine) as session, session.begin():
-        return apply_event(session, settings, event)
+        return apply_event(session, settings, event, gateway)
 
 
 def send_notices(mailer: Mailer, notices: tuple[PaymentFailedNotice, ...]) -> int:
@@ -481,20 +630,26 @@ def send_notices(mailer: Mailer, notices: tuple[PaymentFailedNotice, ...]) -> in
 
 
 def handle_webhook(
-    raw_body: bytes, sig_header: str | None, *, settings: Settings, engine: Engine, mailer: Mailer
+    raw_body: bytes, sig_header: str | None, *, settings: Settings, engine: Engine, mailer: Mailer,
+    gateway: BillingGateway | None = None,
 ) -> WebhookResult:
     """Verify, apply, then email. Raises WebhooksNotConfigured, WebhookRejected or WebhookFailed."""
-    secret = settings.stripe_webhook_secret
-    if not secret:
+    secrets = [s for s in (settings.stripe_webhook_secret, settings.stripe_event_destination_secret) if s]
+    if not secrets:
         raise WebhooksNotConfigured("webhooks not configured: set STRIPE_WEBHOOK_SECRET")
     try:
-        event = verify_event(raw_body, sig_header, secret)
+        verify_signature(raw_body, sig_header, secrets)
+        # Signed, so these exact bytes came from Stripe: parse them into plain dicts.
+        data = parse_json_object(raw_body)
+        if data.get("object") == THIN_EVENT_OBJECT:
+            return _handle_thin_event(data, settings=settings, engine=engine, gateway=gateway)
+        event = parse_event(data)
     except WebhookRejected as exc:
         emit(WEBHOOK_SIGNATURE_FAILURES, reason=exc.kind)
         logger.warning("webhook_rejected", extra={"reason": exc.reason})
         raise
     try:
-        result = process_event(engine, settings, event)
+        result = process_event(engine, settings, event, gateway)
     except WebhookRejected as exc:  # signed, but the object lacks what its type needs
         emit(WEBHOOK_EVENTS, type=event.type, outcome=Outcome.ERROR.value)
         logger.warning("webhook_malformed_object", extra={"event_id": event.id, "reason": exc.reason})
@@ -502,12 +657,85 @@ def handle_webhook(
     except Exception as exc:
         emit(WEBHOOK_EVENTS, type=event.type, outcome=Outcome.ERROR.value)
         logger.exception("webhook_handler_error", extra={"event_id": event.id, "type": event.type})
+        if isinstance(exc, WebhookFailed):
+            raise
         raise WebhookFailed(f"event {event.id} could not be applied; Stripe will retry") from exc
+    _log_result(result)
+    send_notices(mailer, result.notices)
+    return result
+
+
+def _log_result(result: WebhookResult) -> None:
+    event = result.event
     emit(WEBHOOK_EVENTS, type=event.type, outcome=result.outcome.value)
     logger.info(
         "webhook_processed",
         extra={"event_id": event.id, "type": event.type, "outcome": result.outcome.value,
                "detail": result.detail},
     )
-    send_notices(mailer, result.notices)
+
+
+# --- thin events (API v2 event destinations) -------------------------------------------------------------
+
+
+def parse_thin_event(data: Mapping[str, Any]) -> meter_errors.ThinEvent:
+    def bad(what: str) -> WebhookRejected:
+        return WebhookRejected(f"malformed thin event: {what}", kind="malformed")
+
+    event_id, event_type = stripe_id(data.get("id")), data.get("type")
+    if event_id is None:
+        raise bad("id must be a string of 1-255 characters")
+    if not isinstance(event_type, str) or not 0 < len(event_type) <= 128 or "\x00" in event_type:
+        raise bad("type must be a string of 1-128 characters")
+    created = meter_errors.parse_time(data.get("created"))
+    if created is None:
+        raise bad("created must be an RFC 3339 time")
+    related = data.get("related_object")
+    if related is not None and not (isinstance(related, dict) and stripe_id(related.get("id"))):
+        raise bad("related_object must be an object with an id")
+    return meter_errors.ThinEvent(event_id, event_type, int(created.timestamp()),
+                                  stripe_id(related.get("id")) if related else None)
+
+
+def _handle_thin_event(data: Mapping[str, Any], *, settings: Settings, engine: Engine,
+                       gateway: BillingGateway | None) -> WebhookResult:
+    thin = parse_thin_event(data)
+    event = WebhookEvent(thin.id, thin.type, thin.created, {})
+    try:
+        outcome, detail, report = _apply_thin_event(engine, gateway, thin)
+    except meter_errors.UnknownEvent as exc:
+        raise WebhookRejected(str(exc), kind="unknown_event") from None
+    except Exception as exc:
+        emit(WEBHOOK_EVENTS, type=thin.type, outcome=Outcome.ERROR.value)
+        if isinstance(exc, meter_errors.CannotFetch):
+            logger.error("webhook_thin_event_not_fetched", extra={"event_id": thin.id, "reason": str(exc)})
+            raise WebhookFailed(f"event {thin.id} could not be fetched from Stripe ({exc}); Stripe will retry") \
+                from exc
+        logger.exception("webhook_handler_error", extra={"event_id": thin.id, "type": thin.type})
+        raise WebhookFailed(f"event {thin.id} could not be applied; Stripe will retry") from exc
+    if report is not None:
+        meter_errors.count(report)  # after the commit: a redelivery (duplicate) counts nothing again
+    result = WebhookResult(event, outcome, detail)
+    _log_result(result)
     return result
+
+
+def _apply_thin_event(engine: Engine, gateway: BillingGateway | None,
+                      thin: meter_errors.ThinEvent) -> tuple[Outcome, str, meter_errors.ErrorReport | None]:
+    claim = {"id": thin.id, "type": thin.type, "created": thin.created, "outcome": "processing"}
+    if thin.type not in meter_errors.EVENT_TYPES:
+        with Session(engine) as session, session.begin():
+            if not _insert_ignore(session, StripeEvent, {**claim, "outcome": Outcome.IGNORED.value}):
+                return Outcome.DUPLICATE, "already processed", None
+        return Outcome.IGNORED, f"event type {thin.type} is not handled", None
+    with Session(engine) as session:
+        if session.get(StripeEvent, thin.id) is not None:
+            return Outcome.DUPLICATE, "already processed", None  # no need to ask Stripe again
+    report = meter_errors.fetch_report(gateway, thin)
+    with Session(engine) as session, session.begin():
+        if not _insert_ignore(session, StripeEvent, claim):
+            return Outcome.DUPLICATE, "already processed", None
+        detail = meter_errors.apply_report(session, report)
+        session.execute(update(StripeEvent).where(StripeEvent.id == thin.id)
+                        .values(outcome=Outcome.APPLIED.value))
+    return Outcome.APPLIED, detail, report

@@ -72,14 +72,25 @@ def test_custom_alarms_see_the_metrics_the_code_emits_and_breach_on_faults(
     flush_metrics()
     capsys.readouterr()
     # A flush whose report Stripe refuses for good (unknown customer): ParkedBatches, FlushLagSeconds.
+    fake.rules["customer"] = "sync"
     unknown = billing.customer(in_stripe=False)
     billing.record(billing.key(unknown), unknown, 3, billable=False)
-    assert billing.flush().reports_parked == 1
+    # ... and one Stripe accepts, then rejects in an error report: MeterEventsRejected.
+    rejected = billing.customer()
+    fake.inject("async_reject", customer=rejected)
+    billing.record(billing.key(rejected), rejected, 2, billable=False)
+    summary = billing.flush()
+    assert (summary.reports_parked, summary.reports_sent) == (1, 1)
     # Forged webhook deliveries, more than the alarm's default threshold of 10 in five minutes.
     settings = make_settings(billing.settings.database_url, billing.settings.redis_key_prefix,
                              stripe_secret_key=fake.api_key, stripe_api_base=fake.url,
-                             stripe_webhook_secret="whsec_test_alarms")
+                             stripe_webhook_secret="whsec_test_alarms",
+                             stripe_event_destination_secret="whsec_test_alarms_destination")
     with TestClient(create_app(runtime=Runtime(settings))) as client:
+        fake.event_destination(lambda body, headers: client.post("/v1/webhooks/stripe", content=body,
+                                                                 headers=headers).status_code,
+                               "whsec_test_alarms_destination")
+        assert [status for _, status in fake.deliver_events()] == [200]
         for _ in range(12):
             r = client.post("/v1/webhooks/stripe", content=b'{"id": "evt_1"}',
                             headers={"Stripe-Signature": "t=1,v1=forged", "Content-Type": "application/json"})
@@ -88,7 +99,8 @@ def test_custom_alarms_see_the_metrics_the_code_emits_and_breach_on_faults(
     put_emf(cloudwatch, emf_records(capsys.readouterr().out))
 
     alarms = custom_alarms()
-    assert set(alarms) >= {"FlushLagAlarm", "ParkedBatchesAlarm", "WebhookSignatureFailuresAlarm"}
+    assert set(alarms) >= {"FlushLagAlarm", "ParkedBatchesAlarm", "WebhookSignatureFailuresAlarm",
+                           "MeterEventsRejectedAlarm"}
     for name, alarm in alarms.items():
         value = alarm_value(cloudwatch, alarm)
         assert value is not None, f"{name} watches {alarm['MetricName']} {alarm['Dimensions']}: no such data"

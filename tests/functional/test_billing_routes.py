@@ -225,3 +225,59 @@ def test_a_stripe_failure_answers_502_and_stores_nothing(client: TestClient, b_s
     assert customer is not None
     assert checkout(client, unbilled_key.api_key).status_code == 200
     assert list(fake.customers) == [customer]
+
+
+# --- a second subscription -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("status", "refused"), [("active", True), ("trialing", True), ("past_due", True),
+                                                 ("incomplete", False), ("unpaid", False)])
+def test_checkout_refuses_a_second_subscription_on_the_metered_price(
+    client: TestClient, b_settings: Settings, fake: FakeStripe, price_id: str, status: str, refused: bool
+) -> None:
+    customer = fake.add_customer(email=f"subscribed-{status}@example.com")
+    issued = issue_key(b_settings, email=f"subscribed-{status}@example.com", customer_id=customer)
+    sub = fake.add_subscription(customer, price_id, status=status)
+
+    r = checkout(client, issued.api_key)
+
+    if not refused:
+        assert r.status_code == 200, r.text
+        return
+    assert r.status_code == 409, r.text
+    error = r.json()["error"]
+    assert error["code"] == "already_subscribed"
+    (portal,) = fake.portal_sessions.values()
+    assert error["portal_url"] == portal["url"] and portal["url"] in error["message"]
+    assert portal["customer"] == customer and portal["return_url"] == "https://app.example/account"
+    assert sub["id"] in error["message"] and status in error["message"]
+    assert fake.checkout_sessions == {}  # no second Checkout session: the meter is never billed twice
+
+
+def test_a_canceled_subscription_or_another_price_does_not_block_checkout(
+    client: TestClient, b_settings: Settings, fake: FakeStripe, price_id: str
+) -> None:
+    customer = fake.add_customer(email="returning@example.com")
+    issued = issue_key(b_settings, email="returning@example.com", customer_id=customer)
+    old = fake.add_subscription(customer, price_id)
+    transport = httpx.Client(base_url=fake.url, headers={"Authorization": f"Bearer {fake.api_key}"})
+    assert transport.delete(f"/v1/subscriptions/{old['id']}").status_code == 200
+    product = transport.post("/v1/products", data={"name": "Support plan"}).json()
+    other = transport.post("/v1/prices", data={"product": product["id"], "currency": "usd", "unit_amount": "900",
+                                               "recurring[interval]": "month"}).json()
+    transport.close()
+    fake.add_subscription(customer, other["id"])  # a licensed plan beside the metered price
+
+    r = checkout(client, issued.api_key)
+    assert r.status_code == 200, r.text
+
+
+def test_when_stripe_cannot_list_subscriptions_checkout_answers_502(
+    client: TestClient, b_settings: Settings, fake: FakeStripe
+) -> None:
+    customer = fake.add_customer(email="listfail@example.com")
+    issued = issue_key(b_settings, email="listfail@example.com", customer_id=customer)
+    fake.inject("500", path_prefix="/v1/subscriptions")
+    r = checkout(client, issued.api_key)
+    assert r.status_code == 502 and "subscription listing" in r.json()["error"]["message"]
+    assert fake.checkout_sessions == {}

@@ -379,6 +379,7 @@ def test_backlog_older_than_35_days_is_parked_with_stripes_reason(
 
 def test_permanent_rejection_parks_one_customer_and_bills_the_others(
         billing: Billing, fake: FakeStripe, capsys: pytest.CaptureFixture[str]) -> None:
+    fake.rules["customer"] = "sync"  # refused at once (live Stripe may instead accept and report it later)
     good = [billing.customer() for _ in range(3)]
     unknown = billing.customer(in_stripe=False)
     for n, customer in enumerate([*good, unknown]):

@@ -308,6 +308,7 @@ def test_parallel_sends_never_overlap_for_one_customer(billing: Billing, fake: F
             billing.record(key, customer, 4, ts=past_window_start(windows_ago) + n, seed=n + windows_ago)
     fake.strict_concurrency = True
     fake.latency = 0.03
+    fake.rate_limit = 1000  # live mode's meter-event budget: this test is about overlap, not test mode's 25/s
 
     summary = billing.flush(seal_all=False, send_workers=4)
 

@@ -155,6 +155,7 @@ def test_rate_limit_keeps_its_code(fake: FakeStripe, gateway: StripeGateway, cus
 
 
 def test_unknown_customer_is_permanent(fake: FakeStripe, gateway: StripeGateway, setup: SetupResult) -> None:
+    fake.rules["customer"] = "sync"  # refused at once (live Stripe may instead accept and report it later)
     outcome = report(gateway, "cus_missing", "evt-x")
 
     assert outcome.status is ReportStatus.PERMANENT

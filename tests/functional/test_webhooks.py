@@ -3,6 +3,7 @@ then the API's answer for the affected key."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import threading
@@ -26,12 +27,18 @@ from aikit.access import Access
 from aikit.api.app import create_app
 from aikit.api.routes.webhooks import create_webhook_app
 from aikit.db.engine import get_engine
-from aikit.db.models import StripeEvent, Subscription, User
+from aikit.db.models import MeterEventError, StripeEvent, Subscription, User
+from aikit.flush import requeue_parked
 from aikit.keys import IssuedKey, KeyInfo, hash_key, load_key_info
 from aikit.runtime import Runtime
 from aikit.settings import Settings
 from aikit.webhooks import MAX_BODY_BYTES, Outcome, parse_event, process_event
 from tests.conftest import issue_key, make_settings
+from tests.fakes import stripe_events
+from tests.fakes.stripe_events import Shape
+from tests.fakes.stripe_server import FakeStripe
+from tests.functional.test_flush import Billing, past_window_start
+from tests.servers import serve_app
 
 SECRET = "whsec_functional_test_secret"
 DAY = 86400
@@ -51,41 +58,29 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:16]}"
 
 
-def envelope(type_: str, obj: dict[str, Any], created: int, event_id: str | None = None) -> dict[str, Any]:
-    return {
-        "id": event_id or new_id("evt"), "object": "event", "api_version": "2025-03-31.basil",
-        "created": created, "type": type_, "livemode": False, "pending_webhooks": 1,
-        "data": {"object": obj},
-    }
+def envelope(type_: str, obj: dict[str, Any], created: int, event_id: str | None = None,
+             shape: Shape = "basil") -> dict[str, Any]:
+    return stripe_events.event(shape, type_, obj, created=created, event_id=event_id)
 
 
 def sub_event(sub_id: str, customer: str, status: str, created: int,
-              type_: str = "customer.subscription.updated", period_start: int | None = None) -> dict[str, Any]:
+              type_: str = "customer.subscription.updated", period_start: int | None = None,
+              shape: Shape = "basil", ended_at: int | None = None) -> dict[str, Any]:
+    """A subscription event on Stripe's fixture object, in the basil (default) or the older shape."""
     start = period_start if period_start is not None else created
-    obj = {
-        "id": sub_id, "object": "subscription", "customer": customer, "status": status,
-        "items": {"object": "list", "data": [{
-            "id": new_id("si"), "object": "subscription_item",
-            "current_period_start": start, "current_period_end": start + MONTH,
-        }]},
-    }
-    return envelope(type_, obj, created)
+    obj = stripe_events.subscription(shape, sub_id=sub_id, customer=customer, status=status, period_start=start,
+                                     period_end=start + MONTH, ended_at=ended_at)
+    return envelope(type_, obj, created, shape=shape)
 
 
 def invoice_event(type_: str, customer: str, created: int, *, sub_id: str | None = "sub_x",
-                  lines: list[tuple[int, int]] | None = None, **fields: Any) -> dict[str, Any]:
-    obj: dict[str, Any] = {
-        "id": new_id("in"), "object": "invoice", "customer": customer, "created": created,
-        "currency": "usd", "amount_due": 2500, "attempt_count": 1, "next_payment_attempt": None,
-        "hosted_invoice_url": "https://invoice.stripe.test/i/1",
-        "parent": ({"type": "subscription_details", "subscription_details": {"subscription": sub_id}}
-                   if sub_id else None),
-        "lines": {"object": "list", "data": [
-            {"object": "line_item", "period": {"start": s, "end": e}} for s, e in (lines or [(created, created)])
-        ]},
-    }
-    obj.update(fields)
-    return envelope(type_, obj, created)
+                  lines: list[tuple[int, int]] | None = None, shape: Shape = "basil",
+                  billing_reason: str = "subscription_cycle", **fields: Any) -> dict[str, Any]:
+    fields = {"currency": "usd", "amount_due": 2500, "attempt_count": 1, "next_payment_attempt": None,
+              "hosted_invoice_url": "https://invoice.stripe.test/i/1", **fields}
+    obj = stripe_events.invoice(shape, customer=customer, sub_id=sub_id, billing_reason=billing_reason,
+                                created=created, lines=lines, **fields)
+    return envelope(type_, obj, created, shape=shape)
 
 
 def sign(payload: str, secret: str = SECRET, timestamp: int | None = None) -> str:
@@ -482,6 +477,266 @@ def test_invoice_paid_for_other_invoices_or_customers_is_ignored(wh_client: Test
     stranger = invoice_event("invoice.paid", new_id("cus"), now())
     assert applied(wh_client, stranger) == "ignored"
     assert user_row(wh_settings, key.user_id).quota_period_start is None
+
+
+@pytest.mark.parametrize("shape", stripe_events.SHAPES)
+@pytest.mark.parametrize(("reason", "resets"), [
+    ("subscription_create", True), ("subscription_cycle", True), ("subscription_update", False),
+    ("subscription_threshold", False), ("manual", False), ("upcoming", False), (None, False),
+])
+def test_only_an_invoice_that_opens_a_service_period_resets_the_quota(
+    wh_client: TestClient, wh_settings: Settings, customer: str, shape: Shape, reason: str | None, resets: bool
+) -> None:
+    issued = issue_key(wh_settings, customer_id=customer, rpm=1000, rpd=1000, monthly_tokens=7)
+    sub_id = new_id("sub")
+    applied(wh_client, sub_event(sub_id, customer, "active", now() - 100, "customer.subscription.created",
+                                 shape=shape))
+    assert chat(wh_client, issued).status_code == 200
+    assert chat(wh_client, issued).status_code == 429  # the quota of 7 tokens is used up
+
+    paid_at = now() - 60
+    # A plan change mid-period bills a proration: paying it must not buy a fresh quota.
+    paid = invoice_event("invoice.paid", customer, paid_at, sub_id=sub_id, shape=shape, billing_reason=reason,
+                         lines=[(paid_at - MONTH, paid_at)])
+    assert applied(wh_client, paid) == ("applied" if resets else "ignored")
+    assert (user_row(wh_settings, issued.user_id).quota_period_start is not None) is resets
+    assert chat(wh_client, issued).status_code == (200 if resets else 429)
+
+
+# --- same-second subscription events: Stripe decides ---------------------------------------------------
+
+
+@pytest.fixture
+def stripe_app(billing: Any, fake: FakeStripe) -> Iterator[tuple[TestClient, Settings, str]]:
+    """An app whose gateway talks to FakeStripe (where the subscriptions live), and a metered price there."""
+    settings = billing.settings.model_copy(update={"stripe_webhook_secret": SECRET})
+    price_id = next(p["id"] for p in fake.prices.values() if p["lookup_key"] == "aikit_api_tokens")
+    with TestClient(create_app(runtime=Runtime(settings))) as client:
+        yield client, settings, price_id
+
+
+@pytest.mark.parametrize(("stripe_status", "access"), [("active", 200), ("past_due", 200), ("incomplete", 402)])
+def test_same_second_events_take_the_state_from_stripe(
+    stripe_app: tuple[TestClient, Settings, str], fake: FakeStripe, stripe_status: str, access: int
+) -> None:
+    client, settings, price_id = stripe_app
+    customer = fake.add_customer()
+    issued = issue_key(settings, customer_id=customer, rpm=1000, rpd=1000, monthly_tokens=10_000)
+    sub = fake.add_subscription(customer, price_id, start=now() - 60, status=stripe_status)
+    second = now() - 30
+    # Same `created` second: `updated(active)` first, then `created(incomplete)` (Stripe does not order them).
+    assert applied(client, sub_event(sub["id"], customer, "active", second)) == "applied"
+    calls = fake.calls[f"/v1/subscriptions/{sub['id']}"]
+    r = deliver(client, sub_event(sub["id"], customer, "incomplete", second, "customer.subscription.created"))
+    assert r.status_code == 200 and r.json()["outcome"] == "applied"
+
+    assert fake.calls[f"/v1/subscriptions/{sub['id']}"] == calls + 1  # asked Stripe once
+    row = sub_row(settings, sub["id"])
+    assert row is not None and row.status == stripe_status
+    assert chat(client, issued).status_code == access
+
+
+def test_events_in_order_do_not_ask_stripe(stripe_app: tuple[TestClient, Settings, str], fake: FakeStripe) -> None:
+    client, _, price_id = stripe_app
+    customer = fake.add_customer()
+    sub = fake.add_subscription(customer, price_id, start=now() - 60)
+    applied(client, sub_event(sub["id"], customer, "incomplete", now() - 30, "customer.subscription.created"))
+    applied(client, sub_event(sub["id"], customer, "active", now() - 20))
+    applied(client, sub_event(sub["id"], customer, "active", now() - 20))  # same second, same state
+    assert fake.calls[f"/v1/subscriptions/{sub['id']}"] == 0
+
+
+def test_same_second_events_while_stripe_fails_are_retried_later(
+    stripe_app: tuple[TestClient, Settings, str], fake: FakeStripe
+) -> None:
+    client, settings, price_id = stripe_app
+    customer = fake.add_customer()
+    sub = fake.add_subscription(customer, price_id, start=now() - 60)
+    second = now() - 30
+    applied(client, sub_event(sub["id"], customer, "active", second))
+    tie = sub_event(sub["id"], customer, "incomplete", second, "customer.subscription.created")
+    fake.inject("500", path_prefix="/v1/subscriptions/")
+    r = deliver(client, tie)
+    assert r.status_code == 500 and r.json()["error"]["code"] == "webhook_failed"
+    assert event_row(settings, tie["id"]) is None  # not recorded: Stripe's retry runs it again
+    row = sub_row(settings, sub["id"])
+    assert row is not None and row.status == "active"
+    assert applied(client, tie) == "applied"  # Stripe's retry, with Stripe reachable again
+    row = sub_row(settings, sub["id"])
+    assert row is not None and row.status == "active"
+
+
+# --- Stripe's asynchronous rejections: thin events from an event destination --------------------------
+
+
+DESTINATION_SECRET = "whsec_destination_functional"
+
+
+@contextlib.contextmanager
+def destination_app(billing: Billing, fake: FakeStripe) -> Iterator[Settings]:
+    """The API served over real HTTP as FakeStripe's event destination; its gateway reads FakeStripe."""
+    settings = billing.settings.model_copy(update={"stripe_webhook_secret": SECRET,
+                                                   "stripe_event_destination_secret": DESTINATION_SECRET})
+    with serve_app(create_app(runtime=Runtime(settings))) as base:
+        fake.event_destination(f"{base}/v1/webhooks/stripe", DESTINATION_SECRET)
+        yield settings
+
+
+def error_rows(settings: Settings, fake: FakeStripe) -> list[MeterEventError]:
+    """The rejections stored from the error reports this test's FakeStripe made (the database is shared)."""
+    with session(settings) as s:
+        return list(s.scalars(select(MeterEventError).where(MeterEventError.event_id.in_(list(fake.events_v2)))
+                              .order_by(MeterEventError.id)))
+
+
+def report_of(billing: Billing, customer: str) -> list[Any]:
+    return [r for r in billing.reports() if r.customer_id == customer]
+
+
+def test_an_asynchronous_rejection_marks_the_report_rejected_once(
+    billing: Billing, fake: FakeStripe, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from aikit.observability import METER_EVENTS_REJECTED, flush_metrics
+
+    ghost, good = billing.customer(in_stripe=False), billing.customer()  # ghost: a customer Stripe lacks
+    billing.record(billing.key(ghost), ghost, 4, billable=False)
+    billing.record(billing.key(good), good, 4)
+    summary = billing.flush()
+    assert summary.reports_sent == 2  # Stripe answered 200 to both: "received", not "billable"
+    flush_metrics()
+    capsys.readouterr()
+
+    with destination_app(billing, fake) as settings:
+        [(event_id, status)] = fake.deliver_events()
+        assert status == 200
+        [ghost_report] = report_of(billing, ghost)
+        assert ghost_report.status == "rejected"
+        assert "meter_event_customer_not_found" in ghost_report.last_error and ghost in ghost_report.last_error
+        assert [r.status for r in report_of(billing, good)] == ["sent"]
+        [error] = error_rows(settings, fake)
+        assert (error.event_id, error.code, error.identifier, error.report_id, error.matched_by) == (
+            event_id, "meter_event_customer_not_found", ghost_report.id, ghost_report.id, "identifier")
+        recorded = event_row(settings, event_id)
+        assert recorded is not None and recorded.outcome == "applied"
+        # Stripe delivers it again (at least once): nothing more happens, and Stripe is not asked again.
+        fetches = fake.calls[f"/v2/core/events/{event_id}"]
+        body = json.dumps(fake.thin_payload(event_id))
+        again = httpx.post(f"{fake_destination(fake)}", content=body,
+                           headers={"Stripe-Signature": sign(body, DESTINATION_SECRET),
+                                    "Content-Type": "application/json"})
+        assert again.status_code == 200 and again.json()["outcome"] == "duplicate"
+        assert fake.calls[f"/v2/core/events/{event_id}"] == fetches
+        assert len(error_rows(settings, fake)) == 1
+    flush_metrics()
+    records = emf_records(capsys.readouterr().out)
+    assert metric_values(records, METER_EVENTS_REJECTED, code="meter_event_customer_not_found") == 1
+    # Stripe counts only the good customer's usage; aikit no longer calls the rejected report sent.
+    assert fake.meter_totals() == {good: billing.metered[good]}
+    assert sum(r.value for r in billing.reports() if r.status == "sent") == billing.metered[good]
+    # `aikit requeue-parked` takes rejected reports too, once the cause is fixed.
+    assert requeue_parked(billing.settings, customer_id=ghost) == 1
+    assert [r.status for r in report_of(billing, ghost)] == ["pending"]
+
+
+def fake_destination(fake: FakeStripe) -> str:
+    assert fake._destination is not None and isinstance(fake._destination[0], str)
+    return fake._destination[0]
+
+
+@pytest.mark.parametrize("problem", ["archived_meter", "no_meter"])
+def test_meter_level_rejections_name_the_reports(billing: Billing, fake: FakeStripe, problem: str) -> None:
+    customer = billing.customer()
+    billing.record(billing.key(customer), customer, 3)
+    fake.rules["meter"] = "async"
+    [meter] = fake.meters.values()
+    if problem == "archived_meter":
+        meter["status"] = "inactive"
+    else:
+        fake.meters.clear()  # no meter with this event_name at all
+    assert billing.flush().reports_sent == 1
+
+    with destination_app(billing, fake) as settings:
+        assert [status for _, status in fake.deliver_events()] == [200]
+        [report] = billing.reports()
+        assert report.status == "rejected" and problem in report.last_error
+        [error] = error_rows(settings, fake)
+        assert (error.code, error.matched_by, error.report_id) == (problem, "identifier", report.id)
+        assert error.meter_id == (meter["id"] if problem == "archived_meter" else None)
+
+
+def test_unsampled_rejections_are_matched_by_customer_and_window(billing: Billing, fake: FakeStripe) -> None:
+    fake.max_sample_errors = 1  # Stripe names only a sample of the rejected events
+    ghost = billing.customer(in_stripe=False)
+    key = billing.key(ghost)
+    for windows_ago in (1, 2, 3):
+        billing.record(key, ghost, 2, ts=past_window_start(windows_ago) + 5, billable=False)
+    assert billing.flush().reports_sent == 3
+
+    with destination_app(billing, fake) as settings:
+        fake.deliver_events()
+        assert {r.status for r in billing.reports()} == {"rejected"}
+        assert sorted(e.matched_by for e in error_rows(settings, fake)) == ["identifier", "window", "window"]
+        assert all("validation window" in r.last_error for r in billing.reports()
+                   if r.id not in {e.identifier for e in error_rows(settings, fake)})
+
+
+def test_an_ambiguous_window_marks_only_what_stripe_named(billing: Billing, fake: FakeStripe) -> None:
+    fake.max_sample_errors = 1
+    first, second, third = (billing.customer() for _ in range(3))
+    billing.record(billing.key(first), first, 2)
+    assert billing.flush().reports_sent == 1  # accepted and counted
+    fake.rules["meter"] = "async"
+    [meter] = fake.meters.values()
+    meter["status"] = "inactive"  # from now on every event is rejected later (archived_meter)
+    billing.record(billing.key(second), second, 2)
+    billing.record(billing.key(third), third, 2)
+    assert billing.flush().reports_sent == 2
+
+    with destination_app(billing, fake) as settings:
+        fake.deliver_events()
+        statuses = {r.customer_id: r.status for r in billing.reports()}
+        # One of the two was named; the other could be either it or the first customer's accepted report, so
+        # neither is marked (the error is stored unmatched and counted).
+        assert statuses[first] == "sent"
+        assert sorted([statuses[second], statuses[third]]) == ["rejected", "sent"]
+        assert sorted(e.matched_by for e in error_rows(settings, fake)) == ["identifier", "none"]
+
+
+def test_other_thin_events_are_recorded_and_ignored(billing: Billing, fake: FakeStripe) -> None:
+    with destination_app(billing, fake) as settings:
+        body = json.dumps(stripe_events.thin_event("v1.billing.meter.created", meter_id="mtr_123"))
+        r = httpx.post(fake_destination(fake), content=body,
+                       headers={"Stripe-Signature": sign(body, DESTINATION_SECRET)})
+        assert r.status_code == 200 and r.json()["outcome"] == "ignored"
+        assert fake.calls.get("/v2/core/events/" + json.loads(body)["id"], 0) == 0
+        recorded = event_row(settings, json.loads(body)["id"])
+        assert recorded is not None and recorded.outcome == "ignored"
+
+
+def test_an_error_report_stripe_cannot_serve_is_retried(billing: Billing, fake: FakeStripe) -> None:
+    ghost = billing.customer(in_stripe=False)
+    billing.record(billing.key(ghost), ghost, 2, billable=False)
+    billing.flush()
+    with destination_app(billing, fake) as settings:
+        fake.inject("500", path_prefix="/v2/core/events/")
+        [(event_id, status)] = fake.deliver_events()
+        assert status == 500  # fetching the full event failed: nothing kept, Stripe delivers it again
+        assert event_row(settings, event_id) is None and error_rows(settings, fake) == []
+        assert [r.status for r in billing.reports()] == ["sent"]
+        assert fake.deliver_events() == [(event_id, 200)]
+        assert [r.status for r in billing.reports()] == ["rejected"]
+
+
+def test_without_a_stripe_key_an_error_report_waits(billing: Billing, fake: FakeStripe, pg_url: str,
+                                                    redis_prefix: str) -> None:
+    settings = billing_settings(billing.settings.database_url, redis_prefix, stripe_secret_key=None,
+                                stripe_event_destination_secret=DESTINATION_SECRET)
+    body = json.dumps(stripe_events.thin_event("v1.billing.meter.error_report_triggered", meter_id="mtr_1"))
+    with TestClient(create_app(runtime=Runtime(settings))) as client:
+        r = client.post("/v1/webhooks/stripe", content=body,
+                        headers={"Stripe-Signature": sign(body, DESTINATION_SECRET)})
+    assert r.status_code == 500 and "STRIPE_SECRET_KEY" in r.json()["error"]["message"]
+    assert event_row(settings, json.loads(body)["id"]) is None
 
 
 @pytest.fixture

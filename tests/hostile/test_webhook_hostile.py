@@ -16,9 +16,11 @@ from hypothesis import strategies as st
 from sqlalchemy import text
 
 from aikit.webhooks import MAX_BODY_BYTES, SIGNATURE_TOLERANCE_SECONDS
-from tests.hostile import Env, assert_clean, billing_env, sign, subscription_event
+from tests.fakes import stripe_events
+from tests.hostile import WEBHOOK_SECRET, Env, assert_clean, billing_env, sign, subscription_event
 
-TABLES = ("stripe_events", "subscriptions", "users", "api_keys")
+TABLES = ("stripe_events", "subscriptions", "users", "api_keys", "billing_periods", "meter_event_errors",
+          "meter_reports")
 
 
 @pytest.fixture
@@ -163,3 +165,118 @@ def test_signed_random_events_never_500_and_never_touch_the_subscribed_customer(
         after = conn.execute(text("SELECT status, deleted FROM subscriptions WHERE customer_id = :c"),
                              {"c": e.customer_id}).all()
     assert after == before
+
+
+# --- signed but unusable bodies (issue 15), thin events --------------------------------------------------
+
+
+def nested(depth: int, open_: str = "[", close: str = "]") -> str:
+    return open_ * depth + close * depth
+
+
+@pytest.mark.parametrize("payload", [
+    '{"id": "evt_deep", "type": "customer.subscription.updated", "created": 1, "data": ' + nested(200_000) + "}",
+    '{"id": "evt_deep", "type": "invoice.paid", "created": 1, "data": {"object": '
+    + nested(100_000, '{"a": ', "}").replace("}", "1}", 1) + "}}",
+    nested(300_000),
+    '{"object": "v2.core.event", "id": "evt_deep", "related_object": ' + nested(200_000) + "}",
+])
+def test_signed_deeply_nested_json_is_a_400(env: tuple[Env, TestClient], payload: str) -> None:
+    e, client = env
+    assert len(payload) < MAX_BODY_BYTES
+    assert refused(client, e, payload.encode(), sign(payload)) == "webhook_malformed"
+
+
+def far(value: Any) -> dict[str, Any]:
+    """A subscription for someone else with `value` in every timestamp field."""
+    obj = {"id": "sub_far_" + uuid.uuid4().hex[:8], "object": "subscription", "customer": "cus_far", "status":
+           "active", "ended_at": value, "items": {"object": "list", "data": [
+               {"id": "si_far", "current_period_start": value, "current_period_end": value}]}}
+    return subscription_event_obj("customer.subscription.updated", obj)
+
+
+def subscription_event_obj(type_: str, obj: dict[str, Any]) -> dict[str, Any]:
+    return {"id": "evt_" + uuid.uuid4().hex, "object": "event", "type": type_, "created": int(time.time()),
+            "data": {"object": obj}}
+
+
+@pytest.mark.parametrize("value", [10**30, -1, 2**63, 253_402_300_800, 1.5, "1790000000", [1], {"t": 1}, True])
+def test_out_of_range_or_mistyped_times_never_500(env: tuple[Env, TestClient], value: Any) -> None:
+    e, client = env
+    for event in (far(value), subscription_event_obj("invoice.paid", {
+            "id": "in_far", "object": "invoice", "customer": e.customer_id, "created": value,
+            "billing_reason": "subscription_cycle", "period_start": value, "period_end": value,
+            "parent": {"type": "subscription_details", "subscription_details": {"subscription": "sub_far"}},
+            "lines": {"data": [{"type": "subscription", "subscription": "sub_far", "period": {"start": value,
+                                                                                               "end": value}},
+                               {"parent": {"type": "subscription_item_details",
+                                           "subscription_item_details": {"subscription": value}},
+                                "period": {"start": 1, "end": value}}]}})):
+        payload = json.dumps(event)
+        r = deliver(client, payload.encode(), sign(payload))
+        assert r.status_code in (200, 400), r.text
+        assert_clean(r, e.secrets)
+
+
+@pytest.fixture
+def thin_env(pg_url: str, redis_prefix: str) -> Iterator[tuple[Env, TestClient]]:
+    with billing_env(pg_url, redis_prefix, stripe_event_destination_secret=DESTINATION_SECRET) as pair:
+        yield pair
+
+
+DESTINATION_SECRET = "whsec_hostile_destination_" + uuid.uuid4().hex
+
+
+@pytest.mark.parametrize("body", [
+    {"object": "v2.core.event"},
+    {"object": "v2.core.event", "id": "evt_1", "type": "v1.billing.meter.error_report_triggered"},
+    {"object": "v2.core.event", "id": "evt_1", "type": "v1.billing.meter.error_report_triggered",
+     "created": "yesterday"},
+    {"object": "v2.core.event", "id": "evt_1", "type": "v1.billing.meter.error_report_triggered",
+     "created": 1790000000},
+    {"object": "v2.core.event", "id": "evt_1", "type": 7, "created": "2026-11-27T11:00:00.000Z"},
+    {"object": "v2.core.event", "id": "e" * 300, "type": "x", "created": "2026-11-27T11:00:00.000Z"},
+    {"object": "v2.core.event", "id": "evt_1", "type": "v1.billing.meter.error_report_triggered",
+     "created": "2026-11-27T11:00:00.000Z", "related_object": "mtr_1"},
+    {"object": "v2.core.event", "id": "evt_1", "type": "v1.billing.meter.error_report_triggered",
+     "created": "2026-11-27T11:00:00.000Z", "related_object": {"id": 5}},
+])
+def test_malformed_thin_events_get_400(thin_env: tuple[Env, TestClient], body: dict[str, Any]) -> None:
+    e, client = thin_env
+    payload = json.dumps(body)
+    assert refused(client, e, payload.encode(), sign(payload, secret=DESTINATION_SECRET)) == "webhook_malformed"
+
+
+def test_thin_events_need_one_of_our_secrets(thin_env: tuple[Env, TestClient]) -> None:
+    e, client = thin_env
+    payload = json.dumps(stripe_events.thin_event("v1.billing.meter.error_report_triggered", meter_id="mtr_1"))
+    assert refused(client, e, payload.encode(), sign(payload, secret="whsec_guessed")) == "webhook_bad_signature"
+    # Signed by Stripe but unknown to Stripe's events API: nothing to apply, however often it comes.
+    for secret in (DESTINATION_SECRET, WEBHOOK_SECRET):
+        assert refused(client, e, payload.encode(), sign(payload, secret=secret)) == "webhook_unknown_event"
+
+
+thin_like = st.fixed_dictionaries(
+    {"object": st.just("v2.core.event"),
+     "id": st.one_of(st.just("evt_test_" + uuid.uuid4().hex), st.text(max_size=300), st.integers()),
+     "type": st.sampled_from(["v1.billing.meter.error_report_triggered", "v1.billing.meter.no_meter_found",
+                              "v1.billing.meter.created"]) | st.text(max_size=140),
+     "created": st.sampled_from(["2026-11-27T11:00:00.000Z", "2026-11-27T11:00:00Z", "", "9999-99-99"])
+                | st.integers() | st.text(max_size=40),
+     "related_object": st.none() | json_values | st.fixed_dictionaries({"id": json_values}),
+     "data": json_values})
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(body=thin_like)
+def test_signed_random_thin_events_never_500(thin_env: tuple[Env, TestClient], body: dict[str, Any]) -> None:
+    e, client = thin_env
+    before = snapshot(e)
+    payload = json.dumps(body)
+    r = deliver(client, payload.encode(), sign(payload, secret=DESTINATION_SECRET))
+    assert r.status_code in (200, 400), r.text
+    assert_clean(r, e.secrets)
+    after = snapshot(e)
+    # Only the event's own record may be added (an ignored type); nothing else changes.
+    assert {t: rows for t, rows in after.items() if t != "stripe_events"} == \
+        {t: rows for t, rows in before.items() if t != "stripe_events"}

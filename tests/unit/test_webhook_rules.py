@@ -17,6 +17,7 @@ from aikit.webhooks import (
     PaymentFailedNotice,
     WebhookEvent,
     WebhookRejected,
+    invoice_line_periods,
     invoice_period_start,
     invoice_subscription_id,
     is_terminal,
@@ -25,8 +26,10 @@ from aikit.webhooks import (
     payment_failed_email,
     should_apply,
     subscription_fields,
+    timestamp_or_none,
     verify_event,
 )
+from tests.fakes import stripe_events
 
 SECRET = "whsec_unit_test_secret"
 DAY = 86400
@@ -283,3 +286,32 @@ def test_payment_failed_email_names_the_attempt_and_the_next_try() -> None:
 def test_mailer_follows_the_email_backend_setting() -> None:
     assert isinstance(mailer_from_settings(load_settings(_env_file=None)), LogMailer)
     assert isinstance(mailer_from_settings(load_settings(_env_file=None, email_backend="ses")), SesMailer)
+
+
+# --- both of Stripe's shapes, from its published fixtures -----------------------------------------------
+
+
+@pytest.mark.parametrize("shape", stripe_events.SHAPES)
+def test_subscription_period_in_either_shape(shape: stripe_events.Shape) -> None:
+    obj = stripe_events.subscription(shape, sub_id="sub_1", customer="cus_1", status="active",
+                                     period_start=T0, period_end=T0 + MONTH, ended_at=T0 + DAY)
+    fields = subscription_fields(WebhookEvent("evt_1", "customer.subscription.deleted", T0 + DAY, obj))
+    assert (fields.current_period_start, fields.current_period_end, fields.ended_at) == (T0, T0 + MONTH, T0 + DAY)
+
+
+@pytest.mark.parametrize("shape", stripe_events.SHAPES)
+def test_invoice_line_periods_skip_prorations_and_one_off_items(shape: stripe_events.Shape) -> None:
+    invoice = stripe_events.invoice(shape, customer="cus_1", sub_id="sub_1", billing_reason="subscription_update",
+                                    created=T0 + 5 * DAY, lines=[(T0, T0 + MONTH)],
+                                    proration_lines=[(T0 + 5 * DAY, T0 + MONTH)])
+    assert invoice_subscription_id(invoice) == "sub_1"
+    assert invoice_line_periods(invoice) == [("sub_1", T0, T0 + MONTH)]
+    one_off = stripe_events.invoice(shape, customer="cus_1", sub_id=None, billing_reason="manual", created=T0)
+    assert invoice_subscription_id(one_off) is None
+    assert invoice_line_periods(one_off) == []
+
+
+@pytest.mark.parametrize("value", [None, -1, 1.5, True, "1790000000", 253_402_300_800, 10**20])
+def test_timestamps_a_datetime_cannot_hold_are_none(value: Any) -> None:
+    assert timestamp_or_none(value) is None
+    assert timestamp_or_none(T0) == T0

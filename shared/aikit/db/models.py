@@ -143,11 +143,16 @@ class UsageDaily(Base):
     tokens: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
+# MeterReport.status set when Stripe rejected a report it had answered 200 for (an asynchronous error report).
+REPORT_REJECTED = "rejected"
+
+
 class MeterReport(Base):
     """Outbox of Stripe meter events: one per customer per reporting window.
 
     `id` is the Stripe `identifier`, fixed when the row is created, so every retry re-sends the same event.
-    Status: open (still accumulating) -> pending (sealed, value fixed) -> sent | parked.
+    Status: open (still accumulating) -> pending (sealed, value fixed) -> sent | parked; sent -> rejected when
+    Stripe reports it invalid later (see aikit.meter_errors).
     """
 
     __tablename__ = "meter_reports"
@@ -176,3 +181,39 @@ class MeterReport(Base):
     # When Stripe was first called for it: past Stripe's 24 h identifier memory a resend is no longer safe.
     first_attempt_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class BillingPeriod(Base):
+    """A subscription's billing period as Stripe told it (subscription and invoice events); see aikit.periods."""
+
+    __tablename__ = "billing_periods"
+    __table_args__ = (Index("ix_billing_periods_customer_end", "customer_id", "period_end"),)
+
+    subscription_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    period_start: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    period_end: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    customer_id: Mapped[str] = mapped_column(String(255))
+    source: Mapped[str] = mapped_column(String(16))  # subscription | invoice
+    # `created` of the event that set period_end; an older event never replaces it.
+    event_created: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class MeterEventError(Base):
+    """One meter event Stripe rejected asynchronously (an error report's sample, or a window match)."""
+
+    __tablename__ = "meter_event_errors"
+    __table_args__ = (Index("ix_meter_event_errors_report", "report_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(255), index=True)  # the Stripe thin event that reported it
+    event_type: Mapped[str] = mapped_column(String(128))
+    code: Mapped[str] = mapped_column(String(128))
+    message: Mapped[str | None] = mapped_column(Text)
+    identifier: Mapped[str | None] = mapped_column(String(255))  # as Stripe named it, when it did
+    report_id: Mapped[str | None] = mapped_column(String(64))  # the meter report it was matched to
+    matched_by: Mapped[str] = mapped_column(String(16))  # identifier | window | none
+    meter_id: Mapped[str | None] = mapped_column(String(255))
+    validation_start: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    validation_end: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -7,11 +7,13 @@ from functools import partial
 
 import anyio
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, EmailStr
 
 from aikit.api.deps import RuntimeDep, bearer_token, current_key
-from aikit.api.errors import ApiError
+from aikit.api.errors import ApiError, error_body
 from aikit.billing import (
+    AlreadySubscribed,
     BillingUnavailable,
     NoCustomer,
     StripeFailed,
@@ -61,14 +63,19 @@ def _billing_error(exc: Exception) -> ApiError:
 _ERRORS = (BillingUnavailable, UnknownUser, NoCustomer, StripeFailed)
 
 
-@router.post("/checkout")
+@router.post("/checkout", response_model=None)
 async def checkout(
     request: Request, runtime: RuntimeDep, body: BillingBody | None = None
-) -> dict[str, object]:
+) -> dict[str, object] | JSONResponse:
     user_id = await caller_user_id(request, runtime, body)
     work = partial(start_checkout, runtime.engine, runtime.settings, runtime.billing, user_id)
     try:
         session, customer_created = await anyio.to_thread.run_sync(work)
+    except AlreadySubscribed as exc:
+        # 409 in the usual error shape, plus the portal link where a client can find it without parsing.
+        content = error_body(409, str(exc), "already_subscribed")
+        content["error"]["portal_url"] = exc.portal_url
+        return JSONResponse(content, 409)
     except _ERRORS as exc:
         raise _billing_error(exc) from None
     if customer_created:

@@ -1,4 +1,7 @@
-"""POST /v1/webhooks/stripe: the raw body goes to aikit.webhooks; this file only maps results to HTTP."""
+"""POST /v1/webhooks/stripe: the raw body goes to aikit.webhooks; this file only maps results to HTTP.
+
+Both kinds of Stripe delivery come here: snapshot events of a webhook endpoint (STRIPE_WEBHOOK_SECRET) and thin
+events of an event destination (STRIPE_EVENT_DESTINATION_SECRET), such as meter-event error reports."""
 
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ async def stripe_webhook(request: Request, runtime: RuntimeDep) -> dict[str, obj
         settings=runtime.settings,
         engine=runtime.engine,
         mailer=runtime.mailer,
+        gateway=runtime.billing,
     )
     try:
         result = await anyio.to_thread.run_sync(work)
