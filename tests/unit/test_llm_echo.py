@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 from contextlib import aclosing
@@ -22,7 +23,8 @@ from aikit.llm import (
     build_provider,
     use_caller,
 )
-from aikit.llm.echo import EchoProvider
+from aikit.llm.base import EmbeddingRequest, ToolCallDelta
+from aikit.llm.echo import DIMENSIONS, IMAGE_TOKENS, EchoProvider, count_words
 from aikit.metering.base import Meter, UsageEvent
 from aikit.settings import SettingsError, load_settings
 
@@ -163,12 +165,22 @@ async def test_tracking_needs_a_caller_and_a_meter() -> None:
     ("kwargs", "message"),
     [
         ({"messages": []}, "messages must be a non-empty list"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, r"messages\[0\].role must be one of"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, r"messages\[0\].role must be one of"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, r"messages\[0\].tool_call_id is required"),
         ({"messages": [{"role": "user"}]}, r"messages\[0\].content is required"),
         ({"messages": [{"role": "user", "content": 5}]}, r"messages\[0\].content must be a string"),
+        ({"messages": [{"role": "user", "content": None}]}, r"messages\[0\].content must be a string"),
         (
-            {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
-            r"content\[0\] must be a text",
+            {"messages": [{"role": "user", "content": [{"text": "x"}]}]},
+            r"content\[0\] must be a content part with a type",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]},
+            r"content\[0\].text must be a string",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x", "tool_calls": []}]},
+            r"messages\[0\].tool_calls must be a list on an assistant message",
         ),
         ({"messages": MESSAGES, "max_tokens": 0}, "max_tokens must be a positive integer"),
         ({"messages": MESSAGES, "model": " "}, "model must be a non-empty string"),
@@ -316,3 +328,108 @@ async def test_llm_default_model_overrides_the_providers() -> None:
 def test_anthropic_without_key_is_a_settings_error() -> None:
     with pytest.raises(SettingsError, match="ANTHROPIC_API_KEY"):
         build_provider(load_settings(_env_file=None, llm_provider="anthropic", anthropic_api_key=None))
+
+
+# ------------------------------------------------------------------------------- tools, JSON, images, vectors
+
+TOOLS: list[dict[str, Any]] = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}},
+    {"type": "function", "function": {"name": "get_time"}},
+]
+TOOLS_WORDS = len(json.dumps(TOOLS).split())
+
+
+def ask(text: str, **params: Any) -> ChatRequest:
+    return ChatRequest(messages=[{"role": "user", "content": text}], model="echo-1", params=params)
+
+
+async def test_echo_calls_the_tools_its_user_names() -> None:
+    text = 'weather and time please\ncall get_weather {"city": "Paris"}\ncall get_time\ncall unknown {}'
+    result = await EchoProvider().chat(ask(text, tools=TOOLS))
+    assert (result.content, result.finish_reason) == (None, "tool_calls")
+    assert [(c.id, c.name, c.arguments) for c in result.tool_calls] == [
+        ("call_echo1_0", "get_weather", '{"city": "Paris"}'), ("call_echo1_1", "get_time", "{}")]
+    # input: the message's words and the tool definitions; output: 1 + argument words per call
+    assert result.usage == Usage(count_words(text) + TOOLS_WORDS, (1 + 2) + (1 + 1))
+
+
+@pytest.mark.parametrize(
+    ("params", "calls"),
+    [
+        ({"tool_choice": "none"}, []),
+        ({"parallel_tool_calls": False}, ["get_weather"]),
+        ({"tool_choice": {"type": "function", "function": {"name": "get_time"}}}, ["get_time"]),
+    ],
+)
+async def test_echo_follows_tool_choice(params: dict[str, Any], calls: list[str]) -> None:
+    result = await EchoProvider().chat(ask("call get_weather {}\ncall get_time {}", tools=TOOLS, **params))
+    assert [c.name for c in result.tool_calls] == calls
+
+
+async def test_echo_required_or_named_tool_without_a_call_line() -> None:
+    required = await EchoProvider().chat(ask("hello", tools=TOOLS, tool_choice="required"))
+    named = await EchoProvider().chat(
+        ask("hello", tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_time"}}))
+    assert [(c.name, c.arguments) for c in required.tool_calls] == [("get_weather", "{}")]
+    assert [(c.name, c.arguments) for c in named.tool_calls] == [("get_time", "{}")]
+
+
+async def test_echo_answers_the_tool_result() -> None:
+    messages = [{"role": "user", "content": "call get_time"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "noon  exactly"}]
+    result = await EchoProvider().chat(ChatRequest(messages, "echo-1", params={"tools": TOOLS}))
+    assert (result.content, result.tool_calls) == ("echo: noon exactly", ())
+    assert result.usage.input_tokens == 2 + 2 + 2 + TOOLS_WORDS  # the call's name and arguments count too
+
+
+async def test_echo_streams_tool_calls_as_deltas() -> None:
+    events = [e async for e in EchoProvider().stream(ask('call get_weather {"city": "Paris", "day": 2}', tools=TOOLS))]
+    assert events[:-1] == [
+        ToolCallDelta(0, id="call_echo1_0", name="get_weather"),
+        ToolCallDelta(0, arguments='{"city": '), ToolCallDelta(0, arguments='"Paris", '),
+        ToolCallDelta(0, arguments='"day": '), ToolCallDelta(0, arguments="2}"),
+    ]
+    assert events[-1] == StreamEnd("tool_calls", Usage(6 + TOOLS_WORDS, 1 + 4))  # six words asked
+
+
+async def test_echo_json_output() -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    result = await EchoProvider().chat(ask("hello  big world", response_format=fmt))
+    assert json.loads(result.content or "") == {"echo": "hello big world"}
+    assert result.usage == Usage(3 + len(json.dumps(fmt).split()), count_words(result.content or ""))
+    streamed = [e async for e in EchoProvider().stream(ask("hello  big world", response_format=fmt))]
+    assert "".join(e.text for e in streamed if isinstance(e, TextDelta)) == result.content
+
+
+async def test_echo_counts_images_and_files_as_a_fixed_figure() -> None:
+    message = {"role": "user", "content": [{"type": "text", "text": "what is it"},
+                                           {"type": "image_url", "image_url": {"url": "https://x/y.png"}},
+                                           {"type": "file", "file": {"file_id": "f"}}]}
+    result = await EchoProvider().chat(ChatRequest([message], "echo-1"))
+    assert result.usage.input_tokens == 3 + 2 * IMAGE_TOKENS
+    assert result.content == "echo: what is it"
+
+
+async def test_echo_embeddings_are_deterministic_unit_vectors() -> None:
+    provider = EchoProvider()
+    first = await provider.embed(EmbeddingRequest(["the same text", "other words"], "echo-embed"))
+    again = await provider.embed(EmbeddingRequest("the same text", "echo-embed"))
+    assert first.embeddings[0] == again.embeddings[0] != first.embeddings[1]
+    assert len(first.embeddings[0]) == DIMENSIONS
+    assert math.isclose(sum(v * v for v in first.embeddings[0]), 1.0)
+    assert (first.usage, again.usage) == (Usage(5, 0), Usage(3, 0))
+    sized = await provider.embed(EmbeddingRequest([[1, 2, 3]], "echo-embed", dimensions=64))
+    assert (len(sized.embeddings[0]), sized.usage.input_tokens) == (64, 3)
+
+
+async def test_a_cut_tool_stream_meters_exactly_what_echo_sent() -> None:
+    meter = MemoryMeter()
+    gen = echo_llm(meter).stream([{"role": "user", "content": "call get_weather {\"a\": 1, \"b\": 2}"}],
+                                 tools=TOOLS, track_tokens=True, caller=CALLER)
+    assert await gen.__anext__() == ToolCallDelta(0, id="call_echo1_0", name="get_weather")
+    assert await gen.__anext__() == ToolCallDelta(0, arguments='{"a": ')
+    await gen.aclose()
+    [event] = meter.events
+    assert (event.input_tokens, event.output_tokens) == (6 + TOOLS_WORDS, 1 + 1)  # six words asked

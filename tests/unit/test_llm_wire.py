@@ -8,10 +8,11 @@ from typing import Any
 import pytest
 from botocore.eventstream import EventStreamBuffer
 
-from aikit.llm import ChatRequest, InvalidRequestError, ProviderTimeout, Usage
+from aikit.llm import ChatRequest, ProviderTimeout, Usage
 from aikit.llm import anthropic as anthropic_mod
 from aikit.llm import bedrock as bedrock_mod
 from aikit.llm._http import iter_sse, status_error
+from aikit.llm.base import UnsupportedError
 from aikit.llm.openai import _usage as openai_usage
 from tests.fakes.llm_servers import bedrock_event, bedrock_exception
 
@@ -78,7 +79,7 @@ MESSAGES: list[dict[str, Any]] = [
 
 
 def test_anthropic_body() -> None:
-    params = {"temperature": 0.2, "stop": "END", "user": "u1", "presence_penalty": 1}
+    params = {"temperature": 0.2, "stop": "END", "user": "u1", "presence_penalty": 0, "n": 1}  # neutral values pass
     body = anthropic_mod.build_body(ChatRequest(MESSAGES, "claude-x", None, params))
     assert body == {
         "model": "claude-x",
@@ -111,9 +112,10 @@ def test_bedrock_kwargs() -> None:
 
 
 def test_several_choices_are_refused_where_unsupported() -> None:
-    with pytest.raises(InvalidRequestError, match="n must be 1"):
+    with pytest.raises(UnsupportedError, match=r"^n is not supported by the anthropic provider$") as info:
         anthropic_mod.build_body(ChatRequest(MESSAGES, "m", None, {"n": 2}))
-    with pytest.raises(InvalidRequestError, match="n must be 1"):
+    assert (info.value.status_code, info.value.param) == (422, "n")
+    with pytest.raises(UnsupportedError, match=r"^n is not supported by the bedrock provider$"):
         bedrock_mod.build_kwargs(ChatRequest(MESSAGES, "m", None, {"n": 3}))
 
 

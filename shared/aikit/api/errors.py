@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -44,20 +45,52 @@ def error_body(status: int, message: str, code: str | None = None, param: str | 
                       "code": code}}
 
 
-def _field(loc: tuple[Any, ...] | list[Any]) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
-    return ".".join(parts) or "body"
+def field_path(loc: Sequence[Any], body: Any, error_type: str = "", field: object = None) -> str:
+    """The field an error is about, in the client's notation (`messages[0].content[1].image_url`).
+
+    Pydantic's location mixes the client's keys and indices with names of our own (union branches,
+    validators); walking it along the body the client sent keeps only the client's part.
+    """
+    if loc and loc[0] in ("query", "path", "header", "cookie"):  # a parameter, named as the client named it
+        return ".".join(str(p) for p in loc[1:]) or str(loc[0])
+    path = ""
+    value = body
+    steps = list(loc[1:] if loc and loc[0] == "body" else loc)
+    for i, step in enumerate(steps):
+        if isinstance(step, int) and isinstance(value, list) and 0 <= step < len(value):
+            path, value = f"{path}[{step}]", value[step]
+        elif isinstance(step, str) and isinstance(value, dict) and step in value:
+            path, value = f"{path}.{step}" if path else step, value[step]
+        elif isinstance(step, str) and error_type == "missing" and i == len(steps) - 1:
+            path, value = f"{path}.{step}" if path else step, None
+        # anything else names a branch or a validator of ours, not a field of the client's JSON
+    if isinstance(field, str):  # an error about a field of the object at its location
+        path = f"{path}.{field}" if path else field
+    return path or "body"
 
 
 def validation_message(exc: RequestValidationError) -> tuple[str, str]:
-    errors = exc.errors()
+    return describe_errors(exc.errors(), exc.body)
+
+
+def describe_errors(errors: Sequence[Any], body: Any) -> tuple[str, str]:
+    """(message, field) of the first of pydantic's errors about `body` (the JSON the client sent): the field in
+    the client's notation, the message without names of our own."""
     if not errors:
         return "invalid request", "body"
     first = errors[0]
-    field = _field(first.get("loc", ()))
-    msg = str(first.get("msg", "invalid value"))
     if first.get("type") == "json_invalid":
         return "request body is not valid JSON", "body"
+    kind = str(first.get("type", ""))
+    context = first.get("ctx") or {}
+    msg = str(first.get("msg", "invalid value"))
+    # Our own error types may name the field they are about: "<kind>:<field>" (see api.schemas.one_of).
+    about: str | None = kind.partition(":")[2] or None
+    if kind in ("union_tag_invalid", "union_tag_not_found"):  # a union picked by a field (role, type)
+        about = str(context.get("discriminator", "")).strip("'") or None
+        tags = str(context.get("expected_tags", "")).replace("'", "")
+        msg = f"must be one of {tags}" if kind == "union_tag_invalid" and tags else "Field required"
+    field = field_path(first.get("loc", ()), body, kind, about)
     return f"{field}: {msg}", field
 
 

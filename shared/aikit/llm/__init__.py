@@ -32,6 +32,7 @@ from aikit.llm.base import (
     StreamEvent,
     TextDelta,
     Usage,
+    output_text,
     validate_max_tokens,
     validate_messages,
 )
@@ -208,10 +209,10 @@ class LLM:
                 if isinstance(event, InputUsage):
                     reported = event.usage
                     continue
-                if isinstance(event, TextDelta):
-                    text.append(event.text)
-                else:
+                if isinstance(event, StreamEnd):
                     final = event.usage
+                elif piece := output_text(event):  # text, refusal and tool-call pieces are all billed output
+                    text.append(piece)
                 yield event
         except (GeneratorExit, asyncio.CancelledError):
             raise

@@ -1,5 +1,10 @@
 """The provider interface: requests, results, stream events, errors, and the usage every provider reports.
 
+A request is the OpenAI Chat Completions request as the client sent it: messages with text and image parts,
+assistant tool calls and tool results; every other field (tools, tool_choice, response_format, stop, seed,
+unknown ones...) in `params`. OpenAI-compatible providers send it on unchanged; the others translate what they
+can express and refuse the rest with `UnsupportedError` (422, naming the field and the provider).
+
 Usage is normalized to one meaning across providers: `input_tokens` is all billable input, cache reads and
 cache writes included; `cached_tokens` and `cache_write_tokens` say which part of it came from or went to the
 provider's prompt cache.
@@ -7,14 +12,16 @@ provider's prompt cache.
 
 from __future__ import annotations
 
+import json
 import math
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-# Roles every provider understands; tool calling is out of scope for a text-only metering proxy.
-ROLES = frozenset({"system", "developer", "user", "assistant"})
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+# Rough input-token estimate of one image, for when a provider reports nothing (OpenAI's 512px-tile figure).
+IMAGE_TOKEN_ESTIMATE = 765
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,59 +48,153 @@ def usage_with_cache_beside(input_tokens: int, cache_read: int, cache_write: int
 
 @dataclass(frozen=True, slots=True)
 class ChatRequest:
-    messages: list[dict[str, Any]]  # OpenAI chat format; content is a str or a list of text parts
+    messages: list[dict[str, Any]]  # OpenAI chat format, as sent
     model: str
     max_tokens: int | None = None
-    # Other OpenAI parameters: temperature, top_p, stop...
+    # Every other Chat Completions field as sent: temperature, stop, tools, tool_choice, response_format,
+    # max_completion_tokens, fields this layer does not know...
     params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def output_limit(self) -> int | None:
+        """The cap on generated tokens, whichever of max_tokens / max_completion_tokens the caller used."""
+        if self.max_tokens is not None:
+            return self.max_tokens
+        limit = self.params.get("max_completion_tokens")
+        return limit if isinstance(limit, int) and not isinstance(limit, bool) else None
+
+    @property
+    def tools(self) -> list[dict[str, Any]]:
+        tools = self.params.get("tools")
+        return tools if isinstance(tools, list) else []
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # the JSON text the model wrote (for a "custom" tool: its raw input)
+    type: str = "function"
 
 
 @dataclass(frozen=True, slots=True)
 class ChatResult:
     id: str
     model: str
-    content: str
-    finish_reason: str
+    content: str | None  # None when the model only called tools (as OpenAI answers)
+    finish_reason: str  # OpenAI's vocabulary: stop, length, tool_calls, content_filter
     usage: Usage
+    tool_calls: tuple[ToolCall, ...] = ()
+    refusal: str | None = None
+    logprobs: dict[str, Any] | None = None  # the choice's logprobs object, as an OpenAI-compatible upstream sent it
+    stop_sequence: str | None = None  # the stop sequence that ended the answer, where the provider says
+    # Fields an OpenAI-compatible upstream sent that this layer does not model, passed back unchanged:
+    message_extra: dict[str, Any] = field(default_factory=dict)  # of the message (annotations, audio...)
+    response_extra: dict[str, Any] = field(default_factory=dict)  # of the response (system_fingerprint...)
 
 
 @dataclass(frozen=True, slots=True)
 class TextDelta:
     text: str
+    logprobs: dict[str, Any] | None = None  # the chunk's logprobs object, where the upstream sent one
+
+
+@dataclass(frozen=True, slots=True)
+class RefusalDelta:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A piece of a tool call, as OpenAI streams it: the first piece of call `index` carries its id and name."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""  # the next fragment of the arguments' JSON text
+    type: str = "function"
+
+
+@dataclass(frozen=True, slots=True)
+class ExtraDelta:
+    """Delta fields an OpenAI-compatible upstream streamed that this layer does not model (reasoning_content...)."""
+
+    fields: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
 class StreamEnd:
     finish_reason: str
     usage: Usage  # the provider's final figures
+    stop_sequence: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class InputUsage:
-    """Input usage a provider reported before any text (Anthropic's message_start).
+    """Input usage a provider reported before any output (Anthropic's message_start).
 
     Only `Provider.stream` yields it; the `LLM` facade keeps it to meter an abandoned stream and never passes
-    it on, so its consumers see only `TextDelta` and `StreamEnd`.
+    it on.
     """
 
     usage: Usage
 
 
-StreamEvent = TextDelta | StreamEnd
-ProviderEvent = TextDelta | StreamEnd | InputUsage
+StreamEvent = TextDelta | RefusalDelta | ToolCallDelta | ExtraDelta | StreamEnd
+ProviderEvent = StreamEvent | InputUsage
+
+
+def output_text(event: object) -> str:
+    """The generated output an event carries, for estimating the output tokens of a stream cut short."""
+    if isinstance(event, TextDelta | RefusalDelta):
+        return event.text
+    if isinstance(event, ToolCallDelta):
+        # A new call starts on its own line, so words of consecutive calls never run together.
+        return f"\n{event.name} {event.arguments}" if event.name else event.arguments
+    if isinstance(event, ExtraDelta):
+        return " ".join(v for v in event.fields.values() if isinstance(v, str))
+    return ""
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingRequest:
+    input: str | list[str] | list[int] | list[list[int]]  # text(s), or token ids (OpenAI-compatible only)
+    model: str
+    dimensions: int | None = None
+    # Other fields as sent (user, encoding_format, fields this layer does not know); OpenAI-compatible
+    # upstreams get them unchanged.
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def texts(self) -> list[str] | None:
+        """The inputs as a list of strings, or None when they are token ids."""
+        if isinstance(self.input, str):
+            return [self.input]
+        if all(isinstance(item, str) for item in self.input):
+            return [str(item) for item in self.input]
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingResult:
+    model: str
+    embeddings: list[list[float]]  # one vector per input, in input order
+    usage: Usage  # input tokens as the provider reported them; output 0
 
 
 class ProviderError(Exception):
     """The provider could not answer. `status_code` is what our API should answer with.
 
     502: the upstream failed or answered nonsense; 400: the upstream refused the request as invalid
-    (the message carries its reason); 504: the upstream timed out. Messages never carry secrets.
+    (the message carries its reason); 422: the provider cannot express a field of the request (`param` names
+    it); 504: the upstream timed out. Messages never carry secrets.
     """
 
-    def __init__(self, message: str, status_code: int = 502) -> None:
+    def __init__(self, message: str, status_code: int = 502, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status_code = status_code
+        self.param = param
 
 
 class ProviderTimeout(ProviderError):
@@ -104,8 +205,20 @@ class ProviderTimeout(ProviderError):
 class InvalidRequestError(ProviderError):
     """The request is malformed before any provider sees it."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, 400)
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message, 400, param)
+
+
+class UnsupportedError(ProviderError):
+    """The configured provider has no equivalent for a field of the request (or for a whole endpoint)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message, 422, param)
+
+
+def unsupported(provider: str, param: str, reason: str = "") -> UnsupportedError:
+    message = f"{param} is not supported by the {provider} provider"
+    return UnsupportedError(f"{message}: {reason}" if reason else message, param)
 
 
 def estimate_tokens(text: str) -> int:
@@ -113,38 +226,58 @@ def estimate_tokens(text: str) -> int:
     return math.ceil(len(text) / 4)
 
 
-def content_parts(content: object, where: str = "content") -> list[str]:
-    """The text pieces of a message's content (a str, or a list of {"type": "text", "text": ...} parts)."""
+def content_parts(content: object, where: str = "content") -> list[dict[str, Any]]:
+    """A message's content as a list of parts: a string is one text part, None (an assistant that only called
+    tools) is none."""
+    if content is None:
+        return []
     if isinstance(content, str):
-        return [content]
+        return [{"type": "text", "text": content}]
     if isinstance(content, list):
-        parts: list[str] = []
         for i, part in enumerate(content):
-            text = part.get("text") if isinstance(part, dict) else None
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(text, str):
-                raise InvalidRequestError(f"{where}[{i}] must be a text part {{'type': 'text', 'text': str}}")
-            parts.append(text)
-        return parts
-    raise InvalidRequestError(f"{where} must be a string or a list of text parts")
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise InvalidRequestError(f"{where}[{i}] must be a content part with a type", f"{where}[{i}]")
+            if part["type"] in ("text", "refusal") and not isinstance(part.get(part["type"]), str):
+                raise InvalidRequestError(f"{where}[{i}].{part['type']} must be a string", f"{where}[{i}]")
+        return content
+    raise InvalidRequestError(f"{where} must be a string or a list of content parts", where)
+
+
+def part_text(part: dict[str, Any]) -> str:
+    """The text of a text or refusal part; '' for other parts (images, audio, files)."""
+    value = part.get(part.get("type", ""))
+    return value if isinstance(value, str) else ""
 
 
 def content_text(content: object, where: str = "content") -> str:
-    return "\n".join(content_parts(content, where))
+    return "\n".join(part_text(p) for p in content_parts(content, where) if p["type"] in ("text", "refusal"))
+
+
+def _validate_message(i: int, message: object) -> None:
+    where = f"messages[{i}]"
+    if not isinstance(message, dict):
+        raise InvalidRequestError(f"{where} must be an object with role and content", where)
+    role = message.get("role")
+    if role not in ROLES:
+        raise InvalidRequestError(f"{where}.role must be one of {', '.join(sorted(ROLES))}", f"{where}.role")
+    calls = message.get("tool_calls")
+    if calls is not None and (role != "assistant" or not isinstance(calls, list)):
+        raise InvalidRequestError(f"{where}.tool_calls must be a list on an assistant message", f"{where}.tool_calls")
+    if "content" not in message and not (role == "assistant" and calls):
+        raise InvalidRequestError(f"{where}.content is required", f"{where}.content")
+    if message.get("content") is None and role != "assistant":
+        raise InvalidRequestError(f"{where}.content must be a string or a list of content parts", f"{where}.content")
+    if role == "tool" and not isinstance(message.get("tool_call_id"), str):
+        raise InvalidRequestError(f"{where}.tool_call_id is required on a tool message", f"{where}.tool_call_id")
+    content_parts(message.get("content"), f"{where}.content")
 
 
 def validate_messages(messages: object) -> list[dict[str, Any]]:
     """Check the OpenAI-format messages this layer supports; a problem raises a 400 naming the field."""
     if not isinstance(messages, list) or not messages:
-        raise InvalidRequestError("messages must be a non-empty list")
+        raise InvalidRequestError("messages must be a non-empty list", "messages")
     for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise InvalidRequestError(f"messages[{i}] must be an object with role and content")
-        role = message.get("role")
-        if role not in ROLES:
-            raise InvalidRequestError(f"messages[{i}].role must be one of {', '.join(sorted(ROLES))}")
-        if "content" not in message:
-            raise InvalidRequestError(f"messages[{i}].content is required")
-        content_parts(message["content"], f"messages[{i}].content")
+        _validate_message(i, message)
     return messages
 
 
@@ -152,12 +285,38 @@ def validate_max_tokens(max_tokens: object) -> int | None:
     if max_tokens is None:
         return None
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise InvalidRequestError("max_tokens must be a positive integer")
+        raise InvalidRequestError("max_tokens must be a positive integer", "max_tokens")
     return max_tokens
 
 
 def prompt_text(messages: Sequence[dict[str, Any]]) -> str:
-    return "\n".join(content_text(m.get("content", "")) for m in messages)
+    """All text of the messages: contents, and the names and arguments of assistant tool calls."""
+    pieces: list[str] = []
+    for message in messages:
+        content = message.get("content")
+        parts = content if isinstance(content, list) else content_parts(content) if isinstance(content, str) else []
+        pieces.extend(part_text(p) for p in parts if isinstance(p, dict))
+        for call in message.get("tool_calls") or ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict):
+                pieces.append(f"{function.get('name', '')} {function.get('arguments', '')}")
+    return "\n".join(pieces)
+
+
+def image_count(messages: Sequence[dict[str, Any]]) -> int:
+    return sum(
+        1
+        for m in messages
+        if isinstance(m.get("content"), list)
+        for p in m["content"]
+        if isinstance(p, dict) and p.get("type") == "image_url"
+    )
+
+
+def request_text(req: ChatRequest) -> str:
+    """What the model reads besides images: messages, and the tool definitions and output schema it is given."""
+    extra = [json.dumps(req.params[k]) for k in ("tools", "response_format") if req.params.get(k)]
+    return "\n".join([prompt_text(req.messages), *extra])
 
 
 class Provider(ABC):
@@ -171,14 +330,18 @@ class Provider(ABC):
 
     @abstractmethod
     def stream(self, req: ChatRequest) -> AsyncGenerator[ProviderEvent, None]:
-        """Text as it comes, then one `StreamEnd`; an upstream failure raises `ProviderError`."""
+        """Output as it comes (text, refusal and tool-call deltas), then one `StreamEnd`; an upstream failure
+        raises `ProviderError`."""
+
+    async def embed(self, req: EmbeddingRequest) -> EmbeddingResult:
+        raise UnsupportedError(f"embeddings are not supported by the {self.name} provider")
 
     async def aclose(self) -> None:
         return None
 
     # Estimates for a stream cut short, when the provider never sent its final usage.
     def estimate_input_tokens(self, req: ChatRequest) -> int:
-        return estimate_tokens(prompt_text(req.messages))
+        return estimate_tokens(request_text(req)) + IMAGE_TOKEN_ESTIMATE * image_count(req.messages)
 
     def estimate_output_tokens(self, text: str, deltas: int) -> int:
         return max(deltas, estimate_tokens(text))

@@ -1,16 +1,26 @@
-"""Amazon Bedrock through the Converse / ConverseStream APIs of boto3's `bedrock-runtime` client.
+"""Amazon Bedrock through the Converse / ConverseStream APIs (chat) and InvokeModel (embeddings) of boto3's
+`bedrock-runtime` client.
 
 boto3 blocks, so every call (and every read of a stream) runs in a worker thread. The client is made on first
 use, so importing this module and building the provider cost nothing and tests can point it anywhere.
 SDK retries are off by default, like the HTTP providers: the caller decides whether to retry.
 Bedrock reports `inputTokens` beside `cacheReadInputTokens` / `cacheWriteInputTokens`; the normalized input
-is their sum. OpenAI-format requests are translated as for Anthropic: system messages go to `system`,
-max_tokens/temperature/top_p/stop go to `inferenceConfig`; other OpenAI-only parameters are dropped.
+is their sum.
+OpenAI-format requests are translated, and what has no equivalent is refused with a 422 naming it:
+- system/developer messages go to `system`; tool messages become `toolResult` blocks of a user turn;
+  assistant `tool_calls` become `toolUse` blocks; base64 image parts become image blocks (URLs are refused:
+  Converse takes bytes); `cache_control` on parts and tools becomes a `cachePoint` after them;
+- tools (`toolConfig`), tool_choice (`required` is `any`; `none` leaves the tools out), response_format
+  json_schema and reasoning_effort (`outputConfig`), max_tokens/temperature/top_p/stop (`inferenceConfig`),
+  top_k (`additionalModelRequestFields`), metadata and user (`requestMetadata`);
+- anything else that asks for something (seed, logprobs, penalties, n > 1, parallel_tool_calls=false, JSON
+  mode without a schema, message names, audio/file parts, unknown fields) is refused.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import threading
 import uuid
 from collections.abc import AsyncGenerator, Callable, Iterator
@@ -27,6 +37,8 @@ from aikit.llm._http import as_int, log
 from aikit.llm.base import (
     ChatRequest,
     ChatResult,
+    EmbeddingRequest,
+    EmbeddingResult,
     InvalidRequestError,
     Provider,
     ProviderError,
@@ -34,15 +46,32 @@ from aikit.llm.base import (
     ProviderTimeout,
     StreamEnd,
     TextDelta,
+    ToolCall,
+    ToolCallDelta,
     Usage,
-    content_parts,
+    unsupported,
     usage_with_cache_beside,
+)
+from aikit.llm.translate import (
+    effort,
+    function_tools,
+    image,
+    json_schema,
+    parts,
+    refuse_keys,
+    refuse_unhandled,
+    stop_list,
+    texts_only,
+    tool_choice,
+    tool_input,
 )
 
 T = TypeVar("T")
 
 STOP_REASONS = {
     "end_turn": "stop",
+    "malformed_model_output": "stop",
+    "malformed_tool_use": "tool_calls",
     "stop_sequence": "stop",
     "max_tokens": "length",
     "model_context_window_exceeded": "length",
@@ -64,6 +93,14 @@ _AUTH = frozenset(
 )
 _TIMEOUT = frozenset({"ModelTimeoutException", "RequestTimeout", "RequestTimeoutException"})
 
+PROVIDER = "bedrock"
+HANDLED = frozenset(
+    {"temperature", "top_p", "top_k", "stop", "metadata", "user", "tools", "tool_choice", "response_format",
+     "reasoning_effort"}
+)
+EFFORTS = ("low", "medium", "high", "xhigh")  # the OpenAI reasoning_effort values Converse also has
+_MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "refusal", "is_error")
+
 
 def finish_reason(stop_reason: object) -> str:
     return STOP_REASONS.get(str(stop_reason), "stop")
@@ -74,34 +111,212 @@ def usage_from(raw: dict[str, Any]) -> Usage:
                                    as_int(raw.get("cacheWriteInputTokens")), as_int(raw.get("outputTokens")))
 
 
-def build_kwargs(req: ChatRequest) -> dict[str, Any]:
-    system: list[dict[str, str]] = []
-    messages: list[dict[str, Any]] = []
+def _cache_point(part: dict[str, Any]) -> list[dict[str, Any]]:
+    # `cache_control` on a part (the convention of OpenAI-compatible gateways) is a cache point after it.
+    return [{"cachePoint": {"type": "default"}}] if part.get("cache_control") is not None else []
+
+
+def _user_blocks(part: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    kind = part["type"]
+    refuse_keys(PROVIDER, part, ("type", kind, "cache_control"), where)
+    if kind == "text":
+        return [{"text": part["text"]}, *_cache_point(part)]
+    if kind == "image_url":
+        img = image(PROVIDER, part, where)
+        if img.url is not None:
+            raise unsupported(PROVIDER, f"{where}.image_url.url", "images must be base64 data: URLs")
+        assert img.media_type is not None
+        block = {"image": {"format": img.media_type.removeprefix("image/"), "source": {"bytes": img.raw()}}}
+        return [block, *_cache_point(part)]
+    raise unsupported(PROVIDER, f"{where}.type", f"{kind} parts")
+
+
+def _assistant_blocks(message: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    blocks: list[dict[str, Any]] = []
+    for j, part in enumerate(parts(message, where)):
+        if part["type"] not in ("text", "refusal"):
+            raise unsupported(PROVIDER, f"{where}.content[{j}].type", f"{part['type']} parts in assistant messages")
+        refuse_keys(PROVIDER, part, ("type", part["type"], "cache_control"), f"{where}.content[{j}]")
+        if part[part["type"]]:  # Bedrock refuses blank text blocks
+            blocks.extend([{"text": part[part["type"]]}, *_cache_point(part)])
+    if isinstance(message.get("refusal"), str) and message["refusal"]:
+        blocks.append({"text": message["refusal"]})
+    for k, call in enumerate(message.get("tool_calls") or ()):
+        ident, name, arguments = tool_input(PROVIDER, call, f"{where}.tool_calls[{k}]")
+        blocks.append({"toolUse": {"toolUseId": ident, "name": name, "input": arguments}})
+    return blocks
+
+
+def _tool_result(message: dict[str, Any], where: str) -> dict[str, Any]:
+    content = message.get("content")
+    texts = [content] if isinstance(content, str) else [p["text"] for p in texts_only(PROVIDER, message, where)]
+    result: dict[str, Any] = {"toolUseId": message["tool_call_id"], "content": [{"text": t} for t in texts]}
+    if message.get("is_error") is True:  # carried from an Anthropic-shaped request
+        result["status"] = "error"
+    return {"toolResult": result}
+
+
+def _append(turns: list[dict[str, Any]], role: str, blocks: list[dict[str, Any]]) -> None:
+    # Tool results and the user text after them form one user turn, as Converse wants them.
+    if turns and turns[-1]["role"] == role:
+        turns[-1]["content"].extend(blocks)
+    else:
+        turns.append({"role": role, "content": blocks})
+
+
+def _messages(req: ChatRequest) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    system: list[dict[str, Any]] = []
+    turns: list[dict[str, Any]] = []
     for i, message in enumerate(req.messages):
-        parts = content_parts(message.get("content", ""), f"messages[{i}].content")
-        if message["role"] in ("system", "developer"):
-            system.extend({"text": p} for p in parts if p)
+        where, role = f"messages[{i}]", message["role"]
+        refuse_keys(PROVIDER, message, _MESSAGE_KEYS, where)
+        if role in ("system", "developer"):
+            for part in texts_only(PROVIDER, message, where):
+                if part["text"]:
+                    system.extend([{"text": part["text"]}, *_cache_point(part)])
+        elif role == "user":
+            _append(turns, "user", [b for j, p in enumerate(parts(message, where))
+                                    for b in _user_blocks(p, f"{where}.content[{j}]")])
+        elif role == "assistant":
+            _append(turns, "assistant", _assistant_blocks(message, where))
         else:
-            messages.append({"role": message["role"], "content": [{"text": p} for p in parts]})
+            _append(turns, "user", [_tool_result(message, where)])
+    return system, turns
+
+
+def _tool_config(req: ChatRequest, turns: list[dict[str, Any]]) -> dict[str, Any] | None:
+    tools: list[dict[str, Any]] = []
+    for tool in function_tools(PROVIDER, req, ("cache_control",)):
+        spec: dict[str, Any] = {"name": tool.name, "inputSchema": {"json": tool.parameters}}
+        if tool.description:
+            spec["description"] = tool.description
+        if tool.strict is not None:
+            spec["strict"] = tool.strict
+        tools.append({"toolSpec": spec})
+        if tool.extra.get("cache_control") is not None:
+            tools.append({"cachePoint": {"type": "default"}})
+    mode, name = tool_choice(req)
+    if not tools:
+        if mode in ("required", "named"):
+            raise InvalidRequestError("tool_choice needs tools", "tool_choice")
+        return None
+    if mode == "none":
+        # Converse has no "none"; leaving the tools out says the same unless the conversation already holds
+        # tool calls (then Converse needs the tool configuration).
+        if any("toolUse" in b or "toolResult" in b for turn in turns for b in turn["content"]):
+            raise unsupported(PROVIDER, "tool_choice", "'none' once the conversation holds tool calls")
+        return None
+    config: dict[str, Any] = {"tools": tools}
+    if mode == "required":
+        config["toolChoice"] = {"any": {}}
+    elif mode == "named":
+        config["toolChoice"] = {"tool": {"name": name}}
+    return config
+
+
+def _request_metadata(req: ChatRequest) -> dict[str, str]:
+    metadata = {str(k): str(v) for k, v in (req.params.get("metadata") or {}).items()}
+    if req.params.get("user") is not None:
+        metadata["user"] = str(req.params["user"])
+    return metadata
+
+
+def _output_config(req: ChatRequest) -> dict[str, Any]:
+    output: dict[str, Any] = {}
+    schema = json_schema(PROVIDER, req)
+    if schema is not None:
+        definition = {"schema": json.dumps(schema.schema), "name": schema.name}
+        if schema.description:
+            definition["description"] = schema.description
+        output["textFormat"] = {"type": "json_schema", "structure": {"jsonSchema": definition}}
+    level = effort(PROVIDER, req, EFFORTS)
+    if level is not None:
+        output["effort"] = level
+    return output
+
+
+def build_kwargs(req: ChatRequest) -> dict[str, Any]:
     params = req.params
-    if params.get("n", 1) != 1:
-        raise InvalidRequestError("n: bedrock returns one choice; n must be 1")
+    refuse_unhandled(PROVIDER, params, HANDLED)
+    system, turns = _messages(req)
     config: dict[str, Any] = {}
-    if req.max_tokens is not None:
-        config["maxTokens"] = req.max_tokens
+    if req.output_limit is not None:
+        config["maxTokens"] = req.output_limit
     if params.get("temperature") is not None:
         config["temperature"] = params["temperature"]
     if params.get("top_p") is not None:
         config["topP"] = params["top_p"]
-    stop = params.get("stop")
+    stop = stop_list(req)
     if stop is not None:
-        config["stopSequences"] = [stop] if isinstance(stop, str) else list(stop)
-    kwargs: dict[str, Any] = {"modelId": req.model, "messages": messages}
-    if system:
-        kwargs["system"] = system
-    if config:
-        kwargs["inferenceConfig"] = config
+        config["stopSequences"] = stop
+    kwargs: dict[str, Any] = {"modelId": req.model, "messages": turns}
+    optional = {
+        "system": system,
+        "inferenceConfig": config,
+        "toolConfig": _tool_config(req, turns),
+        "additionalModelRequestFields": {"top_k": params["top_k"]} if params.get("top_k") is not None else None,
+        "requestMetadata": _request_metadata(req),
+        "outputConfig": _output_config(req),
+    }
+    kwargs.update({k: v for k, v in optional.items() if v})
     return kwargs
+
+
+def result_from(resp: dict[str, Any], model: str) -> ChatResult:
+    texts: list[str] = []
+    calls: list[ToolCall] = []
+    for block in resp["output"]["message"]["content"]:
+        if "text" in block:
+            texts.append(str(block["text"]))
+        elif "toolUse" in block:
+            use = block["toolUse"]
+            arguments = json.dumps(use.get("input") or {}, ensure_ascii=False)
+            calls.append(ToolCall(id=str(use["toolUseId"]), name=str(use["name"]), arguments=arguments))
+    meta = resp.get("ResponseMetadata") or {}
+    return ChatResult(
+        id="chatcmpl-" + str(meta.get("RequestId") or uuid.uuid4().hex),
+        model=model,
+        content="".join(texts) if texts or not calls else None,
+        finish_reason=finish_reason(resp.get("stopReason")),
+        usage=usage_from(resp["usage"]),
+        tool_calls=tuple(calls),
+    )
+
+
+class _StreamState:
+    """What a ConverseStream has said so far, turned into provider events."""
+
+    def __init__(self) -> None:
+        self.stop_reason: object = None
+        self.stopped = False
+        self.usage: Usage | None = None
+        self.text: list[str] = []
+        self.tool_index: dict[int, int] = {}  # content block index -> tool call index
+
+    def read(self, event: dict[str, Any]) -> ProviderEvent | None:
+        if "contentBlockStart" in event:
+            start = event["contentBlockStart"]
+            use = (start.get("start") or {}).get("toolUse")
+            if use is None:
+                return None
+            index = self.tool_index[int(start["contentBlockIndex"])] = len(self.tool_index)
+            return ToolCallDelta(index, id=str(use["toolUseId"]), name=str(use["name"]))
+        if "contentBlockDelta" in event:
+            block = event["contentBlockDelta"]
+            delta = block["delta"]
+            if delta.get("text"):
+                self.text.append(delta["text"])
+                return TextDelta(str(delta["text"]))
+            piece = (delta.get("toolUse") or {}).get("input")
+            if piece:
+                self.text.append(piece)
+                return ToolCallDelta(self.tool_index[int(block["contentBlockIndex"])], arguments=str(piece))
+        elif "messageStop" in event:
+            self.stop_reason = event["messageStop"].get("stopReason")
+            self.stopped = True
+        elif "metadata" in event:
+            self.usage = usage_from(event["metadata"]["usage"])
+        return None
 
 
 def client_error(provider: str, exc: botocore.exceptions.ClientError) -> ProviderError:
@@ -208,27 +423,16 @@ class BedrockProvider(Provider):
         kwargs = build_kwargs(req)
         with boto_errors(self.name):
             resp = await self._in_thread(functools.partial(self._call, "converse", kwargs))
-            blocks = resp["output"]["message"]["content"]
-            meta = resp.get("ResponseMetadata") or {}
-            return ChatResult(
-                id="chatcmpl-" + str(meta.get("RequestId") or uuid.uuid4().hex),
-                model=req.model,
-                content="".join(b["text"] for b in blocks if "text" in b),
-                finish_reason=finish_reason(resp.get("stopReason")),
-                usage=usage_from(resp["usage"]),
-            )
+            return result_from(resp, req.model)
 
     async def stream(self, req: ChatRequest) -> AsyncGenerator[ProviderEvent, None]:
         kwargs = build_kwargs(req)
-        stop_reason: object = None
-        usage: Usage | None = None
-        text: list[str] = []
+        state = _StreamState()
         with boto_errors(self.name):
             resp = await self._in_thread(functools.partial(self._call, "converse_stream", kwargs))
             events = resp["stream"]
             try:
                 reader = iter(events)
-                stopped = False
                 while True:
                     # Abandon the read on cancellation; closing the stream below ends the thread's read.
                     event = await self._in_thread(
@@ -236,23 +440,22 @@ class BedrockProvider(Provider):
                     )
                     if event is None:
                         break
-                    if "contentBlockDelta" in event:
-                        piece = event["contentBlockDelta"]["delta"].get("text")
-                        if piece:
-                            text.append(piece)
-                            yield TextDelta(piece)
-                    elif "messageStop" in event:
-                        stop_reason = event["messageStop"].get("stopReason")
-                        stopped = True
-                    elif "metadata" in event:
-                        usage = usage_from(event["metadata"]["usage"])
+                    found = state.read(event)
+                    if found is not None:
+                        yield found
             finally:
                 events.close()
-            if not stopped:
+            if not state.stopped:
                 raise ProviderError(f"{self.name} stream ended before completion", 502)
+        usage = state.usage
         if usage is None:
             log.warning("bedrock sent no usage metadata for model %s; estimating", req.model)
-            usage = Usage(
-                self.estimate_input_tokens(req), self.estimate_output_tokens("".join(text), len(text))
-            )
-        yield StreamEnd(finish_reason=finish_reason(stop_reason), usage=usage)
+            text = "".join(state.text)
+            usage = Usage(self.estimate_input_tokens(req), self.estimate_output_tokens(text, len(state.text)))
+        yield StreamEnd(finish_reason=finish_reason(state.stop_reason), usage=usage)
+
+    async def embed(self, req: EmbeddingRequest) -> EmbeddingResult:
+        from aikit.llm.bedrock_embed import embed
+
+        with boto_errors(self.name):
+            return await embed(req, functools.partial(self._call, "invoke_model"))

@@ -46,9 +46,7 @@ def completion_json(request_id: str, result: ChatResult, created: int) -> dict[s
 
 
 async def admit(runtime: Runtime, key: KeyInfo, body: ChatCompletionRequest, request_id: str) -> dict[str, str]:
-    prompt_chars = sum(len(m.content) if isinstance(m.content, str) else sum(len(p.text) for p in m.content)
-                       for m in body.messages)
-    reserve = prompt_chars // 4 + (body.limit() or runtime.settings.quota_reserve_tokens)
+    reserve = body.prompt_chars() // 4 + (body.limit() or runtime.settings.quota_reserve_tokens)
     try:
         decision = await runtime.limiter.admit(key, request_id, reserve)
     except LimiterUnavailable:
