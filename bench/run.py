@@ -3,7 +3,9 @@ print a table.
 
     .venv/bin/python bench/run.py [--only api,flush,usage] [--quick]
 
-bench_api.py always runs; bench_flush.py and bench_usage.py run when present. Defaults are small but
+bench_api.py always runs; bench_flush.py, bench_usage.py and bench_coldstart.py (handler import times from the
+sam-built layer against `import fastapi, mangum`; builds the artifacts first if they are not cached) run when
+present. Defaults are small but
 meaningful so the whole run stays under ~10 minutes: 3,000 API requests per configuration, a flush of
 1,000,000 events, /v1/usage over 10,000,000 rows (--quick divides them by 10). Each benchmark prints one JSON
 document on stdout (anything else it prints is ignored).
@@ -156,7 +158,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Run the benchmarks and collect their results.")
-    p.add_argument("--only", help="comma-separated subset of: api,flush,usage")
+    p.add_argument("--only", help="comma-separated subset of: api,flush,usage,coldstart")
     p.add_argument("--quick", action="store_true", help="a tenth of the default sizes")
     p.add_argument("--timeout", type=float, default=900, help="seconds per benchmark")
     args = p.parse_args(argv)
@@ -166,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                                          "--concurrency": 16}),
         "flush": (BENCH / "bench_flush.py", {"--events": 1_000_000 // scale}),
         "usage": (BENCH / "bench_usage.py", {"--rows": 10_000_000 // scale}),
+        "coldstart": (BENCH / "bench_coldstart.py", {"--rounds": max(3, 7 // scale)}),
     }
     only = set(args.only.split(",")) if args.only else set(plan)
     unknown = only - set(plan)

@@ -11,19 +11,24 @@ Unset or empty *_ARN variables are skipped, so outside AWS this is a no-op.
 
 Values come from Powertools `parameters.get_secret`, cached for MAX_AGE_SECONDS: a cold start reads each
 secret once, a warm container rereads it after rotation at most that late. The boto3 client is created on
-first use (moto can patch it; clear_cache() drops it).
+first use (moto can patch it; clear_cache() drops it), and Powertools' parameters (which import boto3) only
+when an ARN is set: outside AWS this module costs nothing at import.
+
+Database password rotation: the database secret is also registered with aikit.db.engine, so a connection
+refused for authentication rereads the secret (forced) and retries. SnapStart: refresh_after_snapstart_restore()
+rereads every secret after a restore (the snapshot may be days old).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 from urllib.parse import quote
 
-from aws_lambda_powertools.utilities import parameters
-
+from aikit.db.engine import use_credentials
 from aikit.settings import SettingsError, get_settings
 
 MAX_AGE_SECONDS = 300
@@ -69,13 +74,15 @@ def resolve_secret_settings(
     return overrides
 
 
-def apply_secret_settings(environ: MutableMapping[str, str] = os.environ) -> list[str]:
+def apply_secret_settings(
+    environ: MutableMapping[str, str] = os.environ, *, force_fetch: bool = False
+) -> list[str]:
     """Writes the overrides into `environ` (before Settings are built) and returns the names that changed.
 
     Cheap to call on every invocation: the secrets are cached. When a value changed (first call, rotation),
     the cached get_settings() is dropped so the next call sees it.
     """
-    overrides = resolve_secret_settings(environ)
+    overrides = resolve_secret_settings(environ, force_fetch=force_fetch)
     changed = sorted(name for name, value in overrides.items() if environ.get(name) != value)
     if changed:
         environ.update(overrides)
@@ -85,7 +92,31 @@ def apply_secret_settings(environ: MutableMapping[str, str] = os.environ) -> lis
 
 def clear_cache() -> None:
     """Forgets cached secret values and the Secrets Manager client (tests; forced rereads)."""
-    parameters.clear_caches()  # type: ignore[no-untyped-call]
+    if "aws_lambda_powertools.utilities.parameters" in sys.modules:
+        from aws_lambda_powertools.utilities import parameters
+
+        parameters.clear_caches()  # type: ignore[no-untyped-call]
+
+
+def refresh_after_snapstart_restore() -> bool:
+    """Under SnapStart, registers a hook that rereads every secret after each restore; True if registered.
+
+    snapshot_restore_py exists only in Lambda runtimes with SnapStart: elsewhere this does nothing.
+    """
+    try:
+        from snapshot_restore_py import register_after_restore  # type: ignore[import-not-found]
+    except ImportError:
+        return False
+    register_after_restore(_reread_secrets)
+    return True
+
+
+def _reread_secrets() -> None:
+    changed = apply_secret_settings(force_fetch=True)
+    if changed:
+        from aikit.observability import logger
+
+        logger.info("secrets_reread_after_restore", extra={"changed": changed})
 
 
 def _arn(environ: Mapping[str, str], name: str) -> str:
@@ -93,6 +124,8 @@ def _arn(environ: Mapping[str, str], name: str) -> str:
 
 
 def _fetch(arn: str, variable: str, force_fetch: bool, *, as_json: bool) -> Any:
+    from aws_lambda_powertools.utilities import parameters
+
     try:
         if as_json:
             return parameters.get_secret(
@@ -145,7 +178,13 @@ def _database_url(arn: str, environ: Mapping[str, str], force_fetch: bool) -> st
     query = f"?sslmode={quote(sslmode)}" if sslmode and sslmode != "disable" else ""
     user = quote(data["username"], safe="")
     password = quote(data["password"], safe="")
+    use_credentials((host, int(port), name), lambda force: _database_login(arn, force))
     return f"postgresql://{user}:{password}@{host}:{port}/{quote(name, safe='')}{query}"
+
+
+def _database_login(arn: str, force_fetch: bool) -> dict[str, str]:
+    data = _json_secret(arn, "DATABASE_SECRET_ARN", force_fetch)
+    return {"user": str(data.get("username") or ""), "password": str(data.get("password") or "")}
 
 
 def _admin_token(arn: str, force_fetch: bool) -> str:

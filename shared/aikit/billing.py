@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from aikit.db.models import User
 from aikit.settings import Settings
-from aikit.stripe_gateway import BillingError, BillingGateway
+
+if TYPE_CHECKING:  # the Stripe SDK is imported when billing is used, not on the API's cold start
+    from aikit.stripe_gateway import BillingGateway
 
 # Checkout URLs carry the session id in their path (https://checkout.stripe.com/c/pay/cs_test_...#...).
 _SESSION_ID = re.compile(r"/(cs_(?:test|live)_[A-Za-z0-9]+)")
@@ -70,6 +73,8 @@ def ensure_customer(engine: Engine, gateway: BillingGateway, user_id: str) -> tu
     The user row stays locked while Stripe is called, so two concurrent checkouts cannot create two
     customers for one user.
     """
+    from aikit.stripe_gateway import BillingError
+
     with Session(engine) as session, session.begin():
         user = session.scalars(select(User).where(User.id == user_id).with_for_update()).first()
         if user is None:
@@ -88,6 +93,8 @@ def start_checkout(
     engine: Engine, settings: Settings, gateway: BillingGateway | None, user_id: str
 ) -> tuple[CheckoutSession, bool]:
     """A subscription Checkout session for the metered price; True when a customer was created for it."""
+    from aikit.stripe_gateway import BillingError
+
     gateway = _require_gateway(gateway)
     price_id = settings.stripe_metered_price_id
     if not price_id:
@@ -115,6 +122,8 @@ def _refuse_second_subscription(settings: Settings, gateway: BillingGateway, cus
     """AlreadySubscribed (with a Billing Portal link to manage it) when the customer has a subscription on the
     metered price that bills. Stripe is asked, not our table: a subscription whose webhook has not arrived
     yet counts too."""
+    from aikit.stripe_gateway import BillingError
+
     try:
         subscriptions = gateway.list_subscriptions(customer_id, price_id=price_id)
         billing = [s for s in subscriptions if s.get("status") in BILLING_STATUSES]
@@ -131,6 +140,8 @@ def _refuse_second_subscription(settings: Settings, gateway: BillingGateway, cus
 
 
 def open_portal(engine: Engine, settings: Settings, gateway: BillingGateway | None, user_id: str) -> str:
+    from aikit.stripe_gateway import BillingError
+
     gateway = _require_gateway(gateway)
     with Session(engine) as session:
         user = session.get(User, user_id)

@@ -25,14 +25,16 @@ import datetime as dt
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from aikit.db.models import REPORT_REJECTED, MeterEventError, MeterReport
 from aikit.observability import METER_EVENTS_REJECTED, emit, logger
-from aikit.stripe_gateway import BillingError, BillingGateway
+
+if TYPE_CHECKING:  # the Stripe SDK loads when an event is fetched, not on the API function's cold start
+    from aikit.stripe_gateway import BillingGateway
 
 ERROR_REPORT_TRIGGERED = "v1.billing.meter.error_report_triggered"
 NO_METER_FOUND = "v1.billing.meter.no_meter_found"
@@ -104,6 +106,8 @@ def parse_time(value: Any) -> dt.datetime | None:
 def fetch_report(gateway: BillingGateway | None, thin: ThinEvent) -> ErrorReport:
     if gateway is None:
         raise CannotFetch("STRIPE_SECRET_KEY is not set, so the event cannot be fetched")
+    from aikit.stripe_gateway import BillingError
+
     try:
         full = gateway.retrieve_event(thin.id)
     except BillingError as exc:

@@ -9,8 +9,9 @@ from contextlib import asynccontextmanager
 import anyio
 from fastapi import FastAPI
 
+from aikit import observability
 from aikit.api.app import create_app
-from aikit.observability import logger
+from aikit.observability import flush_metrics, logger
 from aikit.runtime import Runtime
 from aikit.settings import Settings
 
@@ -27,6 +28,13 @@ async def flush_forever(settings: Settings) -> None:
             logger.exception("flush_failed")
 
 
+async def write_metrics_forever() -> None:
+    """Buffered metrics leave at least every WRITE_INTERVAL_SECONDS, quiet periods included."""
+    while True:
+        await anyio.sleep(observability.WRITE_INTERVAL_SECONDS)
+        flush_metrics()
+
+
 def create_server_app(settings: Settings) -> FastAPI:
     runtime = Runtime(settings)
 
@@ -35,8 +43,10 @@ def create_server_app(settings: Settings) -> FastAPI:
         async with anyio.create_task_group() as tg:
             if settings.flush_interval_seconds > 0:
                 tg.start_soon(flush_forever, settings)
+            tg.start_soon(write_metrics_forever)
             yield
             tg.cancel_scope.cancel()
+        flush_metrics()
         await runtime.aclose()
 
     app = create_app(runtime=runtime)

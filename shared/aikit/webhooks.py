@@ -35,9 +35,8 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import stripe
 from sqlalchemy import Engine, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
@@ -49,7 +48,9 @@ from aikit.emails import Email, Mailer
 from aikit.observability import WEBHOOK_EVENTS, WEBHOOK_SIGNATURE_FAILURES, emit, logger
 from aikit.periods import SOURCE_INVOICE, SOURCE_SUBSCRIPTION, record_period
 from aikit.settings import Settings
-from aikit.stripe_gateway import BillingError, BillingGateway
+
+if TYPE_CHECKING:  # the Stripe SDK loads when Stripe is called, not on the API function's cold start
+    from aikit.stripe_gateway import BillingGateway
 
 MAX_BODY_BYTES = 1024 * 1024  # Stripe events are a few KB; anything near this is not from Stripe
 SIGNATURE_TOLERANCE_SECONDS = 300
@@ -137,6 +138,8 @@ def verify_signature(raw_body: bytes, sig_header: str | None, secrets: list[str]
         )
     if not sig_header or not sig_header.strip():
         raise WebhookRejected("missing Stripe-Signature header", kind="missing_signature")
+    import stripe  # here, not at import: the API function's cold start does not need the SDK
+
     stale = False
     for secret in secrets:
         try:
@@ -473,6 +476,8 @@ def _state_from_stripe(ctx: HandlerContext, event: WebhookEvent, fields: Subscri
     if ctx.gateway is None:
         logger.warning("webhook_same_second_without_stripe", extra={"event_id": event.id, "subscription": fields.id})
         return fields
+    from aikit.stripe_gateway import BillingError
+
     try:
         current = ctx.gateway.retrieve_subscription(fields.id)
     except BillingError as exc:

@@ -27,7 +27,9 @@ from aikit.observability import (
     TOKENS_METERED,
     WEBHOOK_EVENTS,
     WEBHOOK_SIGNATURE_FAILURES,
+    asgi_entry,
     emit,
+    flush_metrics,
     lambda_entry,
     logger,
     metrics,
@@ -40,10 +42,10 @@ from aikit.settings import load_settings
 @pytest.fixture
 def out(capsys: pytest.CaptureFixture[str]) -> Iterator[pytest.CaptureFixture[str]]:
     """Starts every test with empty metric buffers and an empty captured stdout."""
-    metrics.flush_metrics()
+    flush_metrics()
     capsys.readouterr()
     yield capsys
-    metrics.flush_metrics()
+    flush_metrics()
 
 
 def emf_records(text: str) -> list[dict[str, Any]]:
@@ -97,7 +99,7 @@ def test_plain_metrics_are_one_emf_record_with_names_units_and_the_service_dimen
     emit(FLUSH_LAG, 42)  # Seconds
     emit(EVENTS_FLUSHED, 7, unit="Count")
     emit(METER_FALLBACKS)
-    metrics.flush_metrics()
+    flush_metrics()
 
     records = emf_records(out.readouterr().out)
     record = find(records, TOKENS_METERED, ["service"])
@@ -106,7 +108,7 @@ def test_plain_metrics_are_one_emf_record_with_names_units_and_the_service_dimen
     assert record["service"] == "aikit"
     assert units == {TOKENS_METERED: "Count", REQUESTS: "Count", FLUSH_DURATION: "Milliseconds",
                      FLUSH_LAG: "Seconds", EVENTS_FLUSHED: "Count", METER_FALLBACKS: "Count"}
-    assert record[TOKENS_METERED] == [1500.0, 500.0]
+    assert record[TOKENS_METERED] == [2000.0]  # counts are summed per process between writes
     assert record[FLUSH_DURATION] == [12.5]
     assert record[FLUSH_LAG] == [42.0]
 
@@ -117,12 +119,12 @@ def test_dimensions_get_their_own_record_and_never_leak_into_other_metrics(out: 
     emit(STRIPE_ERRORS, kind="invalid_request_error")
     emit(WEBHOOK_EVENTS, type="invoice.paid", outcome="applied")
     emit(REQUESTS)
-    metrics.flush_metrics()
+    flush_metrics()
 
     records = emf_records(out.readouterr().out)
     by_kind = find(records, STRIPE_ERRORS, ["service", "kind"])
     assert by_kind["kind"] == "rate_limit"
-    assert by_kind[STRIPE_ERRORS] == [1.0, 1.0]
+    assert by_kind[STRIPE_ERRORS] == [2.0]
     assert definitions(by_kind)[2] == {STRIPE_ERRORS: "Count"}  # nothing else rides on this record
     other_kind = [r for r in records if r.get("kind") == "invalid_request_error"]
     assert len(other_kind) == 1 and other_kind[0][STRIPE_ERRORS] == [1.0]
@@ -133,7 +135,7 @@ def test_dimensions_get_their_own_record_and_never_leak_into_other_metrics(out: 
 
     # The totals (what the alarms and dashboards read) count every value, without breakdown dimensions.
     totals = find(records, REQUESTS, ["service"])
-    assert totals[STRIPE_ERRORS] == [1.0, 1.0, 1.0]
+    assert totals[STRIPE_ERRORS] == [3.0]
     assert totals[WEBHOOK_EVENTS] == [1.0]
     assert "kind" not in totals and "type" not in totals
 
@@ -143,32 +145,34 @@ def test_alarm_metrics_reach_the_service_only_series_even_with_dimensions(out: A
     emit(WEBHOOK_SIGNATURE_FAILURES, reason="bad_signature")
     emit(PARKED_BATCHES, customer="cus_1")
     emit(FLUSH_LAG, 901, region="x")
-    metrics.flush_metrics()
+    flush_metrics()
     totals = find(emf_records(out.readouterr().out), WEBHOOK_SIGNATURE_FAILURES, ["service"])
     assert totals[PARKED_BATCHES] == [1.0]
     assert totals[FLUSH_LAG] == [901.0]
     assert definitions(totals)[2][FLUSH_LAG] == "Seconds"
 
 
-def test_memory_stays_bounded_and_stdout_gets_one_record_per_hundred_values(out: Any) -> None:
+def test_memory_stays_bounded_and_stdout_gets_few_records(out: Any) -> None:
     for i in range(10_000):
         emit(REQUESTS)
         emit(STRIPE_ERRORS, kind="rate_limit")
         emit(WEBHOOK_EVENTS, type=f"type.{i % 500}", outcome="applied")  # 500 distinct breakdowns
-        assert len(observability._provider._series) <= MAX_SERIES
-        assert all(len(v) <= MAX_VALUES for v in observability._provider._series.values())
-        assert all(len(m["Value"]) <= MAX_VALUES for m in observability._provider.metric_set.values())
+        emit(FLUSH_DURATION, i % 7)  # a distribution: its values are kept, 100 per record at most
+        assert metrics.series_count() <= MAX_SERIES
+        assert metrics.held_values() <= MAX_VALUES
     text = out.readouterr().out
     records = emf_records(text)
     assert 0 < len(records) <= 40_000 // 50  # batches, not a line per value
-    # Totals keep every value even when breakdowns had to be skipped.
-    metrics.flush_metrics()
+    flush_metrics()
     records += emf_records(out.readouterr().out)
     totals = [r for r in records if definitions(r)[1] == [["service"]]]
-    assert sum(len(r.get(WEBHOOK_EVENTS, [])) for r in totals) == 10_000
-    assert sum(len(r.get(STRIPE_ERRORS, [])) for r in totals) == 10_000
+    # Totals keep every value even when breakdowns had to be skipped.
+    assert sum(sum(r.get(WEBHOOK_EVENTS, [])) for r in totals) == 10_000
+    assert sum(sum(r.get(STRIPE_ERRORS, [])) for r in totals) == 10_000
+    assert sum(len(r.get(FLUSH_DURATION, [])) for r in totals) == 10_000
+    assert all(len(r.get(FLUSH_DURATION, [])) <= MAX_VALUES for r in totals)
     by_kind = [r for r in records if r.get("kind") == "rate_limit"]
-    assert sum(len(r[STRIPE_ERRORS]) for r in by_kind) == 10_000
+    assert sum(sum(r[STRIPE_ERRORS]) for r in by_kind) == 10_000
     warnings = [r for r in log_records(text) if r["message"] == "metric breakdowns dropped"]
     assert len(warnings) <= 1
 
@@ -182,8 +186,27 @@ def test_a_long_running_process_writes_metrics_at_least_every_interval(
     emit(REQUESTS)
     emit(STRIPE_ERRORS, kind="api_error")
     records = emf_records(out.readouterr().out)
-    assert find(records, REQUESTS, ["service"])[REQUESTS] == [1.0, 1.0]
+    assert find(records, REQUESTS, ["service"])[REQUESTS] == [2.0]
     assert find(records, STRIPE_ERRORS, ["service", "kind"])[STRIPE_ERRORS] == [1.0]
+
+
+def test_aikit_serve_writes_buffered_metrics_every_interval_even_when_quiet(
+    out: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import anyio
+
+    from aikit.server import write_metrics_forever
+
+    emit(TOKENS_METERED, 7)  # buffered: no later emit will come to trigger a write
+    assert emf_records(out.readouterr().out) == []
+    monkeypatch.setattr(observability, "WRITE_INTERVAL_SECONDS", 0.05)
+
+    async def quiet_period() -> None:
+        with anyio.move_on_after(0.3):
+            await write_metrics_forever()
+
+    anyio.run(quiet_period)
+    assert find(emf_records(out.readouterr().out), TOKENS_METERED, ["service"])[TOKENS_METERED] == [7.0]
 
 
 def test_a_bad_metric_is_dropped_with_a_warning_and_never_raises(out: Any) -> None:
@@ -245,6 +268,75 @@ def test_lambda_entry_lets_errors_through_and_still_flushes(out: Any) -> None:
     with pytest.raises(RuntimeError, match="flush failed"):
         handler({}, FakeContext())
     assert find(emf_records(out.readouterr().out), PARKED_BATCHES, ["service"])[PARKED_BATCHES] == [1.0]
+
+
+def test_asgi_entry_writes_metrics_before_the_last_byte_and_logs_lwa_request_ids(out: Any) -> None:
+    # Under Lambda Web Adapter the invocation ends with the response: whatever is written after it may wait
+    # for the next thaw, or never be written.
+    import anyio
+
+    sent: list[tuple[str, str]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        logger.info("streaming")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"first", "more_body": True})
+        emit(TOKENS_METERED, 42)  # metered at the end of the stream
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def send(message: Any) -> None:
+        sent.append((message["type"], out.readouterr().out))
+
+    async def receive() -> Any:
+        return {"type": "http.disconnect"}
+
+    scope = {"type": "http", "headers": [
+        (b"x-amzn-request-context", json.dumps({"requestId": "apigw-req-1"}).encode()),
+        (b"x-amzn-lambda-context", json.dumps({"request_id": "lambda-req-1"}).encode())]}
+    anyio.run(asgi_entry(app), scope, receive, send)
+
+    (_, before_start), (_, before_first), (_, before_last) = sent
+    assert emf_records(before_first) == []
+    assert find(emf_records(before_last), TOKENS_METERED, ["service"])[TOKENS_METERED] == [42.0]
+    (log,) = [r for r in log_records(before_start) if r["message"] == "streaming"]
+    assert (log["correlation_id"], log["function_request_id"]) == ("apigw-req-1", "lambda-req-1")
+
+
+def test_tracing_is_off_outside_lambda_and_importing_never_loads_xray(monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import sys
+
+    monkeypatch.delenv("LAMBDA_TASK_ROOT", raising=False)
+    assert observability.tracer() is None
+    monkeypatch.setenv("LAMBDA_TASK_ROOT", "/var/task")
+    monkeypatch.setenv("POWERTOOLS_TRACE_DISABLED", "true")
+    assert observability.tracer() is None
+    monkeypatch.setenv("POWERTOOLS_TRACE_DISABLED", "false")
+    monkeypatch.setenv("AWS_LAMBDA_EXEC_WRAPPER", "/opt/bootstrap")  # Lambda Web Adapter runs uvicorn
+    assert observability.tracer() is None
+    monkeypatch.delenv("AWS_LAMBDA_EXEC_WRAPPER")
+    # A cold start with tracing on pays for X-Ray only when a handler is wrapped, never at import.
+    code = ("import sys, aikit.observability as o; "
+            "assert 'aws_xray_sdk' not in sys.modules, 'imported X-Ray'; "
+            "print('ok')")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "POWERTOOLS_TRACE_DISABLED"}
+    env["LAMBDA_TASK_ROOT"] = "/var/task"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert result.stdout.strip() == "ok", result.stderr
+
+
+def test_tracing_on_in_lambda_patches_only_the_listed_modules(monkeypatch: pytest.MonkeyPatch) -> None:
+    import aws_xray_sdk.core
+
+    patched: list[Any] = []
+    monkeypatch.setattr(aws_xray_sdk.core, "patch", lambda modules, **kw: patched.append(list(modules)))
+    monkeypatch.setenv("LAMBDA_TASK_ROOT", "/var/task")
+    monkeypatch.delenv("POWERTOOLS_TRACE_DISABLED", raising=False)
+    monkeypatch.setattr(observability, "_tracer", None)
+    active = observability.tracer()
+    assert active is not None and observability.tracer() is active
+    assert patched == [list(observability.TRACED_MODULES)]
+    monkeypatch.setattr(observability, "_tracer", None)
 
 
 # ---------------------------------------------------------------------------------------------- redaction
@@ -366,6 +458,34 @@ def test_apply_writes_the_environment_once_and_reports_names_only(aws: Any) -> N
 def test_plain_string_admin_token_secret(aws: Any) -> None:
     arn = aws.create_secret(Name="aikit/admin-plain", SecretString="  plain-admin-token \n")["ARN"]
     assert resolve_secret_settings({"ADMIN_TOKEN_SECRET_ARN": arn}) == {"ADMIN_TOKEN": "plain-admin-token"}
+
+
+def test_snapstart_restore_rereads_the_secrets(aws: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    hooks: list[Any] = []
+    fake = types.ModuleType("snapshot_restore_py")
+    fake.register_after_restore = hooks.append  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "snapshot_restore_py", fake)
+    arn = make_secrets(aws)["STRIPE_SECRET_ARN"]
+    monkeypatch.setenv("STRIPE_SECRET_ARN", arn)
+    monkeypatch.delenv("STRIPE_SECRET_KEY", raising=False)
+    apply_secret_settings()  # the init phase, before the snapshot
+    assert aws_secrets.refresh_after_snapstart_restore() is True
+    aws.put_secret_value(SecretId=arn, SecretString=json.dumps({"secret_key": "sk_test_after_restore"}))
+
+    (hook,) = hooks
+    hook()  # what Lambda runs after restoring the snapshot: the cached value is not trusted
+
+    import os
+
+    assert os.environ["STRIPE_SECRET_KEY"] == "sk_test_after_restore"
+    monkeypatch.delenv("STRIPE_SECRET_KEY")
+
+
+def test_without_snapstart_no_restore_hook_is_registered() -> None:
+    assert aws_secrets.refresh_after_snapstart_restore() is False
 
 
 def test_no_arns_is_a_no_op_without_touching_aws(monkeypatch: pytest.MonkeyPatch) -> None:
