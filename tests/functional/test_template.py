@@ -415,9 +415,7 @@ def test_environment_variables_are_settings_or_known_plumbing() -> None:
                 "AIKIT_ENVIRONMENT", "DATABASE_SECRET_ARN", "DATABASE_HOST", "DATABASE_PORT", "DATABASE_NAME",
                 "STRIPE_SECRET_ARN", "ADMIN_TOKEN_SECRET_ARN", "LLM_SECRET_ARN",
                 # Lambda Web Adapter's (read by /opt/bootstrap and run.sh)
-                "AWS_LAMBDA_EXEC_WRAPPER", "AWS_LWA_INVOKE_MODE", "AWS_LWA_READINESS_CHECK_PATH", "PORT",
-                # PENDING-MERGE: the request path's total LLM deadline (issue 10), a Settings field once it lands.
-                "LLM_DEADLINE_SECONDS"}
+                "AWS_LAMBDA_EXEC_WRAPPER", "AWS_LWA_INVOKE_MODE", "AWS_LWA_READINESS_CHECK_PATH", "PORT"}
     for name in FUNCTIONS:
         unknown = set(environment(name)) - fields - plumbing
         assert not unknown, f"{name}: {unknown} are neither Settings fields nor read by aikit.aws_secrets"
