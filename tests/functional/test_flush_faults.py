@@ -59,9 +59,12 @@ def finish(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
 
 def spread(h: Billing, customers: int, per_key: int, *, keys_per_customer: int = 2) -> list[str]:
     made = [h.customer() for _ in range(customers)]
+    # Stamped inside one closed window, so a run that crosses a window boundary still seals one
+    # report per customer.
+    window_start = past_window_start(1)
     for n, customer in enumerate(made):
         for k in range(keys_per_customer):
-            h.record(h.key(customer), customer, per_key, seed=n * 7 + k)
+            h.record(h.key(customer), customer, per_key, ts=window_start + n, seed=n * 7 + k)
     return made
 
 
