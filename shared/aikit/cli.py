@@ -41,7 +41,7 @@ def _error(message: str) -> int:
 
 # The admin API's body field -> this command's option, for error messages.
 _KEY_OPTIONS = {"email": "--email", "customer_id": "--customer", "name": "--name", "rpm": "--rpm", "rpd": "--rpd",
-                "monthly_tokens": "--monthly-tokens"}
+                "monthly_tokens": "--monthly-tokens", "allowed_models": "--allowed-models"}
 
 
 def _key_request(args: argparse.Namespace) -> Any:
@@ -52,6 +52,8 @@ def _key_request(args: argparse.Namespace) -> Any:
 
     values = {"email": args.email, "customer_id": args.customer, "name": args.name, "rpm": args.rpm,
               "rpd": args.rpd, "monthly_tokens": args.monthly_tokens}
+    if args.allowed_models is not None:  # comma-separated names or glob patterns
+        values["allowed_models"] = [m.strip() for m in args.allowed_models.split(",")]
     try:
         return CreateKeyBody(**values)
     except ValidationError as exc:
@@ -77,7 +79,8 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
         if args.keys_command == "create":
             try:
                 issued = create_key(session, settings, email=str(body.email), customer_id=body.customer_id,
-                                    name=body.name, rpm=body.rpm, rpd=body.rpd, monthly_tokens=body.monthly_tokens)
+                                    name=body.name, rpm=body.rpm, rpd=body.rpd, monthly_tokens=body.monthly_tokens,
+                                    allowed_models=body.allowed_models)
             except KeyRefused as exc:
                 return _error(str(exc))
             session.commit()
@@ -121,15 +124,25 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_stripe(args: argparse.Namespace, settings: Settings) -> int:
-    from aikit.stripe_gateway import gateway_from_settings
+    from aikit.stripe_gateway import gateway_from_settings, setup_spec
 
     gateway = gateway_from_settings(settings)
     if gateway is None:
         print("error: STRIPE_SECRET_KEY is not set", file=sys.stderr)  # noqa: T201
         return 2
-    result = gateway.ensure_setup(event_name=settings.stripe_meter_event_name)
-    _print({"meter_id": result.meter_id, "product_id": result.product_id, "price_id": result.price_id,
-            "created": result.created, "STRIPE_METERED_PRICE_ID": result.price_id})
+    spec = setup_spec(settings)
+    result = gateway.ensure_setup(event_name=spec.event_name, spec=spec)
+    out: dict[str, object] = {"meter_id": result.meter_id, "product_id": result.product_id,
+                              "price_id": result.price_id, "created": result.created,
+                              "STRIPE_METERED_PRICE_ID": result.price_id, "event_name": spec.event_name}
+    if settings.price_book is not None:
+        # The price book is applied per usage event at metering time; Stripe only converts units to money.
+        out["unit"] = f"1e-12 {spec.currency.upper()}"
+        out["unit_amount_decimal"] = spec.unit_amount_decimal
+        out["models"] = {m: {t: str(v) for t, v in zip(("input", "cached_input", "output"), r.per_million,
+                                                          strict=True)}
+                         for m, r in settings.price_book.entries().items()}
+    _print(out)
     return 0
 
 
@@ -158,6 +171,8 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("--rpm", type=int)
     create.add_argument("--rpd", type=int)
     create.add_argument("--monthly-tokens", type=int, dest="monthly_tokens")
+    create.add_argument("--allowed-models", dest="allowed_models",
+                        help="comma-separated models (or glob patterns such as gpt-4o*) this key may call")
     revoke = ks.add_parser("revoke", help="revoke a key")
     revoke.add_argument("api_key_id")
     ks.add_parser("list", help="list keys")

@@ -59,7 +59,7 @@ from aikit.db.models import MeterReport, as_utc
 from aikit.metering.base import UsageEvent
 from aikit.metering.layout import RedisLayout
 from aikit.metering.scripts import ACK_FAST, ACK_THROUGH
-from aikit.metering.sql_sink import lock_reports, store_copy, store_events
+from aikit.metering.sql_sink import lock_reports, report_meter, store_copy, store_events
 from aikit.observability import (
     EVENTS_FLUSHED,
     FLUSH_DURATION,
@@ -69,6 +69,7 @@ from aikit.observability import (
     emit,
     logger,
 )
+from aikit.pricing import PriceBook
 from aikit.redis_client import make_sync_redis
 from aikit.settings import Settings
 from aikit.stripe_gateway import BillingGateway, ReportOutcome, ReportStatus, gateway_from_settings
@@ -133,6 +134,7 @@ def parse_entry(fields: dict[str, str]) -> UsageEvent:
         output_tokens=int(fields["o"]),
         cached_tokens=int(fields["x"]),
         ts=float(fields["t"]),
+        cost=int(fields.get("p") or 0),
     )
 
 
@@ -145,22 +147,33 @@ def next_stream_id(entry_id: str) -> str:
 
 
 # Field order of an entry as RECORD writes it; anything else takes the slower, general path.
-FIELD_ORDER = ["r", "k", "c", "m", "i", "o", "x", "t", "d"]
+FIELD_ORDER = ["r", "k", "c", "m", "i", "o", "x", "t", "d", "p"]
+_MAX_COST_DIGITS = 18  # cost (1e-12 currency units) is a BIGINT column
 _MAX_DIGITS = 9  # token counts are int4 columns, and input + output must fit one too
 _TS_RANGE = (946684800.0, 4102444800.0)  # 2000-01-01 .. 2100-01-01: anything else is not a real event time
 _NULL = "\\N"
 
 
 def _fields(raw: Any) -> tuple[str, ...] | None:
-    """(r, k, c, m, i, o, x, t, d) of an entry given as a flat [name, value, ...] list (no client-side
-    parsing) or a dict; None when a field is missing."""
+    """(r, k, c, m, i, o, x, t, d, p) of an entry given as a flat [name, value, ...] list (no client-side
+    parsing) or a dict; None when a field is missing. An entry recorded before costs existed has no `p`:
+    "" (priced at the flush)."""
     if isinstance(raw, list) and raw[0::2] == FIELD_ORDER:
         return tuple(raw[1::2])
     f = raw if isinstance(raw, dict) else dict(zip(raw[0::2], raw[1::2], strict=False))
     try:
-        return tuple(f[name] for name in FIELD_ORDER)
+        return (*(f[name] for name in FIELD_ORDER[:-1]), f.get("p", ""))
     except KeyError:
         return None
+
+
+def _entry_cost(p: str, model: str, counts: tuple[int, int, int], book: PriceBook | None) -> int | None:
+    """The recorded cost; for an entry without one, its cost at today's rates (0 without a price book).
+    None when `p` is not a plain number."""
+    if p:
+        return int(p) if len(p) <= _MAX_COST_DIGITS and p.isdigit() and p.isascii() else None
+    cost = book.cost(model, *counts) if book is not None else None
+    return cost or 0
 
 
 @dataclass
@@ -182,7 +195,8 @@ class Batch:
     deltas: dict[tuple[str, str, str], list[int]] = field(default_factory=dict)
 
 
-def prepare_batch(shard: int, entries: list[Any], *, billable: bool, copy: bool, full: bool) -> Batch:
+def prepare_batch(shard: int, entries: list[Any], *, billable: bool, copy: bool, full: bool,
+                  book: PriceBook | None = None) -> Batch:
     """Stream entries -> a Batch. The flush's hot path: per entry one slice, a few C-level checks and one
     f-string (COPY text, no objects per row). An entry is malformed when a field is missing, a count is not a
     plain number, the time is not a real one, a string is longer than its column (it would fail the whole
@@ -201,7 +215,7 @@ def prepare_batch(shard: int, entries: list[Any], *, billable: bool, copy: bool,
                 key_ids.add(k)
             batch.malformed_ids.append(entry[0])
             continue
-        r, k, c, m, i, o, x, t, d = values
+        r, k, c, m, i, o, x, t, d, p = values
         key_ids.add(k)
         try:
             ts = float(t)
@@ -220,10 +234,15 @@ def prepare_batch(shard: int, entries: list[Any], *, billable: bool, copy: bool,
             batch.malformed_ids.append(entry[0])
             continue
         inp, out, cached = int(i), int(o), int(x)
+        cost = _entry_cost(p, m, (inp, out, cached), book)
+        if cost is None:
+            batch.malformed_ids.append(entry[0])
+            continue
         if copy:
-            rows.append(f"{r}\t{k}\t{c or _NULL}\t{ts!r}\t{m}\t{i}\t{o}\t{x}\t{'t' if billable and c else 'f'}\n")
+            rows.append(f"{r}\t{k}\t{c or _NULL}\t{ts!r}\t{m}\t{i}\t{o}\t{x}\t{'t' if billable and c else 'f'}"
+                        f"\t{cost}\n")
         else:
-            batch.events.append(UsageEvent(r, k, c or None, m, inp, out, cached, ts))
+            batch.events.append(UsageEvent(r, k, c or None, m, inp, out, cached, ts, cost=cost))
         acc = deltas.get((k, d, m))
         if acc is None:
             acc = deltas[(k, d, m)] = [0, 0, 0, 0, 0]
@@ -380,7 +399,7 @@ class Flusher:
                 if not entries:
                     break
                 batch = prepare_batch(shard, entries, billable=self.billable, copy=self._postgres,
-                                      full=len(entries) >= size)
+                                      full=len(entries) >= size, book=self.settings.price_book)
                 del entries  # the raw entries are the bulk of a batch's memory: not kept while it waits
                 yield batch
                 if not batch.full:
@@ -389,12 +408,14 @@ class Flusher:
 
     def _store_batch(self, batch: Batch, part: FlushSummary) -> None:
         window = self.settings.stripe_report_window_seconds
+        meter = report_meter(self.settings)
         if batch.valid:
             with self.engine.begin() as conn:
                 if self._postgres:
-                    inserted = store_copy(conn, batch.copy_rows, window_seconds=window)
+                    inserted = store_copy(conn, batch.copy_rows, window_seconds=window, meter=meter)
                 else:
-                    inserted = store_events(conn, batch.events, billable=self.billable, window_seconds=window)
+                    inserted = store_events(conn, batch.events, billable=self.billable, window_seconds=window,
+                                            meter=meter)
             part.rows_inserted += inserted
         crash_point("after_store")
         # Only now, with the rows committed, may the entries leave Redis.
@@ -449,7 +470,8 @@ class Flusher:
         with self.engine.connect() as conn:
             pending = list(conn.execute(
                 select(MeterReport.id, MeterReport.customer_id, MeterReport.value, MeterReport.window_start,
-                       MeterReport.window_end, MeterReport.last_usage_ts, MeterReport.first_attempt_at)
+                       MeterReport.window_end, MeterReport.last_usage_ts, MeterReport.first_attempt_at,
+                       MeterReport.meter)
                 .where(MeterReport.status == "pending")
                 .order_by(MeterReport.customer_id, MeterReport.window_start, MeterReport.id)
             ))
@@ -495,7 +517,7 @@ class Flusher:
                 counts["stripe_calls"] += 1
                 outcome = self.gateway.report_meter_event(
                     identifier=row.id, customer_id=row.customer_id, value=int(row.value),
-                    timestamp=event_timestamp(row, dt.datetime.now(dt.UTC)))
+                    timestamp=event_timestamp(row, dt.datetime.now(dt.UTC)), meter=row.meter)
                 if outcome.status is not ReportStatus.RETRYABLE:
                     break
                 emit(STRIPE_ERRORS, kind=outcome.error_code or "retryable")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import json
 import secrets
 import threading
 import time
@@ -52,6 +53,7 @@ class KeyInfo:
     rpd: int | None
     monthly_tokens: int | None
     quota_period_start: int  # Unix seconds; the quota counter resets when this changes
+    allowed_models: tuple[str, ...] | None = None  # names or glob patterns; None: every (priced) model
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +88,7 @@ def create_key(
     rpm: int | None = None,
     rpd: int | None = None,
     monthly_tokens: int | None = None,
+    allowed_models: list[str] | None = None,
 ) -> IssuedKey:
     """Create a key (and its user, if new). Limits default from settings. Caller commits."""
     user = session.scalars(select(User).where(User.email == email)).first()
@@ -113,6 +116,7 @@ def create_key(
         rpm_limit=settings.default_rpm if rpm is None else rpm,
         rpd_limit=settings.default_rpd if rpd is None else rpd,
         monthly_token_limit=settings.default_monthly_tokens if monthly_tokens is None else monthly_tokens,
+        allowed_models=None if allowed_models is None else json.dumps(allowed_models),
     )
     session.add(key)
     session.flush()
@@ -158,7 +162,16 @@ def load_key_info(session: Session, settings: Settings, key_hash: str) -> KeyInf
         rpd=rpd,
         monthly_tokens=monthly,
         quota_period_start=quota_period_start(user, now),
+        allowed_models=parse_allowed_models(key.allowed_models),
     )
+
+
+def parse_allowed_models(stored: str | None) -> tuple[str, ...] | None:
+    """ApiKey.allowed_models (a JSON list) as a tuple; None when unset."""
+    if stored is None:
+        return None
+    loaded = json.loads(stored)
+    return tuple(str(m) for m in loaded) if isinstance(loaded, list) else None
 
 
 def load_quota_period(session: Session, api_key_id: str, now: dt.datetime | None = None) -> int | None:

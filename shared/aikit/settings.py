@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as SourceError
+
+from aikit.pricing import PriceBook, PriceTableError, build_price_book
 
 _ROUTER_SPEC = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
@@ -46,6 +48,25 @@ class Settings(BaseSettings):
     stripe_success_url: str = "http://127.0.0.1:8000/billing/success"
     stripe_cancel_url: str = "http://127.0.0.1:8000/billing/cancel"
     stripe_portal_return_url: str = "http://127.0.0.1:8000/"
+
+    # Pricing (aikit.pricing). With a price table, only priced models are served and Stripe gets one cost meter
+    # (integer 1e-12 currency units per event); without one, one token meter, every token one unit.
+    # PRICE_TABLE: JSON {"model or glob*": {"input": r, "cached_input": r, "output": r}}, per million tokens.
+    price_table: dict[str, Any] = Field(default_factory=dict)
+    price_table_file: str | None = None  # a JSON file of the same shape; PRICE_TABLE wins for a model in both
+    price_currency: str = Field(default="usd", pattern=r"^[a-z]{3}$")
+    stripe_cost_event_name: str = Field(default="aikit_cost", pattern=r"^[A-Za-z0-9_.:-]{1,100}$")
+    _price_book: PriceBook | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _pricing(self) -> Settings:
+        self._price_book = build_price_book(self.price_table, self.price_table_file, self.price_currency)
+        return self
+
+    @property
+    def price_book(self) -> PriceBook | None:
+        """The validated price book; None when no price table is configured (one token meter)."""
+        return self._price_book
 
     # LLM providers.
     llm_provider: Literal["echo", "openai", "anthropic", "bedrock"] = "echo"
@@ -89,9 +110,6 @@ class Settings(BaseSettings):
     flush_interval_seconds: int = Field(default=300, ge=0)  # 0 turns off the in-process flush of `make run`
     flush_batch_size: int = Field(default=5000, ge=1, le=100_000)
     flush_time_budget_seconds: float = Field(default=240.0, gt=0)
-
-    # Usage visibility: JSON {"model": {"input": usd_per_1k, "output": usd_per_1k}}.
-    price_table: dict[str, dict[str, float]] = Field(default_factory=dict)
 
     log_level: str = "INFO"
 
@@ -158,6 +176,9 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         first = exc.errors()[0]
+        cause = (first.get("ctx") or {}).get("error")
+        if isinstance(cause, PriceTableError):  # one line per bad entry, each naming its setting
+            raise SettingsError("\n".join(f"invalid setting {line}" for line in cause.lines)) from None
         name = str(first["loc"][0]).upper() if first["loc"] else "settings"
         raise SettingsError(f"invalid setting {name}: {first['msg']}") from None
     except SourceError as exc:

@@ -27,6 +27,35 @@ PRODUCT_METADATA = {"aikit": "api_tokens"}
 # Price per token in US cents: 0.0002 cents = $2.00 per million tokens.
 DEFAULT_UNIT_AMOUNT_DECIMAL = "0.0002"
 DAY = 86400
+# The cost meter (aikit.pricing): one meter whose value is a whole number of 1e-12 currency units; its price
+# converts that unit into the currency's minor unit exactly. The lookup key names currency and unit, so a
+# different currency gets its own price and an existing one is never changed.
+COST_PRODUCT_NAME = "API usage"
+COST_PRODUCT_METADATA = {"aikit": "api_cost"}
+
+
+@dataclass(frozen=True, slots=True)
+class SetupSpec:
+    """What `ensure_setup` makes: a meter for event_name, a product, a metered price on that meter."""
+
+    event_name: str
+    lookup_key: str = PRICE_LOOKUP_KEY
+    unit_amount_decimal: str = DEFAULT_UNIT_AMOUNT_DECIMAL
+    currency: str = "usd"
+    product_name: str = PRODUCT_NAME
+    product_metadata: Mapping[str, str] = field(default_factory=lambda: dict(PRODUCT_METADATA))
+    nickname: str = "API tokens (metered)"
+
+
+def setup_spec(settings: Settings) -> SetupSpec:
+    """The token meter and its price without a price table; with one, the cost meter and its exact price."""
+    book = settings.price_book
+    if book is None:
+        return SetupSpec(event_name=settings.stripe_meter_event_name)
+    return SetupSpec(event_name=settings.stripe_cost_event_name, lookup_key=f"aikit_cost_{book.currency}_e-12",
+                     unit_amount_decimal=book.minor_unit_amount, currency=book.currency,
+                     product_name=COST_PRODUCT_NAME, product_metadata=dict(COST_PRODUCT_METADATA),
+                     nickname=f"API usage (metered, 1e-12 {book.currency.upper()} per unit)")
 
 
 class ReportStatus(enum.Enum):
@@ -71,8 +100,10 @@ class BillingError(RuntimeError):
 
 class BillingGateway(ABC):
     @abstractmethod
-    def report_meter_event(self, *, identifier: str, customer_id: str, value: int, timestamp: int) -> ReportOutcome:
-        """One attempt; never raises for Stripe or network errors."""
+    def report_meter_event(self, *, identifier: str, customer_id: str, value: int, timestamp: int,
+                           meter: str = "tokens") -> ReportOutcome:
+        """One attempt; never raises for Stripe or network errors. `meter`: "tokens" or "cost" (the report's
+        MeterReport.meter), sent under STRIPE_METER_EVENT_NAME or STRIPE_COST_EVENT_NAME."""
 
     @abstractmethod
     def create_customer(self, *, email: str, metadata: dict[str, str]) -> str: ...
@@ -102,8 +133,9 @@ class BillingGateway(ABC):
         """A v2 (thin) event with its data, as GET /v2/core/events/{id} returns it."""
 
     @abstractmethod
-    def ensure_setup(self, *, event_name: str) -> SetupResult:
-        """Create the meter, product and metered price if missing; safe to run again."""
+    def ensure_setup(self, *, event_name: str, spec: SetupSpec | None = None) -> SetupResult:
+        """Create the meter, product and metered price if missing; safe to run again. `spec` (see
+        `setup_spec`) chooses them; without it, the token meter named event_name."""
 
     def close(self) -> None:  # noqa: B027  # deliberately optional for implementations
         """Release pooled connections; the gateway is unusable afterwards."""
@@ -213,6 +245,7 @@ class StripeGateway(BillingGateway):
         self._client = client
         self._transport = transport
         self._event_name = settings.stripe_meter_event_name
+        self._event_names = {"tokens": settings.stripe_meter_event_name, "cost": settings.stripe_cost_event_name}
         self._unit_amount_decimal = unit_amount_decimal
 
     @staticmethod
@@ -232,17 +265,19 @@ class StripeGateway(BillingGateway):
 
     # --- usage ---------------------------------------------------------------------------------------
 
-    def report_meter_event(self, *, identifier: str, customer_id: str, value: int, timestamp: int) -> ReportOutcome:
-        if not identifier or not customer_id or value < 0:
+    def report_meter_event(self, *, identifier: str, customer_id: str, value: int, timestamp: int,
+                           meter: str = "tokens") -> ReportOutcome:
+        event_name = self._event_names.get(meter)
+        if not identifier or not customer_id or value < 0 or event_name is None:
             return ReportOutcome(
                 ReportStatus.PERMANENT,
                 "invalid_input",
-                "identifier and customer_id must be set and value must be >= 0",
+                "identifier and customer_id must be set, value must be >= 0 and meter tokens or cost",
             )
         try:
             self._client.v1.billing.meter_events.create(
                 params={
-                    "event_name": self._event_name,
+                    "event_name": event_name,
                     "payload": {"stripe_customer_id": customer_id, "value": str(int(value))},
                     "identifier": identifier,
                     "timestamp": int(timestamp),
@@ -358,23 +393,24 @@ class StripeGateway(BillingGateway):
             inactive = inactive or meter
         return inactive
 
-    def _find_product(self) -> stripe.Product | None:
+    def _find_product(self, wanted: Mapping[str, str]) -> stripe.Product | None:
         products = self._client.v1.products.list(params={"active": True, "limit": 100})
         for product in products.auto_paging_iter():
             metadata = product.metadata.to_dict() if product.metadata else {}
-            if all(metadata.get(k) == v for k, v in PRODUCT_METADATA.items()):
+            if all(metadata.get(k) == v for k, v in wanted.items()):
                 return product
         return None
 
-    def ensure_setup(self, *, event_name: str) -> SetupResult:
+    def ensure_setup(self, *, event_name: str, spec: SetupSpec | None = None) -> SetupResult:
+        spec = spec or SetupSpec(event_name=event_name, unit_amount_decimal=self._unit_amount_decimal)
         created: list[str] = []
         try:
-            meter = self._find_meter(event_name)
+            meter = self._find_meter(spec.event_name)
             if meter is None:
                 meter = self._client.v1.billing.meters.create(
                     params={
-                        "display_name": PRODUCT_NAME,
-                        "event_name": event_name,
+                        "display_name": spec.product_name,
+                        "event_name": spec.event_name,
                         "default_aggregation": {"formula": "sum"},
                         "customer_mapping": {"event_payload_key": "stripe_customer_id", "type": "by_id"},
                         "value_settings": {"event_payload_key": "value"},
@@ -386,29 +422,29 @@ class StripeGateway(BillingGateway):
                 created.append("meter")
 
             prices = self._client.v1.prices.list(
-                params={"lookup_keys": [PRICE_LOOKUP_KEY], "active": True, "limit": 10}
+                params={"lookup_keys": [spec.lookup_key], "active": True, "limit": 10}
             )
             existing = next(iter(prices.data), None)
             if existing is not None and existing.recurring and existing.recurring.meter == meter.id:
                 product_id = existing.product if isinstance(existing.product, str) else existing.product.id
                 return SetupResult(meter.id, product_id, existing.id, created)
 
-            product = self._find_product()
+            product = self._find_product(spec.product_metadata)
             if product is None:
                 product = self._client.v1.products.create(
-                    params={"name": PRODUCT_NAME, "metadata": dict(PRODUCT_METADATA)}
+                    params={"name": spec.product_name, "metadata": dict(spec.product_metadata)}
                 )
                 created.append("product")
             price = self._client.v1.prices.create(
                 params={
                     "product": product.id,
-                    "currency": "usd",
-                    "unit_amount_decimal": Decimal(self._unit_amount_decimal),
+                    "currency": spec.currency,
+                    "unit_amount_decimal": Decimal(spec.unit_amount_decimal),
                     "recurring": {"interval": "month", "usage_type": "metered", "meter": meter.id},
-                    "lookup_key": PRICE_LOOKUP_KEY,
+                    "lookup_key": spec.lookup_key,
                     # A price left over from an older meter keeps the key otherwise.
                     "transfer_lookup_key": existing is not None,
-                    "nickname": "API tokens (metered)",
+                    "nickname": spec.nickname,
                 }
             )
             created.append("price")

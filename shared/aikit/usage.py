@@ -3,6 +3,12 @@
 Reads come from the `usage_daily` rollups plus the Redis `pending` hashes (usage recorded but not yet
 flushed); never from the per-request `api_key_usage` rows. The flush subtracts from `pending` exactly what
 it moved to Postgres, so rollups + pending is all usage, each event counted once.
+
+Money (with a price table, see aikit.pricing): flushed usage carries the cost fixed when each event was
+recorded (usage_daily.cost); pending usage is priced at the current rates (the same integers RECORD stored).
+So `cost` is exactly what the cost meter reports to Stripe for the same usage. Per token type, `by_type` shows
+tokens and their cost at the current rates (after a rate change inside the period these may differ from the
+model's `cost`, which is what is billed).
 """
 
 from __future__ import annotations
@@ -14,7 +20,6 @@ import io
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any, TypeVar
 
 import anyio
@@ -24,6 +29,7 @@ from sqlalchemy.exc import DBAPIError
 from aikit.db.models import ApiKey, UsageDaily, User
 from aikit.keys import KeyInfo
 from aikit.metering.layout import RedisLayout
+from aikit.pricing import TOKEN_TYPES, PriceBook, format_money, split_tokens
 from aikit.redis_client import REDIS_DOWN_ERRORS
 from aikit.runtime import Runtime
 
@@ -36,7 +42,7 @@ _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")  # not \d: it matches non-ASCI
 _PENDING_FIELDS = {"t": "tokens", "r": "requests", "i": "input_tokens", "o": "output_tokens",
                    "x": "cached_tokens"}
 COUNT_FIELDS = ("requests", "input_tokens", "output_tokens", "cached_tokens", "tokens")
-CSV_COLUMNS = ("date", "api_key_id", "customer_id", "model", *COUNT_FIELDS)
+CSV_COLUMNS = ("date", "api_key_id", "customer_id", "model", *COUNT_FIELDS, "cost", "currency")
 
 
 class UsageQueryError(ValueError):
@@ -131,6 +137,7 @@ class Counts:
     output_tokens: int = 0
     cached_tokens: int = 0
     tokens: int = 0
+    cost: int = 0  # 1e-12 currency units (aikit.pricing)
 
     def add(self, other: Counts) -> None:
         self.requests += other.requests
@@ -138,6 +145,7 @@ class Counts:
         self.output_tokens += other.output_tokens
         self.cached_tokens += other.cached_tokens
         self.tokens += other.tokens
+        self.cost += other.cost
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in COUNT_FIELDS}
@@ -155,8 +163,9 @@ class UsageRow:
 
 
 def parse_pending(api_key_id: str, customer_id: str | None, raw: Mapping[Any, Any],
-                  period: Period) -> list[UsageRow]:
-    """Rows from one key's pending hash (`YYYY-MM-DD|model|t` ...), limited to the period."""
+                  period: Period, book: PriceBook | None = None) -> list[UsageRow]:
+    """Rows from one key's pending hash (`YYYY-MM-DD|model|t` ...), limited to the period, priced at the
+    book's current rates (cost is linear in tokens, so this is the sum of the events' own costs)."""
     rows: dict[tuple[dt.date, str], UsageRow] = {}
     for name, value in raw.items():
         name = name.decode() if isinstance(name, bytes) else str(name)
@@ -175,6 +184,10 @@ def parse_pending(api_key_id: str, customer_id: str | None, raw: Mapping[Any, An
         if row is None:
             row = rows[(day, model)] = UsageRow(api_key_id, customer_id, day, model)
         setattr(row.counts, counter, getattr(row.counts, counter) + amount)
+    if book is not None:
+        for row in rows.values():
+            c = row.counts
+            row.counts.cost = book.cost(row.model, c.input_tokens, c.output_tokens, c.cached_tokens) or 0
     return list(rows.values())
 
 
@@ -221,41 +234,45 @@ def group_by(rows: Iterable[UsageRow], attr: str) -> dict[Any, Counts]:
 # --- cost ----------------------------------------------------------------------------------------------
 
 
-def model_cost(counts: Counts, price: Mapping[str, float]) -> Decimal:
-    # Cached tokens are part of input_tokens and are priced as input: the table has no cached rate.
-    per_1k = Decimal(1000)
-    return (Decimal(counts.input_tokens) * Decimal(str(price.get("input", 0))) / per_1k
-            + Decimal(counts.output_tokens) * Decimal(str(price.get("output", 0))) / per_1k)
+def usd(units: int) -> float:
+    return round(units / 10**12, 6)
 
 
-def usd(amount: Decimal) -> float:
-    return float(round(amount, 6))
+def money(units: int) -> str:
+    """Exact amount in the currency's major unit, as a decimal string (no float)."""
+    return format_money(units)
 
 
-def estimate_cost(by_model: Mapping[str, Counts], price_table: Mapping[str, Mapping[str, float]]
-                  ) -> tuple[Decimal, list[str], dict[str, Decimal | None]]:
-    """Total, the models without a price (they count 0), and each model's cost (None if unpriced)."""
-    total_cost = Decimal(0)
-    unpriced: list[str] = []
-    each: dict[str, Decimal | None] = {}
-    for model, counts in sorted(by_model.items()):
-        price = price_table.get(model)
-        if price is None:
-            unpriced.append(model)
-            each[model] = None
-            continue
-        each[model] = model_cost(counts, price)
-        total_cost += each[model] or Decimal(0)
-    return total_cost, unpriced, each
+def unpriced_models(by_model: Mapping[str, Counts], book: PriceBook | None) -> list[str]:
+    """Models the price book does not price (all of them without a price table)."""
+    return sorted(m for m in by_model if book is None or not book.priced(m))
 
 
-def _models_json(by_model: Mapping[str, Counts], costs: Mapping[str, Decimal | None]) -> list[dict[str, Any]]:
+def _by_type(counts: Counts, model: str, book: PriceBook | None) -> dict[str, dict[str, Any]]:
+    rates = book.rates_for(model) if book is not None else None
+    split = split_tokens(counts.input_tokens, counts.output_tokens, counts.cached_tokens)
+    out: dict[str, dict[str, Any]] = {}
+    for i, kind in enumerate(TOKEN_TYPES):
+        unit = getattr(rates, kind) if rates is not None else None
+        out[kind] = {"tokens": split[kind],
+                     "rate_per_million": None if rates is None else str(rates.per_million[i]),
+                     "cost": None if unit is None else money(split[kind] * unit)}
+    return out
+
+
+def _models_json(by_model: Mapping[str, Counts], book: PriceBook | None) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for model, counts in sorted(by_model.items()):
-        cost = costs.get(model)
+        priced = counts.cost > 0 or (book is not None and book.priced(model))
         out.append({"model": model, **counts.as_dict(),
-                    "estimated_cost_usd": None if cost is None else usd(cost)})
+                    "estimated_cost_usd": usd(counts.cost) if priced else None,
+                    "cost": money(counts.cost) if priced else None,
+                    "by_type": _by_type(counts, model, book)})
     return out
+
+
+def _money_json(counts: Counts, book: PriceBook | None) -> dict[str, Any]:
+    return {"cost": money(counts.cost), "currency": book.currency if book is not None else "usd"}
 
 
 def _days_json(rows: Iterable[UsageRow]) -> list[dict[str, Any]]:
@@ -267,11 +284,10 @@ def _days_json(rows: Iterable[UsageRow]) -> list[dict[str, Any]]:
 
 
 def key_usage_body(rows: Sequence[UsageRow], period: Period, remaining: Mapping[str, int | None] | None,
-                   price_table: Mapping[str, Mapping[str, float]], *, partial: bool) -> dict[str, Any]:
+                   book: PriceBook | None, *, partial: bool) -> dict[str, Any]:
     """GET /v1/usage. The first five fields are the documented shape; the rest are additions."""
     totals = total(rows)
     by_model = group_by(rows, "model")
-    cost, unpriced, costs = estimate_cost(by_model, price_table)
     remaining = remaining or {}
     return {
         "tokens_used": totals.tokens,
@@ -284,33 +300,34 @@ def key_usage_body(rows: Sequence[UsageRow], period: Period, remaining: Mapping[
         "input_tokens": totals.input_tokens,
         "output_tokens": totals.output_tokens,
         "cached_tokens": totals.cached_tokens,
-        "estimated_cost_usd": usd(cost),
-        "unpriced_models": unpriced,
+        "estimated_cost_usd": usd(totals.cost),
+        **_money_json(totals, book),
+        "unpriced_models": unpriced_models(by_model, book),
         "monthly_tokens_remaining": remaining.get("tokens"),
-        "by_model": _models_json(by_model, costs),
+        "by_model": _models_json(by_model, book),
         "by_day": _days_json(rows),
         "partial": partial,
     }
 
 
-def admin_usage_body(rows: Sequence[UsageRow], period: Period, price_table: Mapping[str, Mapping[str, float]],
+def admin_usage_body(rows: Sequence[UsageRow], period: Period, book: PriceBook | None,
                      *, customer_id: str | None, api_key_id: str | None, partial: bool) -> dict[str, Any]:
     """GET /v1/admin/usage: totals, per key (with its models) and per customer."""
     totals = total(rows)
-    cost, unpriced, _ = estimate_cost(group_by(rows, "model"), price_table)
     by_key: list[dict[str, Any]] = []
     for kid, mine in sorted(bucket(rows, "api_key_id").items()):
         models = group_by(mine, "model")
-        key_cost, _, costs = estimate_cost(models, price_table)
         customers = sorted({r.customer_id for r in mine if r.customer_id})
+        key_total = total(mine)
         by_key.append({"api_key_id": kid, "customer_id": customers[-1] if customers else None,
-                       **total(mine).as_dict(), "estimated_cost_usd": usd(key_cost),
-                       "by_model": _models_json(models, costs)})
+                       **key_total.as_dict(), "estimated_cost_usd": usd(key_total.cost),
+                       **_money_json(key_total, book), "by_model": _models_json(models, book)})
     by_customer: list[dict[str, Any]] = []
     for cid, mine in sorted(bucket(rows, "customer_id").items(), key=lambda kv: (kv[0] is None, kv[0] or "")):
-        cust_cost, _, _ = estimate_cost(group_by(mine, "model"), price_table)
-        by_customer.append({"customer_id": cid, **total(mine).as_dict(),
-                            "estimated_cost_usd": usd(cust_cost)})
+        cust_total = total(mine)
+        by_customer.append({"customer_id": cid, **cust_total.as_dict(),
+                            "estimated_cost_usd": usd(cust_total.cost), **_money_json(cust_total, book),
+                            "by_model": _models_json(group_by(mine, "model"), book)})
     return {
         "customer_id": customer_id,
         "api_key_id": api_key_id,
@@ -318,8 +335,9 @@ def admin_usage_body(rows: Sequence[UsageRow], period: Period, price_table: Mapp
         "period_end": period.end_iso,
         "tokens_used": totals.tokens,
         **totals.as_dict(),
-        "estimated_cost_usd": usd(cost),
-        "unpriced_models": unpriced,
+        "estimated_cost_usd": usd(totals.cost),
+        **_money_json(totals, book),
+        "unpriced_models": unpriced_models(group_by(rows, "model"), book),
         "by_key": by_key,
         "by_customer": by_customer,
         "by_day": _days_json(rows),
@@ -334,7 +352,7 @@ def _csv_text(value: str | None) -> str:
     return value or ""
 
 
-def usage_csv(rows: Iterable[UsageRow]) -> str:
+def usage_csv(rows: Iterable[UsageRow], currency: str = "usd") -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
@@ -342,7 +360,7 @@ def usage_csv(rows: Iterable[UsageRow]) -> str:
         c = r.counts
         writer.writerow([r.date.isoformat(), _csv_text(r.api_key_id), _csv_text(r.customer_id),
                          _csv_text(r.model), c.requests, c.input_tokens, c.output_tokens, c.cached_tokens,
-                         c.tokens])
+                         c.tokens, money(c.cost), currency])
     return buf.getvalue()
 
 
@@ -354,15 +372,15 @@ def read_rollups(engine: Engine, period: Period, *, api_key_id: str | None = Non
     """Flushed usage from usage_daily (primary key or ix_usage_daily_customer_date; never api_key_usage)."""
     u = UsageDaily
     stmt = select(u.api_key_id, u.customer_id, u.date, u.model, u.requests, u.input_tokens, u.output_tokens,
-                  u.cached_tokens, u.tokens).where(u.date >= period.start, u.date <= period.end)
+                  u.cached_tokens, u.tokens, u.cost).where(u.date >= period.start, u.date <= period.end)
     if api_key_id is not None:
         stmt = stmt.where(u.api_key_id == api_key_id)
     if customer_id is not None:
         stmt = stmt.where(u.customer_id == customer_id)
     with engine.connect() as conn:
         result = conn.execute(stmt).all()
-    return [UsageRow(kid, cid, day, model, Counts(int(req), int(inp), int(out), int(cached), int(tok)))
-            for kid, cid, day, model, req, inp, out, cached, tok in result]
+    return [UsageRow(kid, cid, day, model, Counts(int(req), int(inp), int(out), int(cached), int(tok), int(cost)))
+            for kid, cid, day, model, req, inp, out, cached, tok, cost in result]
 
 
 def keys_of(engine: Engine, *, api_key_id: str | None = None, customer_id: str | None = None
@@ -378,7 +396,7 @@ def keys_of(engine: Engine, *, api_key_id: str | None = None, customer_id: str |
 
 
 async def read_pending(redis: Any, layout: RedisLayout, keys: Mapping[str, str | None],
-                       period: Period) -> list[UsageRow]:
+                       period: Period, book: PriceBook | None = None) -> list[UsageRow]:
     """Unflushed usage of the given keys: one HGETALL each (pipelined when there are several)."""
     ids = list(keys)
     if not ids:
@@ -393,7 +411,7 @@ async def read_pending(redis: Any, layout: RedisLayout, keys: Mapping[str, str |
         hashes = await pipe.execute()
     rows: list[UsageRow] = []
     for kid, raw in zip(ids, hashes, strict=True):
-        rows.extend(parse_pending(kid, keys[kid], raw or {}, period))
+        rows.extend(parse_pending(kid, keys[kid], raw or {}, period, book))
     return rows
 
 
@@ -407,7 +425,7 @@ async def _from_db(work: Callable[[], _T]) -> _T:
 async def _pending_or_none(runtime: Runtime, keys: Mapping[str, str | None], period: Period
                            ) -> list[UsageRow] | None:
     try:
-        return await read_pending(runtime.redis, runtime.layout, keys, period)
+        return await read_pending(runtime.redis, runtime.layout, keys, period, runtime.settings.price_book)
     except REDIS_DOWN_ERRORS:
         return None
 
@@ -443,7 +461,7 @@ async def key_usage(runtime: Runtime, key: KeyInfo, period: Period) -> dict[str,
     if failed:
         raise failed[0]
     rows = combine(flushed, pending or [])
-    return key_usage_body(rows, period, remaining, runtime.settings.price_table,
+    return key_usage_body(rows, period, remaining, runtime.settings.price_book,
                           partial=pending is None or remaining is None)
 
 

@@ -25,12 +25,14 @@ from aikit.api.app import create_app
 from aikit.db.engine import get_engine
 from aikit.keys import IssuedKey
 from aikit.metering.base import UsageEvent
+from aikit.metering.redis_meter import priced_event
 from aikit.metering.sql_sink import store_events
 from aikit.runtime import Runtime
 from aikit.settings import Settings
 from tests.conftest import ADMIN_TOKEN, REDIS_URL, issue_key, make_settings
 
-PRICES = {"gpt-a": {"input": 0.5, "output": 1.5}, "gpt-b": {"input": 0.25, "output": 2.0}}
+# USD per million tokens; cached input at the input rate (no cached_input given).
+PRICES = {"gpt-a": {"input": 500, "output": 1500}, "gpt-b": {"input": 250, "output": 2000}}
 DOCUMENTED_KEYS = ["tokens_used", "requests", "period_start", "period_end", "rate_limit_remaining"]
 DAY = 86400
 
@@ -54,8 +56,10 @@ def event(key: str, model: str, inp: int, out: int, *, ts: float | None = None, 
 
 
 def store_flushed(settings: Settings, events: list[UsageEvent]) -> int:
+    # Priced as the meter prices them when it records them (the flushed rows carry that cost).
+    priced = [priced_event(e, settings.price_book) for e in events]
     with get_engine(settings.database_url).begin() as conn:
-        return store_events(conn, events, billable=False, window_seconds=300)
+        return store_events(conn, priced, billable=False, window_seconds=300)
 
 
 def record_pending(settings: Settings, events: list[UsageEvent]) -> None:
@@ -148,8 +152,14 @@ def test_shape_and_values_flushed_plus_pending(settings: Settings, uclient: Test
     cost_b = 2000 * 0.25 / 1000 + 1000 * 2.0 / 1000
     assert body["estimated_cost_usd"] == pytest.approx(cost_a + cost_b, abs=1e-9)
     by_model = {m["model"]: m for m in body["by_model"]}
-    assert by_model["gpt-a"] == {"model": "gpt-a", "requests": 3, "input_tokens": 1017, "output_tokens": 208,
-                                 "cached_tokens": 300, "tokens": 1225, "estimated_cost_usd": round(cost_a, 6)}
+    assert {k: v for k, v in by_model["gpt-a"].items() if k != "by_type"} == {
+        "model": "gpt-a", "requests": 3, "input_tokens": 1017, "output_tokens": 208, "cached_tokens": 300,
+        "tokens": 1225, "estimated_cost_usd": round(cost_a, 6), "cost": "0.820500000000"}
+    assert by_model["gpt-a"]["by_type"] == {
+        "input": {"tokens": 717, "rate_per_million": "500", "cost": "0.358500000000"},
+        "cached_input": {"tokens": 300, "rate_per_million": "500", "cost": "0.150000000000"},
+        "output": {"tokens": 208, "rate_per_million": "1500", "cost": "0.312000000000"}}
+    assert body["cost"] == "3.320500000000" and body["currency"] == "usd"
     assert by_model["gpt-b"]["tokens"] == 3000
     assert by_model["mystery-1"]["estimated_cost_usd"] is None
     assert body["by_day"] == [{"date": today().isoformat(), **totals(everything)}]
@@ -424,13 +434,13 @@ def test_admin_csv_export(settings: Settings, uclient: TestClient) -> None:
     assert 'filename="usage_2024-11-01_2024-11-30.csv"' in r.headers["content-disposition"]
     rows = list(csv.reader(io.StringIO(r.text)))
     assert rows[0] == ["date", "api_key_id", "customer_id", "model", "requests", "input_tokens",
-                       "output_tokens", "cached_tokens", "tokens"]
+                       "output_tokens", "cached_tokens", "tokens", "cost", "currency"]
     cus = s["cus_a"]
-    expected = sorted([
-        ["2024-11-03", a1, cus, "gpt-a", "2", "101", "11", "0", "112"],  # flushed + pending merged
-        ["2024-11-03", a2, cus, "gpt-a", "1", "300", "30", "0", "330"],
-        ["2024-11-20", a1, cus, "gpt-b", "1", "200", "20", "0", "220"],
-        ["2024-11-20", a2, cus, "'+plus", "1", "2", "2", "0", "4"],  # no formula in a spreadsheet
+    expected = sorted([  # cost: tokens x PRICES per million, exact
+        ["2024-11-03", a1, cus, "gpt-a", "2", "101", "11", "0", "112", "0.067000000000", "usd"],  # flushed + pending
+        ["2024-11-03", a2, cus, "gpt-a", "1", "300", "30", "0", "330", "0.195000000000", "usd"],
+        ["2024-11-20", a1, cus, "gpt-b", "1", "200", "20", "0", "220", "0.090000000000", "usd"],
+        ["2024-11-20", a2, cus, "'+plus", "1", "2", "2", "0", "4", "0.000000000000", "usd"],  # unpriced; no formula
     ], key=lambda row: (row[0], row[1], row[3]))
     assert rows[1:] == expected
     assert r.headers["x-usage-partial"] == "false"

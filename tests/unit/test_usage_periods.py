@@ -5,12 +5,12 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
-from decimal import Decimal
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from aikit.pricing import build_price_book
 from aikit.usage import (
     MAX_RANGE_DAYS,
     Counts,
@@ -18,8 +18,8 @@ from aikit.usage import (
     UsageQueryError,
     UsageRow,
     combine,
-    estimate_cost,
     key_usage_body,
+    money,
     month_bounds,
     parse_pending,
     resolve_period,
@@ -148,21 +148,26 @@ def test_combine_adds_same_key_day_model_and_keeps_the_flushed_customer() -> Non
     assert flushed[0].counts.tokens == 10  # inputs untouched
 
 
-def test_cost_uses_input_and_output_prices_per_1k_and_lists_unpriced_models() -> None:
-    by_model = {"a": Counts(input_tokens=1500, output_tokens=500),
-                "b": Counts(input_tokens=3, output_tokens=7), "z": Counts(input_tokens=10**9)}
-    prices = {"a": {"input": 0.003, "output": 0.015}, "b": {"output": 0.1}}
-    cost, unpriced, each = estimate_cost(by_model, prices)
-    assert each["a"] == Decimal("0.0045") + Decimal("0.0075")
-    assert each["b"] == Decimal("0.0007")
-    assert each["z"] is None
-    assert cost == Decimal("0.0127")
-    assert unpriced == ["z"]
+def test_pending_usage_is_priced_per_token_type_at_the_book_rates() -> None:
+    book = build_price_book({"a": {"input": 3, "cached_input": 1.5, "output": 15}}, None)
+    raw = {"2024-11-05|a|i": "1500", "2024-11-05|a|x": "500", "2024-11-05|a|o": "500", "2024-11-05|a|t": "2000",
+           "2024-11-05|z|i": "10", "2024-11-05|z|t": "10"}
+    rows = {r.model: r for r in parse_pending("key_1", "cus_1", raw, NOV, book)}
+    # 1000 uncached x $3/M + 500 cached x $1.5/M + 500 out x $15/M = $0.01125
+    assert money(rows["a"].counts.cost) == "0.011250000000"
+    assert rows["z"].counts.cost == 0  # unpriced
+    body = key_usage_body(list(rows.values()), NOV, None, book, partial=False)
+    assert body["unpriced_models"] == ["z"]
+    assert body["cost"] == "0.011250000000"
+    by_model = {m["model"]: m for m in body["by_model"]}
+    assert by_model["a"]["by_type"]["cached_input"] == {"tokens": 500, "rate_per_million": "1.5",
+                                                        "cost": "0.000750000000"}
+    assert by_model["z"]["cost"] is None
 
 
 def test_body_starts_with_the_documented_shape() -> None:
     rows = [_row(5, "gpt-a", 84_000), _row(6, "gpt-a", 200)]
-    body = key_usage_body(rows, NOV, {"per_minute": 42, "per_day": 3570, "tokens": 10}, {}, partial=False)
+    body = key_usage_body(rows, NOV, {"per_minute": 42, "per_day": 3570, "tokens": 10}, None, partial=False)
     assert {k: body[k] for k in list(body)[:5]} == {
         "tokens_used": 84_200, "requests": 2, "period_start": "2024-11-01T00:00:00Z",
         "period_end": "2024-11-30T23:59:59Z", "rate_limit_remaining": {"per_minute": 42, "per_day": 3570}}
@@ -170,7 +175,7 @@ def test_body_starts_with_the_documented_shape() -> None:
     assert body["unpriced_models"] == ["gpt-a"]
     assert body["estimated_cost_usd"] == 0.0
     assert [d["date"] for d in body["by_day"]] == ["2024-11-05", "2024-11-06"]
-    empty = key_usage_body([], NOV, None, {}, partial=True)
+    empty = key_usage_body([], NOV, None, None, partial=True)
     assert (empty["tokens_used"], empty["by_model"], empty["partial"]) == (0, [], True)
     assert empty["rate_limit_remaining"] == {"per_minute": None, "per_day": None}
 
@@ -180,7 +185,7 @@ def test_csv_columns_and_formula_guard() -> None:
     parsed = list(csv.reader(io.StringIO(usage_csv(rows))))
     assert parsed == [
         ["date", "api_key_id", "customer_id", "model", "requests", "input_tokens", "output_tokens",
-         "cached_tokens", "tokens"],
-        ["2024-11-05", "key_1", "cus_1", "'+cmd", "1", "4", "0", "0", "4"],
-        ["2024-11-05", "key_1", "", "gpt-a", "1", "2", "0", "0", "2"],
+         "cached_tokens", "tokens", "cost", "currency"],
+        ["2024-11-05", "key_1", "cus_1", "'+cmd", "1", "4", "0", "0", "4", "0.000000000000", "usd"],
+        ["2024-11-05", "key_1", "", "gpt-a", "1", "2", "0", "0", "2", "0.000000000000", "usd"],
     ]

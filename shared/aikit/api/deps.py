@@ -74,7 +74,8 @@ async def authenticate(request: Request) -> MeteredRequest:
     key = await verified_key(request, runtime)
     if key.access is Access.NONE:
         raise ApiError(402, f"payment required: {key.access_reason}", code="subscription_inactive")
-    billing = MeteredRequest(key, runtime.limiter, runtime.llm, runtime.settings.quota_reserve_tokens)
+    billing = MeteredRequest(key, runtime.limiter, runtime.llm, runtime.settings.quota_reserve_tokens,
+                             price_book=runtime.settings.price_book)
     scope = current_request.get()
     if scope is None:  # an app built without create_app's middleware
         scope = RequestScope(runtime)

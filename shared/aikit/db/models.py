@@ -72,6 +72,8 @@ class ApiKey(Base):
     rpm_limit: Mapped[int | None] = mapped_column(Integer)  # None: unlimited
     rpd_limit: Mapped[int | None] = mapped_column(Integer)
     monthly_token_limit: Mapped[int | None] = mapped_column(BigInteger)
+    # Models this key may call (JSON list of names or glob patterns); None: every priced model.
+    allowed_models: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
@@ -124,6 +126,8 @@ class ApiKeyUsage(Base):
     tokens: Mapped[int] = mapped_column(Integer)
     # Whether this row was added to a Stripe report (False: metering off or no customer when flushed).
     billable: Mapped[bool] = mapped_column(default=True)
+    # Cost in 1e-12 currency units at the rates of when it was recorded (aikit.pricing); 0 without a price table.
+    cost: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class UsageDaily(Base):
@@ -141,6 +145,7 @@ class UsageDaily(Base):
     output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     cached_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cost: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # Σ api_key_usage.cost
 
 
 # MeterReport.status set when Stripe rejected a report it had answered 200 for (an asynchronous error report).
@@ -161,6 +166,7 @@ class MeterReport(Base):
             "uq_meter_reports_open_window",
             "customer_id",
             "window_start",
+            "meter",
             unique=True,
             postgresql_where=text("status = 'open'"),
             sqlite_where=text("status = 'open'"),
@@ -181,6 +187,9 @@ class MeterReport(Base):
     # When Stripe was first called for it: past Stripe's 24 h identifier memory a resend is no longer safe.
     first_attempt_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # Which Stripe meter: "tokens" (STRIPE_METER_EVENT_NAME, value in tokens) or "cost" (STRIPE_COST_EVENT_NAME,
+    # value in 1e-12 currency units); see aikit.metering.sql_sink.report_meter.
+    meter: Mapped[str] = mapped_column(String(16), default="tokens", server_default="tokens")
 
 
 class BillingPeriod(Base):

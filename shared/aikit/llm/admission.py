@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import fnmatch
 
+from aikit.api.errors import ApiError
 from aikit.keys import KeyInfo
 from aikit.limits import RateLimited, RateLimiter
 from aikit.llm import LLM, BoundLLM
@@ -19,14 +21,27 @@ from aikit.llm.base import ChatRequest, Provider
 from aikit.llm.context import Caller
 from aikit.metering.base import new_request_id
 from aikit.observability import RATE_LIMITED, REQUESTS, emit
+from aikit.pricing import PriceBook
+
+
+def check_model(model: str, key: KeyInfo, book: PriceBook | None) -> None:
+    """The model gate, before any limit is counted or upstream call made: with a price table only priced models
+    are served (404 model_not_found), and a key with an allow-list only gets the models on it (403)."""
+    if book is not None and not book.priced(model):
+        raise ApiError(404, f"model {model!r} has no price, so it is not served; add it (or a pattern matching "
+                       "it) to PRICE_TABLE or PRICE_TABLE_FILE", code="model_not_found", param="model")
+    allowed = key.allowed_models
+    if allowed is not None and not any(model == p or fnmatch.fnmatchcase(model, p) for p in allowed):
+        raise ApiError(403, f"model {model!r} is not allowed for this API key (allowed: {', '.join(allowed)})",
+                       code="model_not_allowed", param="model")
 
 
 class MeteredRequest:
-    __slots__ = ("_admitting", "_calls", "_counted", "_default_max_tokens", "_limiter", "_llm", "_tried", "caller",
-                 "headers", "key", "request_id")
+    __slots__ = ("_admitting", "_book", "_calls", "_counted", "_default_max_tokens", "_limiter", "_llm", "_tried",
+                 "caller", "headers", "key", "request_id")
 
     def __init__(self, key: KeyInfo, limiter: RateLimiter, llm: LLM, default_max_tokens: int,
-                 request_id: str | None = None) -> None:
+                 request_id: str | None = None, price_book: PriceBook | None = None) -> None:
         self.key = key
         self.caller = Caller(key.api_key_id, key.customer_id, key.quota_period_start)
         self.request_id = request_id or new_request_id()
@@ -39,6 +54,7 @@ class MeteredRequest:
         self._counted = False
         self._tried = False  # a metered call was attempted (admitted or refused)
         self._admitting: asyncio.Event | None = None
+        self._book = price_book
 
     @property
     def llm(self) -> BoundLLM:
@@ -50,6 +66,7 @@ class MeteredRequest:
         return self.request_id if self._calls == 1 else f"{self.request_id}.{self._calls}"
 
     async def admit(self, call_id: str, req: ChatRequest, provider: Provider) -> ChatRequest:
+        check_model(req.model, self.key, self._book)  # a refused model is not a tried call: nothing counted
         self._tried = True
         quota = self.key.monthly_tokens is not None
         reserve = 0

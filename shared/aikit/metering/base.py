@@ -27,6 +27,9 @@ class UsageEvent:
     # The start of the key's quota period the tokens count against (KeyInfo.quota_period_start); None lets
     # a meter that keeps quota counters look it up.
     quota_period_start: int | None = None
+    # What the event costs in 1e-12 currency units (aikit.pricing), fixed when it is recorded: a later rate
+    # change never rewrites it. 0 without a price table (the token meter bills tokens).
+    cost: int = 0
 
     @property
     def tokens(self) -> int:

@@ -4,6 +4,7 @@ CLUSTERDOWN, TRYAGAIN)."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import time
@@ -20,8 +21,9 @@ from aikit.keys import load_quota_period, month_start
 from aikit.metering.base import Meter, UsageEvent
 from aikit.metering.layout import RedisLayout
 from aikit.metering.scripts import RECORD
-from aikit.metering.sql_sink import store_events
+from aikit.metering.sql_sink import report_meter, store_events
 from aikit.observability import METER_FALLBACKS, TOKENS_METERED, emit, logger
+from aikit.pricing import PriceBook
 from aikit.redis_client import REDIS_DOWN_ERRORS
 from aikit.settings import Settings
 
@@ -37,7 +39,19 @@ class UnknownApiKey(ValueError):
 def record_args(event: UsageEvent) -> list[Any]:
     return [event.request_id, event.api_key_id, event.customer_id or "", event.model, event.input_tokens,
             event.output_tokens, event.cached_tokens, repr(event.ts),
-            time.strftime("%Y-%m-%d", time.gmtime(event.ts))]
+            time.strftime("%Y-%m-%d", time.gmtime(event.ts)), event.cost]
+
+
+def priced_event(event: UsageEvent, book: PriceBook | None) -> UsageEvent:
+    """The event with its cost at today's rates (kept as is without a price table). A model the book does not
+    price (the API refuses those; only direct `meter.record` calls get here) is stored at cost 0 and logged."""
+    if book is None:
+        return event
+    cost = book.cost(event.model, event.input_tokens, event.output_tokens, event.cached_tokens)
+    if cost is None:
+        logger.error("unpriced_usage", extra={"model": event.model, "request_id": event.request_id})
+        cost = 0
+    return dataclasses.replace(event, cost=cost)
 
 
 class _QuotaPeriods:
@@ -92,6 +106,7 @@ class RedisMeter(Meter):
                 self._layout.quota_catchup(kid, period_start)]
 
     async def record_event(self, event: UsageEvent) -> None:
+        event = priced_event(event, self._settings.price_book)
         period = event.quota_period_start
         if period is None:
             period = await self._periods.of(event.api_key_id)
@@ -109,7 +124,8 @@ class RedisMeter(Meter):
             with self._engine.begin() as conn:
                 store_events(conn, [event], billable=self._settings.stripe_enabled
                              and self._settings.stripe_metering_enabled,
-                             window_seconds=self._settings.stripe_report_window_seconds)
+                             window_seconds=self._settings.stripe_report_window_seconds,
+                             meter=report_meter(self._settings))
         except Exception as exc:
             # Last resort: the full event in the log, so it can be replayed by hand.
             logger.error("usage_unrecorded", extra={"usage_event": json.dumps(asdict(event))})

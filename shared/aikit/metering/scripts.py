@@ -156,7 +156,7 @@ RECORD = LuaScript(
     """
 local tokens = tonumber(ARGV[5]) + tonumber(ARGV[6])
 local id = redis.call('XADD', KEYS[1], '*', 'r', ARGV[1], 'k', ARGV[2], 'c', ARGV[3], 'm', ARGV[4],
-  'i', ARGV[5], 'o', ARGV[6], 'x', ARGV[7], 't', ARGV[8], 'd', ARGV[9])
+  'i', ARGV[5], 'o', ARGV[6], 'x', ARGV[7], 't', ARGV[8], 'd', ARGV[9], 'p', ARGV[10])
 local f = ARGV[9] .. '|' .. ARGV[4] .. '|'
 redis.call('HINCRBY', KEYS[2], f .. 't', tokens)
 redis.call('HINCRBY', KEYS[2], f .. 'r', 1)

@@ -15,6 +15,19 @@ from sqlalchemy.dialects import sqlite
 
 from aikit.db.models import ApiKeyUsage, MeterReport, UsageDaily, as_utc
 from aikit.metering.base import UsageEvent
+from aikit.settings import Settings
+
+# Meters a report may belong to (MeterReport.meter): without a price table the token meter
+# (STRIPE_METER_EVENT_NAME, value = tokens), with one the cost meter (STRIPE_COST_EVENT_NAME, value = cost in
+# 1e-12 currency units, see aikit.pricing).
+METER_TOKENS = "tokens"
+METER_COST = "cost"
+
+
+def report_meter(settings: Settings) -> str:
+    """The meter new usage is reported on under these settings."""
+    return METER_COST if settings.price_book is not None else METER_TOKENS
+
 
 # Serialises "add to an open report" against "seal open reports", so a sealed report never grows.
 REPORT_LOCK_ID = 7_214_001
@@ -39,15 +52,17 @@ def window_start(ts: float, window_seconds: int) -> dt.datetime:
 
 
 def store_events(
-    conn: Connection, events: Sequence[UsageEvent], *, billable: bool, window_seconds: int
+    conn: Connection, events: Sequence[UsageEvent], *, billable: bool, window_seconds: int,
+    meter: str = METER_TOKENS,
 ) -> int:
     """Insert events not seen before; returns how many were new. `billable` false keeps usage out of
-    Stripe reports (metering off); events without a customer are never billable. Caller commits."""
+    Stripe reports (metering off); events without a customer are never billable. `meter` is the report
+    meter (`report_meter`): its reports sum tokens, or costs. Caller commits."""
     if not events:
         return 0
     if conn.dialect.name == "postgresql":
-        return _store_postgres(conn, events, billable=billable, window_seconds=window_seconds)
-    return _store_generic(conn, events, billable=billable, window_seconds=window_seconds)
+        return _store_postgres(conn, events, billable=billable, window_seconds=window_seconds, meter=meter)
+    return _store_generic(conn, events, billable=billable, window_seconds=window_seconds, meter=meter)
 
 
 def _copy_value(value: object) -> str:
@@ -61,7 +76,7 @@ def encode_events(events: Sequence[UsageEvent], *, billable: bool) -> bytes:
     buf = io.StringIO()
     for e in events:
         row = (e.request_id, e.api_key_id, e.customer_id, repr(float(e.ts)), e.model, e.input_tokens,
-               e.output_tokens, e.cached_tokens, "t" if billable and e.customer_id else "f")
+               e.output_tokens, e.cached_tokens, "t" if billable and e.customer_id else "f", e.cost)
         buf.write("\t".join(_copy_value(v) for v in row))
         buf.write("\n")
     return buf.getvalue().encode()
@@ -71,7 +86,7 @@ def encode_events(events: Sequence[UsageEvent], *, billable: bool) -> bytes:
 _PG_STAGE = (
     """CREATE TEMP TABLE IF NOT EXISTS aikit_usage_in (
   request_id text, api_key_id text, customer_id text, ts double precision, model text,
-  input_tokens int, output_tokens int, cached_tokens int, billable bool
+  input_tokens int, output_tokens int, cached_tokens int, billable bool, cost bigint
 ) ON COMMIT DELETE ROWS""",
     """CREATE TEMP TABLE IF NOT EXISTS aikit_report_in (
   customer_id text, window_start timestamptz, value bigint, last_usage_ts timestamptz
@@ -86,18 +101,18 @@ _PG_STAGE = (
 _PG_ROWS = """
 WITH new AS (
   INSERT INTO api_key_usage (request_id, api_key_id, customer_id, date, ts, model,
-                             input_tokens, output_tokens, cached_tokens, tokens, billable)
+                             input_tokens, output_tokens, cached_tokens, tokens, billable, cost)
   SELECT request_id, api_key_id, customer_id, (to_timestamp(ts) AT TIME ZONE 'UTC')::date, to_timestamp(ts),
-         model, input_tokens, output_tokens, cached_tokens, input_tokens + output_tokens, billable
+         model, input_tokens, output_tokens, cached_tokens, input_tokens + output_tokens, billable, cost
   FROM aikit_usage_in ORDER BY request_id
   ON CONFLICT (request_id) DO NOTHING
   RETURNING api_key_id, customer_id, date, ts, model, input_tokens, output_tokens, cached_tokens,
-            tokens, billable
+            tokens, billable, cost
 ), roll AS (
   INSERT INTO usage_daily AS u (api_key_id, date, model, customer_id, requests, input_tokens,
-                                output_tokens, cached_tokens, tokens)
+                                output_tokens, cached_tokens, tokens, cost)
   SELECT api_key_id, date, model, max(customer_id), count(*), sum(input_tokens), sum(output_tokens),
-         sum(cached_tokens), sum(tokens)
+         sum(cached_tokens), sum(tokens), sum(cost)
   FROM new GROUP BY api_key_id, date, model ORDER BY api_key_id, date, model
   ON CONFLICT (api_key_id, date, model) DO UPDATE SET
     requests = u.requests + EXCLUDED.requests,
@@ -105,11 +120,12 @@ WITH new AS (
     output_tokens = u.output_tokens + EXCLUDED.output_tokens,
     cached_tokens = u.cached_tokens + EXCLUDED.cached_tokens,
     tokens = u.tokens + EXCLUDED.tokens,
+    cost = u.cost + EXCLUDED.cost,
     customer_id = coalesce(EXCLUDED.customer_id, u.customer_id)
 ), rep AS (
   INSERT INTO aikit_report_in (customer_id, window_start, value, last_usage_ts)
   SELECT customer_id, date_bin(make_interval(secs => :window), ts, TIMESTAMPTZ '1970-01-01 00:00:00+00'),
-         sum(tokens), max(ts)
+         CASE WHEN :meter = 'cost' THEN sum(cost) ELSE sum(tokens) END, max(ts)
   FROM new WHERE billable AND customer_id IS NOT NULL GROUP BY 1, 2
   RETURNING 1
 )
@@ -120,23 +136,23 @@ SELECT (SELECT count(*) FROM new), (SELECT count(*) FROM rep)
 # its identifier fixed now. A window sealed meanwhile gets a new open report (sent as its own event).
 _PG_REPORTS = """
 INSERT INTO meter_reports AS r (id, customer_id, window_start, window_end, value, last_usage_ts,
-                                status, attempts, created_at)
+                                status, attempts, created_at, meter)
 SELECT 'aikit-' || replace(gen_random_uuid()::text, '-', ''), customer_id, window_start,
-       window_start + make_interval(secs => :window), value, last_usage_ts, 'open', 0, now()
+       window_start + make_interval(secs => :window), value, last_usage_ts, 'open', 0, now(), :meter
 FROM aikit_report_in ORDER BY customer_id, window_start
-ON CONFLICT (customer_id, window_start) WHERE status = 'open' DO UPDATE SET
+ON CONFLICT (customer_id, window_start, meter) WHERE status = 'open' DO UPDATE SET
   value = r.value + EXCLUDED.value,
   last_usage_ts = greatest(r.last_usage_ts, EXCLUDED.last_usage_ts)
 """
 
 
 def _store_postgres(
-    conn: Connection, events: Sequence[UsageEvent], *, billable: bool, window_seconds: int
+    conn: Connection, events: Sequence[UsageEvent], *, billable: bool, window_seconds: int, meter: str
 ) -> int:
-    return store_copy(conn, encode_events(events, billable=billable), window_seconds=window_seconds)
+    return store_copy(conn, encode_events(events, billable=billable), window_seconds=window_seconds, meter=meter)
 
 
-def store_copy(conn: Connection, rows: bytes, *, window_seconds: int) -> int:
+def store_copy(conn: Connection, rows: bytes, *, window_seconds: int, meter: str = METER_TOKENS) -> int:
     """Postgres: stage COPY text rows (the columns of aikit_usage_in, as `encode_events` writes them) and merge
     them into api_key_usage, usage_daily and meter_reports; returns how many rows were new. Caller commits
     (soon: from the report step on, this transaction holds REPORT_LOCK)."""
@@ -149,22 +165,22 @@ def store_copy(conn: Connection, rows: bytes, *, window_seconds: int) -> int:
     # One CopyData message (an iterable is sent item by item; a file object in 8 KiB pieces).
     cursor.execute("COPY aikit_usage_in FROM STDIN", stream=[rows])
     cursor.close()
-    new, reports = conn.execute(text(_PG_ROWS), {"window": window_seconds}).one()
+    new, reports = conn.execute(text(_PG_ROWS), {"window": window_seconds, "meter": meter}).one()
     if reports:
         lock_reports(conn)
-        conn.execute(text(_PG_REPORTS), {"window": window_seconds})
+        conn.execute(text(_PG_REPORTS), {"window": window_seconds, "meter": meter})
     return int(new)
 
 
 def _store_generic(
-    conn: Connection, events: Sequence[UsageEvent], *, billable: bool, window_seconds: int
+    conn: Connection, events: Sequence[UsageEvent], *, billable: bool, window_seconds: int, meter: str
 ) -> int:
     rows: dict[str, dict[str, Any]] = {
         e.request_id: {
             "request_id": e.request_id, "api_key_id": e.api_key_id, "customer_id": e.customer_id,
             "date": utc(e.ts).date(), "ts": utc(e.ts), "model": e.model, "input_tokens": e.input_tokens,
             "output_tokens": e.output_tokens, "cached_tokens": e.cached_tokens, "tokens": e.tokens,
-            "billable": bool(billable and e.customer_id),
+            "billable": bool(billable and e.customer_id), "cost": e.cost,
         }
         for e in events
     }
@@ -180,9 +196,9 @@ def _store_generic(
     for row in new:
         key = (row["api_key_id"], row["date"], row["model"])
         agg = rollups.setdefault(key, {"customer_id": row["customer_id"], "requests": 0, "input_tokens": 0,
-                                       "output_tokens": 0, "cached_tokens": 0, "tokens": 0})
+                                       "output_tokens": 0, "cached_tokens": 0, "tokens": 0, "cost": 0})
         agg["requests"] += 1
-        for f in ("input_tokens", "output_tokens", "cached_tokens", "tokens"):
+        for f in ("input_tokens", "output_tokens", "cached_tokens", "tokens", "cost"):
             agg[f] += row[f]
         if row["billable"]:
             ts = row["ts"].timestamp()
@@ -194,24 +210,24 @@ def _store_generic(
             index_elements=["api_key_id", "date", "model"],
             set_={
                 **{f: getattr(UsageDaily, f) + ins.excluded[f] for f in
-                   ("requests", "input_tokens", "output_tokens", "cached_tokens", "tokens")},
+                   ("requests", "input_tokens", "output_tokens", "cached_tokens", "tokens", "cost")},
                 "customer_id": func.coalesce(ins.excluded.customer_id, UsageDaily.customer_id),
             },
         ))
 
     for (customer, start), items in reports.items():
-        value = sum(r["tokens"] for r in items)
+        value = sum(r["cost" if meter == METER_COST else "tokens"] for r in items)
         last = max(r["ts"] for r in items)
         existing = conn.execute(
             select(MeterReport.id, MeterReport.last_usage_ts).where(
                 MeterReport.customer_id == customer, MeterReport.window_start == start,
-                MeterReport.status == "open")
+                MeterReport.meter == meter, MeterReport.status == "open")
         ).first()
         if existing is None:
             conn.execute(insert(MeterReport).values(
                 id=new_report_id(), customer_id=customer, window_start=start,
                 window_end=start + dt.timedelta(seconds=window_seconds), value=value, last_usage_ts=last,
-                status="open", attempts=0, created_at=dt.datetime.now(dt.UTC)))
+                status="open", attempts=0, created_at=dt.datetime.now(dt.UTC), meter=meter))
         else:
             conn.execute(update(MeterReport).where(MeterReport.id == existing.id).values(
                 value=MeterReport.value + value,

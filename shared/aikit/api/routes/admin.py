@@ -13,9 +13,10 @@ from sqlalchemy.orm import Session
 from aikit.api.deps import AdminDep, RuntimeDep
 from aikit.api.errors import ApiError
 from aikit.db.models import ApiKey, User
-from aikit.keys import KeyRefused, create_key, revoke_key
+from aikit.keys import KeyRefused, create_key, parse_allowed_models, revoke_key
 
 router = APIRouter(prefix="/v1/admin")
+ModelName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f,]+$")]
 
 
 class CreateKeyBody(BaseModel):
@@ -27,12 +28,20 @@ class CreateKeyBody(BaseModel):
     rpm: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
     rpd: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
     monthly_tokens: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
+    # Models this key may call: names or glob patterns (`gpt-4o*`); omitted: every model the price book serves.
+    allowed_models: Annotated[list[ModelName], Field(min_length=1, max_length=100)] | None = None
+
+
+def key_models(key: ApiKey) -> list[str] | None:
+    found = parse_allowed_models(key.allowed_models)
+    return None if found is None else list(found)
 
 
 def key_json(key: ApiKey, user: User) -> dict[str, object]:
     return {"api_key_id": key.id, "prefix": key.prefix, "email": user.email, "customer_id": user.stripe_customer_id,
             "status": key.status, "name": key.name, "rpm": key.rpm_limit, "rpd": key.rpd_limit,
-            "monthly_tokens": key.monthly_token_limit, "created_at": key.created_at.isoformat()}
+            "monthly_tokens": key.monthly_token_limit, "allowed_models": key_models(key),
+            "created_at": key.created_at.isoformat()}
 
 
 @router.post("/keys", status_code=201)
@@ -41,7 +50,8 @@ async def create(body: CreateKeyBody, _: AdminDep, runtime: RuntimeDep) -> dict[
         with Session(runtime.engine) as session:
             try:
                 issued = create_key(session, runtime.settings, email=str(body.email), customer_id=body.customer_id,
-                                    name=body.name, rpm=body.rpm, rpd=body.rpd, monthly_tokens=body.monthly_tokens)
+                                    name=body.name, rpm=body.rpm, rpd=body.rpd, monthly_tokens=body.monthly_tokens,
+                                    allowed_models=body.allowed_models)
             except KeyRefused as exc:
                 raise ApiError(409, str(exc), code="conflict") from None
             session.commit()

@@ -75,7 +75,7 @@ async def admin_usage(_: AdminDep, runtime: RuntimeDep, customer_id: CustomerQ =
                       api_key_id: KeyIdQ = None, period: PeriodQ = None, start: DateQ = None,
                       end: DateQ = None) -> dict[str, Any]:
     span, rows, partial = await _admin(runtime, customer_id, api_key_id, period, start, end)
-    return admin_usage_body(rows, span, runtime.settings.price_table, customer_id=customer_id,
+    return admin_usage_body(rows, span, runtime.settings.price_book, customer_id=customer_id,
                             api_key_id=api_key_id, partial=partial)
 
 
@@ -88,4 +88,6 @@ async def admin_usage_csv(_: AdminDep, runtime: RuntimeDep, customer_id: Custome
     headers = {"Content-Disposition": f'attachment; filename="{filename}"',
                # Redis was unreachable: the export holds flushed usage only.
                "X-Usage-Partial": "true" if partial else "false"}
-    return Response(usage_csv(rows), media_type="text/csv; charset=utf-8", headers=headers)
+    book = runtime.settings.price_book
+    body = usage_csv(rows, book.currency if book else "usd")
+    return Response(body, media_type="text/csv; charset=utf-8", headers=headers)
