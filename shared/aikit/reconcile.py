@@ -1,7 +1,11 @@
 """`aikit reconcile [--since DATE]`: does Stripe hold exactly what Postgres says was billed?
 
-Per customer and UTC day, from `since` (default: 35 days ago, as far back as Stripe takes meter events) to today:
-- usage:    billable api_key_usage tokens (rows flushed while metering was on, with a customer);
+Per customer, UTC day and meter, from `since` (default: 35 days ago, as far back as Stripe takes meter events) to
+today. The meter is "tokens" (STRIPE_METER_EVENT_NAME, values in tokens) or, with a price table, "cost"
+(STRIPE_COST_EVENT_NAME, values in 1e-12 currency units; each figure is also shown as money, and the day's
+billable tokens beside it):
+- usage:    billable api_key_usage tokens, or their cost for the cost meter (rows flushed while metering was on,
+            with a customer), for the meter usage is billed on now (`report_meter`);
 - reported: meter_reports of any status (the outbox must hold every billable token exactly once);
 - sent:     meter_reports marked sent;
 - stripe:   Stripe's meter event summaries (`meter_event_summaries`, grouped by UTC day).
@@ -15,7 +19,8 @@ token sums) over the range.
 A report counts on the day of the timestamp its meter event carries (inside its window). Assumes the reporting
 window divides a day (the default 300 s does); otherwise a window spanning midnight shows as drift between
 two neighbouring days. Stripe's summaries lag a few minutes behind accepted events: run it for days that have
-ended, or expect fresh drift on today's figures to clear on its own.
+ended, or expect fresh drift on today's figures to clear on its own. After switching the price table on or off,
+the days before the switch were billed on the other meter: reconcile them from the matching settings.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from sqlalchemy import Engine, func, select
 from aikit.db.engine import get_engine
 from aikit.db.models import ApiKeyUsage, MeterReport, UsageDaily
 from aikit.flush import event_timestamp
+from aikit.metering.sql_sink import METER_COST, METER_TOKENS, report_meter
+from aikit.pricing import format_money
 from aikit.settings import Settings
 from aikit.stripe_gateway import BillingError, BillingGateway, gateway_from_settings
 
@@ -42,11 +49,16 @@ ROLLUP_FIELDS = ("requests", "input_tokens", "output_tokens", "cached_tokens", "
 class CustomerDay:
     customer_id: str
     day: dt.date
+    meter: str = METER_TOKENS
     usage: int = 0
     reported: int = 0
     sent: int = 0
     unsent: dict[str, int] = field(default_factory=dict)  # status -> tokens (open, pending, parked)
     stripe: int | None = None  # None: Stripe not checked
+    tokens: int = 0  # billable tokens of the day (the usage of the token meter; shown beside money)
+
+    def money(self, value: int | None) -> str | None:
+        return None if value is None or self.meter != METER_COST else format_money(value)
 
 
 @dataclass
@@ -70,15 +82,22 @@ class ReconcileReport:
                 totals[status] += value
         return dict(totals)
 
-    def customers(self) -> dict[str, dict[str, int | None]]:
-        """Totals over the range per customer."""
-        out: dict[str, dict[str, int | None]] = {}
+    def customers(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """Totals over the range per customer and meter; the cost meter's also as money, with its tokens."""
+        out: dict[str, dict[str, dict[str, Any]]] = {}
         for day in self.days:
-            entry = out.setdefault(day.customer_id, {"usage": 0, "sent": 0, "stripe": None})
-            entry["usage"] = (entry["usage"] or 0) + day.usage
-            entry["sent"] = (entry["sent"] or 0) + day.sent
+            entry = out.setdefault(day.customer_id, {}).setdefault(day.meter, {"usage": 0, "sent": 0, "stripe": None})
+            entry["usage"] += day.usage
+            entry["sent"] += day.sent
             if day.stripe is not None:
                 entry["stripe"] = (entry["stripe"] or 0) + day.stripe
+            if day.meter == METER_COST:
+                entry["tokens"] = entry.get("tokens", 0) + day.tokens
+        for meters in out.values():
+            cost = meters.get(METER_COST)
+            if cost is not None:
+                for name in ("usage", "sent", "stripe"):
+                    cost[f"{name}_money"] = None if cost[name] is None else format_money(cost[name])
         return out
 
     def as_dict(self) -> dict[str, Any]:
@@ -105,11 +124,13 @@ def reconcile(settings: Settings, *, since: dt.date | None = None, until: dt.dat
     gateway = gateway if gateway is not None else gateway_from_settings(settings)
     engine = engine or get_engine(settings.database_url)
     report = ReconcileReport(since=since, until=until, stripe_checked=gateway is not None)
+    event_names = {METER_TOKENS: settings.stripe_meter_event_name, METER_COST: settings.stripe_cost_event_name}
     try:
-        days = _postgres_days(engine, since, until)
+        days = _postgres_days(engine, since, until, report_meter(settings))
         if gateway is not None:
-            _stripe_days(gateway, settings.stripe_meter_event_name, days, since, until, report)
-        report.days = sorted(days.values(), key=lambda d: (d.customer_id, d.day))
+            for meter in sorted({m for _, _, m in days} | {report_meter(settings)}):
+                _stripe_days(gateway, meter, event_names[meter], days, since, until)
+        report.days = sorted(days.values(), key=lambda d: (d.customer_id, d.day, d.meter))
         for d in report.days:
             if d.usage != d.reported:
                 report.drift.append(_drift("usage_vs_reports", d, expected=d.usage, actual=d.reported))
@@ -125,8 +146,12 @@ def reconcile(settings: Settings, *, since: dt.date | None = None, until: dt.dat
 
 
 def _drift(check: str, d: CustomerDay, *, expected: int, actual: int) -> dict[str, Any]:
-    return {"check": check, "customer_id": d.customer_id, "day": d.day.isoformat(), "expected": expected,
-            "actual": actual, "difference": actual - expected}
+    found = {"check": check, "customer_id": d.customer_id, "day": d.day.isoformat(), "meter": d.meter,
+             "expected": expected, "actual": actual, "difference": actual - expected}
+    if d.meter == METER_COST:
+        found.update(expected_money=d.money(expected), actual_money=d.money(actual),
+                     difference_money=d.money(actual - expected), tokens=d.tokens)
+    return found
 
 
 def _bounds(since: dt.date, until: dt.date) -> tuple[dt.datetime, dt.datetime]:
@@ -134,30 +159,37 @@ def _bounds(since: dt.date, until: dt.date) -> tuple[dt.datetime, dt.datetime]:
     return start, dt.datetime.combine(until + dt.timedelta(days=1), dt.time(), dt.UTC)
 
 
-def _postgres_days(engine: Engine, since: dt.date, until: dt.date) -> dict[tuple[str, dt.date], CustomerDay]:
-    days: dict[tuple[str, dt.date], CustomerDay] = {}
+Days = dict[tuple[str, dt.date, str], CustomerDay]
 
-    def day_of(customer: str, day: dt.date) -> CustomerDay:
-        found = days.get((customer, day))
+
+def _postgres_days(engine: Engine, since: dt.date, until: dt.date, billed_on: str) -> Days:
+    """`billed_on`: the meter billable rows are reported on now; their usage is counted for it."""
+    days: Days = {}
+
+    def day_of(customer: str, day: dt.date, meter: str) -> CustomerDay:
+        found = days.get((customer, day, meter))
         if found is None:
-            found = days[(customer, day)] = CustomerDay(customer, day)
+            found = days[(customer, day, meter)] = CustomerDay(customer, day, meter)
         return found
 
     start, end = _bounds(since, until)
     now = dt.datetime.now(dt.UTC)
     with engine.connect() as conn:
         usage = conn.execute(
-            select(ApiKeyUsage.customer_id, ApiKeyUsage.date, func.sum(ApiKeyUsage.tokens))
+            select(ApiKeyUsage.customer_id, ApiKeyUsage.date, func.sum(ApiKeyUsage.tokens),
+                   func.sum(ApiKeyUsage.cost))
             .where(ApiKeyUsage.billable.is_(True), ApiKeyUsage.customer_id.is_not(None),
                    ApiKeyUsage.date >= since, ApiKeyUsage.date <= until)
             .group_by(ApiKeyUsage.customer_id, ApiKeyUsage.date)
         )
-        for customer, day, tokens in usage:
-            day_of(str(customer), _as_date(day)).usage += int(tokens or 0)
+        for customer, day, tokens, cost in usage:
+            entry = day_of(str(customer), _as_date(day), billed_on)
+            entry.tokens += int(tokens or 0)
+            entry.usage += int((cost if billed_on == METER_COST else tokens) or 0)
         # A window may start up to a day before `since` and still carry a timestamp inside the range.
         reports = conn.execute(
             select(MeterReport.customer_id, MeterReport.status, MeterReport.value, MeterReport.window_start,
-                   MeterReport.window_end, MeterReport.last_usage_ts, MeterReport.sent_at)
+                   MeterReport.window_end, MeterReport.last_usage_ts, MeterReport.sent_at, MeterReport.meter)
             .where(MeterReport.window_start >= start - dt.timedelta(days=1), MeterReport.window_start < end)
         )
         for row in reports:
@@ -165,7 +197,7 @@ def _postgres_days(engine: Engine, since: dt.date, until: dt.date) -> dict[tuple
             day = dt.datetime.fromtimestamp(ts, dt.UTC).date()
             if not since <= day <= until:
                 continue
-            entry = day_of(row.customer_id, day)
+            entry = day_of(row.customer_id, day, row.meter)
             value = int(row.value)
             entry.reported += value
             if row.status == "sent":
@@ -175,10 +207,10 @@ def _postgres_days(engine: Engine, since: dt.date, until: dt.date) -> dict[tuple
     return days
 
 
-def _stripe_days(gateway: BillingGateway, event_name: str, days: dict[tuple[str, dt.date], CustomerDay],
-                 since: dt.date, until: dt.date, report: ReconcileReport) -> None:
+def _stripe_days(gateway: BillingGateway, meter: str, event_name: str, days: Days, since: dt.date,
+                 until: dt.date) -> None:
     start, end = _bounds(since, until)
-    for customer in sorted({c for c, _ in days}):
+    for customer in sorted({c for c, _, _ in days}):
         try:
             summaries = gateway.meter_event_summaries(
                 event_name=event_name, customer_id=customer, start_time=int(start.timestamp()),
@@ -189,15 +221,15 @@ def _stripe_days(gateway: BillingGateway, event_name: str, days: dict[tuple[str,
             else:
                 raise
         held = {dt.datetime.fromtimestamp(s, dt.UTC).date(): value for s, _, value in summaries}
-        for day in {d for c, d in days if c == customer} | {d for d, v in held.items() if v}:
+        for day in {d for c, d, m in days if c == customer and m == meter} | {d for d, v in held.items() if v}:
             if not since <= day <= until:
                 continue
-            entry = days.get((customer, day))
+            entry = days.get((customer, day, meter))
             if entry is None:
-                entry = days[(customer, day)] = CustomerDay(customer, day)
+                entry = days[(customer, day, meter)] = CustomerDay(customer, day, meter)
             entry.stripe = held.get(day, 0)
     for entry in days.values():
-        if entry.stripe is None:
+        if entry.stripe is None and entry.meter == meter:
             entry.stripe = 0
 
 

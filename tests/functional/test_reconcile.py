@@ -55,8 +55,8 @@ def test_a_clean_state_reconciles(billing: Billing) -> None:
     assert report.ok, report.as_dict()
     out = report.as_dict()
     assert out["stripe_checked"] and out["drift"] == [] and out["rollup_drift"] == []
-    assert out["customers"] == {c: {"usage": billing.metered[c], "sent": billing.metered[c],
-                                    "stripe": billing.metered[c]} for c in customers}
+    assert out["customers"] == {c: {"tokens": {"usage": billing.metered[c], "sent": billing.metered[c],
+                                               "stripe": billing.metered[c]}} for c in customers}
     assert out["customer_days_checked"] == 6
     assert json.loads(json.dumps(out)) == out  # printable as it is
 
@@ -82,7 +82,8 @@ def test_an_event_sent_straight_to_stripe_is_drift(billing: Billing, fake: FakeS
 
     assert not report.ok
     assert report.drift == [{"check": "stripe_vs_sent", "customer_id": customers[1],
-                             "day": day_of(stamps[1]).isoformat(), "expected": report.drift[0]["expected"],
+                             "day": day_of(stamps[1]).isoformat(), "meter": "tokens",
+                             "expected": report.drift[0]["expected"],
                              "actual": report.drift[0]["expected"] + 123, "difference": 123}]
     assert report.rollup_drift == []
     # Outside the range it is not looked at.
@@ -161,7 +162,7 @@ def test_without_stripe_only_postgres_is_checked(billing: Billing) -> None:
     report = reconcile(offline)
 
     assert report.ok and not report.stripe_checked
-    assert all(c["stripe"] is None for c in report.as_dict()["customers"].values())
+    assert all(c["tokens"]["stripe"] is None for c in report.as_dict()["customers"].values())
 
 
 def test_cli_reconcile_prints_the_report_and_exits_1_on_drift(
