@@ -201,7 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         apply_secret_settings()  # DATABASE_SECRET_ARN etc., when run against a deployed stack
         settings = get_settings()
     except SettingsError as exc:
-        print(f"error: {exc}", file=sys.stderr)  # noqa: T201
+        for line in str(exc).splitlines():  # one line per problem (a price table names each bad entry)
+            print(f"error: {line}", file=sys.stderr)  # noqa: T201
         return 2
     try:
         code: int = args.func(args, settings)

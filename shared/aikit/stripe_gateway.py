@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import stripe
@@ -439,7 +439,9 @@ class StripeGateway(BillingGateway):
                 params={
                     "product": product.id,
                     "currency": spec.currency,
-                    "unit_amount_decimal": Decimal(spec.unit_amount_decimal),
+                    # A plain string: the SDK writes a Decimal with str(), and str(Decimal("0.0000000001")) is
+                    # "1E-10", exponent notation Stripe's decimal strings do not promise to take.
+                    "unit_amount_decimal": cast(Decimal, format(Decimal(spec.unit_amount_decimal), "f")),
                     "recurring": {"interval": "month", "usage_type": "metered", "meter": meter.id},
                     "lookup_key": spec.lookup_key,
                     # A price left over from an older meter keeps the key otherwise.
