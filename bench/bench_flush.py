@@ -37,7 +37,6 @@ from aikit.db.engine import get_engine
 from aikit.db.migrate import upgrade
 from aikit.flush import Flusher
 from aikit.metering.layout import RedisLayout
-from aikit.metering.redis_meter import QUOTA_TTL_SECONDS
 from aikit.metering.scripts import RECORD
 from aikit.settings import load_settings
 from aikit.stripe_gateway import StripeGateway
@@ -77,7 +76,7 @@ def buffer_events(client: redis.Redis, layout: RedisLayout, *, events: int, keys
         ts = first_window + (n * 7919 % (span * 1000)) / 1000
         day = time.strftime("%Y-%m-%d", time.gmtime(ts))
         pipe.evalsha(sha, 4, *key_names[k], f"req_{run}{n:09d}", key_ids[k], customer, MODELS[n % len(MODELS)],
-                     inp, out, n % 7, repr(ts), day, QUOTA_TTL_SECONDS)
+                     inp, out, n % 7, repr(ts), day, 0)  # cost 0: no price table here
         totals[customer] = totals.get(customer, 0) + inp + out
         if len(pipe) >= pipeline_size:
             pipe.execute()

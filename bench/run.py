@@ -158,7 +158,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Run the benchmarks and collect their results.")
-    p.add_argument("--only", help="comma-separated subset of: api,flush,usage,coldstart")
+    p.add_argument("--only", help="comma-separated subset of: api,flush,usage,coldstart,pricing")
     p.add_argument("--quick", action="store_true", help="a tenth of the default sizes")
     p.add_argument("--timeout", type=float, default=900, help="seconds per benchmark")
     args = p.parse_args(argv)
@@ -169,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         "flush": (BENCH / "bench_flush.py", {"--events": 1_000_000 // scale}),
         "usage": (BENCH / "bench_usage.py", {"--rows": 10_000_000 // scale}),
         "coldstart": (BENCH / "bench_coldstart.py", {"--rounds": max(3, 7 // scale)}),
+        "pricing": (BENCH / "bench_pricing.py", {"--events": 200_000 // scale}),
     }
     only = set(args.only.split(",")) if args.only else set(plan)
     unknown = only - set(plan)

@@ -151,12 +151,13 @@ return n
 # quota counter moves only if it exists (else the catch-up counter of a seeding in progress, if any): a
 # missing counter is re-seeded from the rollups plus the unflushed usage, never restarted from this event.
 # KEYS: stream, pending, quota, inflight[, quota_catchup].
-# ARGV: request_id, api_key_id, customer_id, model, input, output, cached, ts, date.
+# ARGV: request_id, api_key_id, customer_id, model, input, output, cached, ts, date, cost (1e-12 currency units,
+#       aikit.pricing; "0" when absent).
 RECORD = LuaScript(
     """
 local tokens = tonumber(ARGV[5]) + tonumber(ARGV[6])
 local id = redis.call('XADD', KEYS[1], '*', 'r', ARGV[1], 'k', ARGV[2], 'c', ARGV[3], 'm', ARGV[4],
-  'i', ARGV[5], 'o', ARGV[6], 'x', ARGV[7], 't', ARGV[8], 'd', ARGV[9], 'p', ARGV[10])
+  'i', ARGV[5], 'o', ARGV[6], 'x', ARGV[7], 't', ARGV[8], 'd', ARGV[9], 'p', ARGV[10] or '0')
 local f = ARGV[9] .. '|' .. ARGV[4] .. '|'
 redis.call('HINCRBY', KEYS[2], f .. 't', tokens)
 redis.call('HINCRBY', KEYS[2], f .. 'r', 1)
