@@ -113,15 +113,18 @@ def one_run(fake: FakeStripe, client: redis.Redis, args: argparse.Namespace, *, 
         due = buffer_events(client, RedisLayout(prefix, settings.redis_usage_shards), settings,
                             events=args.events, keys=args.keys, customers=args.customers, priced=priced)
         before = fake.calls["/v1/billing/meter_events"]
+        seen = len(fake.meter_events)
         flusher = Flusher(settings)
         started = time.perf_counter()
         summary = flusher.run()
         wall = time.perf_counter() - started
         flusher.close()
-        totals = {c: v for c, v in fake.meter_totals(spec.event_name).items() if c in due}
         get_engine(url).dispose()
-        windows = len({e.timestamp - e.timestamp % settings.stripe_report_window_seconds
-                       for e in fake.meter_events if e.event_name == spec.event_name})
+        mine = [e for e in fake.meter_events[seen:] if e.event_name == spec.event_name and e.counted]
+        totals: dict[str, int] = {}
+        for e in mine:  # this run's events only: the same customers are billed in every run
+            totals[e.customer] = totals.get(e.customer, 0) + e.value
+        windows = len({e.timestamp - e.timestamp % settings.stripe_report_window_seconds for e in mine})
         calls = fake.calls["/v1/billing/meter_events"] - before
         return {
             "meter": spec.event_name,

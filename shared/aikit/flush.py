@@ -167,13 +167,11 @@ def _fields(raw: Any) -> tuple[str, ...] | None:
         return None
 
 
-def _entry_cost(p: str, model: str, counts: tuple[int, int, int], book: PriceBook | None) -> int | None:
-    """The recorded cost; for an entry without one, its cost at today's rates (0 without a price book).
-    None when `p` is not a plain number."""
-    if p:
-        return int(p) if len(p) <= _MAX_COST_DIGITS and p.isdigit() and p.isascii() else None
+def _missing_cost(model: str, counts: tuple[int, int, int], book: PriceBook | None) -> str:
+    """The cost of an entry recorded without one: at today's rates (0 without a price book or for an unpriced
+    model)."""
     cost = book.cost(model, *counts) if book is not None else None
-    return cost or 0
+    return str(cost or 0)
 
 
 @dataclass
@@ -222,11 +220,12 @@ def prepare_batch(shard: int, entries: list[Any], *, billable: bool, copy: bool,
         except ValueError:
             ts = 0.0
         text_fields = f"{r}{k}{c}{m}{d}"
-        counts = f"{i}{o}{x}"
+        counts = f"{i}{o}{x}{p}"  # p (the cost) may be "" (recorded before costs): priced below
         if not (
             k and r and m and d and lo <= ts <= hi
             and len(r) <= 64 and len(k) <= 40 and len(c) <= 255 and len(m) <= 128
             and 0 < len(i) <= _MAX_DIGITS and 0 < len(o) <= _MAX_DIGITS and 0 < len(x) <= _MAX_DIGITS
+            and len(p) <= _MAX_COST_DIGITS
             and counts.isdigit() and counts.isascii()  # isascii: "²".isdigit() is True
             and "\t" not in text_fields and "\n" not in text_fields and "\\" not in text_fields
             and "\r" not in text_fields and "\x00" not in text_fields and "|" not in d
@@ -234,15 +233,13 @@ def prepare_batch(shard: int, entries: list[Any], *, billable: bool, copy: bool,
             batch.malformed_ids.append(entry[0])
             continue
         inp, out, cached = int(i), int(o), int(x)
-        cost = _entry_cost(p, m, (inp, out, cached), book)
-        if cost is None:
-            batch.malformed_ids.append(entry[0])
-            continue
+        if not p:
+            p = _missing_cost(m, (inp, out, cached), book)
         if copy:
             rows.append(f"{r}\t{k}\t{c or _NULL}\t{ts!r}\t{m}\t{i}\t{o}\t{x}\t{'t' if billable and c else 'f'}"
-                        f"\t{cost}\n")
+                        f"\t{p}\n")
         else:
-            batch.events.append(UsageEvent(r, k, c or None, m, inp, out, cached, ts, cost=cost))
+            batch.events.append(UsageEvent(r, k, c or None, m, inp, out, cached, ts, cost=int(p)))
         acc = deltas.get((k, d, m))
         if acc is None:
             acc = deltas[(k, d, m)] = [0, 0, 0, 0, 0]
