@@ -27,12 +27,13 @@ from sqlalchemy.orm import Session
 from aikit import cli
 from aikit.api.app import create_app
 from aikit.db.engine import get_engine
+from aikit.db.migrate import upgrade
 from aikit.db.models import ApiKeyUsage, MeterReport, Subscription
 from aikit.flush import Flusher
 from aikit.keys import IssuedKey
 from aikit.reconcile import reconcile
 from aikit.runtime import Runtime
-from aikit.settings import Settings, get_settings
+from aikit.settings import Settings, get_settings, load_settings
 from aikit.stripe_gateway import StripeGateway, setup_spec
 from tests.conftest import issue_key
 from tests.fakes.llm_servers import FakeOpenAI, openai_server
@@ -352,3 +353,27 @@ def test_the_request_path_meter_stores_the_cost_in_the_stream(priced: Priced) ->
     finally:
         client.close()
     assert int(entry["p"]) == int(usd("gpt-4o", 1_000, 500, 400) * 10**12)
+
+
+def test_the_embedded_meter_stores_the_cost_too(tmp_path: Path) -> None:
+    """`make run`'s meter (memory://, SQLite) writes each event with its cost, and bills the cost meter."""
+    settings = load_settings(database_url=f"sqlite:///{tmp_path}/aikit.db", redis_url="memory://",
+                             redis_key_prefix=f"p{tmp_path.name[-20:].replace('_', '')}", price_table=PRICES,
+                             stripe_secret_key="sk_test_x", flush_interval_seconds=0, _env_file=None)
+    upgrade(settings.database_url)
+    key = issue_key(settings, customer_id="cus_embedded1")
+    runtime = Runtime(settings)
+
+    async def go() -> None:
+        try:
+            await runtime.meter.record(key.api_key_id, 1_500, "cus_embedded1", model="claude-sonnet-4",
+                                       input_tokens=1_000, output_tokens=500, cached_tokens=400)
+        finally:
+            await runtime.aclose()
+
+    anyio.run(go)
+    with get_engine(settings.database_url).connect() as conn:
+        assert conn.execute(select(ApiKeyUsage.cost)).scalar_one() == int(
+            usd("claude-sonnet-4", 1_000, 500, 400) * 10**12)
+        report = conn.execute(select(MeterReport.meter, MeterReport.value)).one()
+    assert tuple(report) == ("cost", int(usd("claude-sonnet-4", 1_000, 500, 400) * 10**12))

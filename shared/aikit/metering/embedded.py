@@ -9,13 +9,14 @@ from __future__ import annotations
 import anyio
 
 from aikit.metering.base import UsageEvent
-from aikit.metering.redis_meter import RedisMeter
+from aikit.metering.redis_meter import RedisMeter, priced_event
 from aikit.metering.scripts import COUNT_RECORDED
 from aikit.observability import TOKENS_METERED, emit
 
 
 class EmbeddedMeter(RedisMeter):
     async def record_event(self, event: UsageEvent) -> None:
+        event = priced_event(event, self._settings.price_book)
         period = event.quota_period_start
         if period is None:
             period = await self._periods.of(event.api_key_id)
