@@ -95,7 +95,8 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
             _print({"api_key_id": args.api_key_id, "status": "revoked"})
             return 0
         rows = session.execute(select(ApiKey, User).join(User, User.id == ApiKey.user_id)).all()
-        _print([{"api_key_id": k.id, "prefix": k.prefix, "email": u.email, "status": k.status} for k, u in rows])
+        _print([{"api_key_id": k.id, "prefix": k.prefix, "email": u.email, "status": k.status,
+                 "allowed_models": json.loads(k.allowed_models) if k.allowed_models else None} for k, u in rows])
         return 0
 
 

@@ -377,3 +377,35 @@ def test_the_embedded_meter_stores_the_cost_too(tmp_path: Path) -> None:
             usd("claude-sonnet-4", 1_000, 500, 400) * 10**12)
         report = conn.execute(select(MeterReport.meter, MeterReport.value)).one()
     assert tuple(report) == ("cost", int(usd("claude-sonnet-4", 1_000, 500, 400) * 10**12))
+
+
+def test_the_admin_api_changes_a_key_allow_list(priced: Priced) -> None:
+    admin = {"Authorization": "Bearer test-admin-token"}
+    customer, key = priced.customer()
+    chat = {"model": "o3", "messages": [{"role": "user", "content": "hi"}]}
+    with priced.client() as client:
+        r = client.patch(f"/v1/admin/keys/{key.api_key_id}", headers=admin, json={"allowed_models": ["gpt-4o*"]})
+        assert r.status_code == 200 and r.json()["allowed_models"] == ["gpt-4o*"], r.text
+        refused = client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key.api_key}"}, json=chat)
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "model_not_allowed"
+        assert client.patch(f"/v1/admin/keys/{key.api_key_id}", headers=admin,
+                            json={"allowed_models": None}).json()["allowed_models"] is None
+        priced.call(client, key, customer, "o3", (10, 5, 0), stream=False)
+        assert client.patch("/v1/admin/keys/key_nope", headers=admin, json={"allowed_models": None}).status_code == 404
+        assert client.patch(f"/v1/admin/keys/{key.api_key_id}", headers=admin, json={}).status_code == 422
+
+
+def test_cli_keys_create_takes_allowed_models(tmp_path: Path) -> None:
+    env = base_env(DATABASE_URL=f"sqlite:///{tmp_path}/aikit.db")
+
+    def aikit(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([AIKIT, *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+
+    assert aikit("migrate").returncode == 0
+    created = aikit("keys", "create", "--email", "m@example.com", "--allowed-models", "gpt-4o-mini, claude-*")
+    assert created.returncode == 0, created.stderr
+    listed = json.loads(aikit("keys", "list").stdout)
+    assert [k["allowed_models"] for k in listed] == [["gpt-4o-mini", "claude-*"]]
+    bad = aikit("keys", "create", "--email", "n@example.com", "--allowed-models", "gpt-4o,,o3")
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert len(bad.stderr.strip().splitlines()) == 1 and "--allowed-models" in bad.stderr

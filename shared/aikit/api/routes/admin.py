@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated
 
 import anyio
@@ -30,6 +31,12 @@ class CreateKeyBody(BaseModel):
     monthly_tokens: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
     # Models this key may call: names or glob patterns (`gpt-4o*`); omitted: every model the price book serves.
     allowed_models: Annotated[list[ModelName], Field(min_length=1, max_length=100)] | None = None
+
+
+class UpdateKeyBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    # null lifts the allow-list (every model the price book serves).
+    allowed_models: Annotated[list[ModelName], Field(min_length=1, max_length=100)] | None
 
 
 def key_models(key: ApiKey) -> list[str] | None:
@@ -71,6 +78,28 @@ async def list_keys(_: AdminDep, runtime: RuntimeDep,
             return [key_json(k, u) for k, u in session.execute(stmt).all()]
 
     return {"data": await anyio.to_thread.run_sync(work)}
+
+
+@router.patch("/keys/{api_key_id}")
+async def update(api_key_id: Annotated[str, Field(max_length=64)], body: UpdateKeyBody, _: AdminDep,
+                 runtime: RuntimeDep) -> dict[str, object]:
+    """Change a key's model allow-list; it applies within KEY_CACHE_TTL_SECONDS on every instance."""
+    def work() -> dict[str, object] | None:
+        with Session(runtime.engine) as session:
+            key = session.get(ApiKey, api_key_id)
+            if key is None:
+                return None
+            key.allowed_models = None if body.allowed_models is None else json.dumps(body.allowed_models)
+            session.commit()
+            user = session.get(User, key.user_id)
+            assert user is not None
+            return key_json(key, user)
+
+    found = await anyio.to_thread.run_sync(work)
+    if found is None:
+        raise ApiError(404, f"no API key {api_key_id}", code="not_found")
+    runtime.keys.clear()
+    return found
 
 
 @router.post("/keys/{api_key_id}/revoke")
