@@ -23,6 +23,7 @@ import redis as redis_lib
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
+from stripe import StripeClient
 
 from aikit import cli
 from aikit.api.app import create_app
@@ -409,3 +410,27 @@ def test_cli_keys_create_takes_allowed_models(tmp_path: Path) -> None:
     bad = aikit("keys", "create", "--email", "n@example.com", "--allowed-models", "gpt-4o,,o3")
     assert bad.returncode == 2 and bad.stdout == ""
     assert len(bad.stderr.strip().splitlines()) == 1 and "--allowed-models" in bad.stderr
+
+
+def test_reconcile_shows_cost_meter_drift_in_money(priced: Priced) -> None:
+    customer, key = priced.customer()
+    with priced.client() as client:
+        priced.call(client, key, customer, "gpt-4o", (1_000, 100, 0), stream=False)
+        admin = client.get("/v1/admin/usage", params={"customer_id": customer},
+                           headers={"Authorization": "Bearer test-admin-token"}).json()
+    priced.flush()
+    assert Decimal(admin["cost"]) == priced.expected[customer]
+    assert Decimal(admin["by_customer"][0]["cost"]) == priced.expected[customer]
+    assert reconcile(priced.settings).ok
+    sdk = StripeClient(priced.fake.api_key, base_addresses=priced.fake.base_addresses)  # type: ignore[arg-type]
+    sdk.v1.billing.meter_events.create(params={
+        "event_name": COST_EVENT, "payload": {"stripe_customer_id": customer, "value": "1250000000"},
+        "identifier": "manual-extra-cost", "timestamp": int(priced.fake.now())})
+
+    report = reconcile(priced.settings)
+
+    assert not report.ok
+    [drift] = report.drift
+    assert (drift["check"], drift["meter"], drift["difference"]) == ("stripe_vs_sent", "cost", 1_250_000_000)
+    assert drift["difference_money"] == "0.001250000000"  # USD
+    assert Decimal(drift["expected_money"]) == priced.expected[customer] and drift["tokens"] == 1_100
