@@ -52,7 +52,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, func, select, text, update
+from sqlalchemy import Engine, func, insert, select, text, update
 
 from aikit.db.engine import get_engine
 from aikit.db.models import MeterReport, as_utc
@@ -459,6 +459,7 @@ class Flusher:
                 .values(status="pending")
             )
             summary.reports_sealed += result.rowcount or 0
+            split_oversized_reports(conn)
         crash_point("after_seal")
 
     def send(self, summary: FlushSummary, deadline: float) -> None:
@@ -598,6 +599,37 @@ class Flusher:
             return
         with flush_lock(self.engine) as acquired:
             yield acquired
+
+
+# Stripe refuses meter event values of more than 15 significant digits (API 2026-04-22.dahlia: it aggregates in
+# double precision). Cost-meter reports are in 1e-12 USD, so a customer's window above $999.99 is one.
+MAX_EVENT_VALUE = 10**15 - 1
+
+
+def split_oversized_reports(conn: Any) -> int:
+    """Split every sealed, never-tried report above MAX_EVENT_VALUE into reports of at most that value, in the
+    sealing transaction (under REPORT_LOCK): the parts' identifiers (`<id>-<n>`) are fixed before any of them
+    is sent, and they sum to the sealed value. Returns how many reports were added."""
+    oversized = list(conn.execute(
+        select(MeterReport.id, MeterReport.customer_id, MeterReport.window_start, MeterReport.window_end,
+               MeterReport.value, MeterReport.last_usage_ts, MeterReport.meter)
+        .where(MeterReport.status == "pending", MeterReport.value > MAX_EVENT_VALUE,
+               MeterReport.first_attempt_at.is_(None))))
+    added = 0
+    for row in oversized:
+        rest = int(row.value) - MAX_EVENT_VALUE
+        conn.execute(update(MeterReport).where(MeterReport.id == row.id).values(value=MAX_EVENT_VALUE))
+        part = 0
+        while rest > 0:
+            part += 1
+            value = min(rest, MAX_EVENT_VALUE)
+            conn.execute(insert(MeterReport).values(
+                id=f"{row.id}-{part}", customer_id=row.customer_id, window_start=row.window_start,
+                window_end=row.window_end, value=value, last_usage_ts=row.last_usage_ts, status="pending",
+                attempts=0, created_at=dt.datetime.now(dt.UTC), meter=row.meter))
+            rest -= value
+            added += 1
+    return added
 
 
 def unsafe_to_resend(row: Any, now: dt.datetime) -> bool:

@@ -22,7 +22,8 @@ meant to be at least as strict as Stripe where billing correctness is at stake:
   unit_amount_decimal, rounded to the cent), per subscription item, so per-meter prices just work.
 - Limits: one concurrent meter-event call per customer and meter (429), the test-mode rate limit of 25
   requests per second for the whole account (429 with `Stripe-Rate-Limited-Reason: global-rate`), and the
-  documented length limits (identifier and event_name at most 100 characters).
+  documented length limits (identifier and event_name at most 100 characters, a meter event value at most 15
+  significant digits).
 - Idempotency-Key replay, and injectable network/server faults (`inject`).
 
     with FakeStripe() as fake:
@@ -70,6 +71,9 @@ RuleMode = Literal["sync", "async", "off"]
 DEFAULT_RULES: dict[str, RuleMode] = {"customer": "async", "meter": "sync", "timestamp": "sync"}
 ERROR_REPORT_TRIGGERED = "v1.billing.meter.error_report_triggered"
 NO_METER_FOUND = "v1.billing.meter.no_meter_found"
+
+
+MAX_VALUE_DIGITS = 15  # significant digits of a meter event value (Stripe changelog 2026-04-22)
 
 
 class StripeHTTPError(Exception):
@@ -1267,6 +1271,14 @@ class FakeStripe:
                 400,
                 f"Invalid payload[{value_key}]: must be a whole number, got {raw_value!r}.",
                 code="parameter_invalid_integer",
+                param=f"payload[{value_key}]",
+            )
+        if len(raw_value.lstrip("-").lstrip("0")) > MAX_VALUE_DIGITS:
+            # API 2026-04-22.dahlia: Stripe aggregates in double precision and refuses longer values.
+            raise StripeHTTPError(
+                400,
+                f"The value in the event payload can have at most {MAX_VALUE_DIGITS} digits. Received {raw_value}.",
+                code="meter_event_value_too_many_digits",
                 param=f"payload[{value_key}]",
             )
         return payload, customer_id, int(raw_value)

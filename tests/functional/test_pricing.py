@@ -434,3 +434,20 @@ def test_reconcile_shows_cost_meter_drift_in_money(priced: Priced) -> None:
     assert (drift["check"], drift["meter"], drift["difference"]) == ("stripe_vs_sent", "cost", 1_250_000_000)
     assert drift["difference_money"] == "0.001250000000"  # USD
     assert Decimal(drift["expected_money"]) == priced.expected[customer] and drift["tokens"] == 1_100
+
+
+def test_a_window_above_15_digits_is_split_into_events_stripe_takes(priced: Priced) -> None:
+    """Stripe refuses meter event values of more than 15 digits: $1,000 in 1e-12 USD. A customer's window above
+    that is sent as several events (identifiers fixed when it is sealed) that sum to it exactly."""
+    customer, key = priced.customer()
+    with priced.client() as client:  # o3 output at $8 per million: 300M tokens = $2,400 in one window
+        for _ in range(3):
+            priced.call(client, key, customer, "o3", (1_000, 100_000_000, 0), stream=False)
+    priced.flush()
+
+    events = [e for e in priced.fake.meter_events if e.customer == customer]
+    assert len(events) == 3 and all(len(str(e.value)) <= 15 for e in events)
+    assert sum(e.value for e in events) == int(priced.expected[customer] * 10**12)
+    _, amount = priced.invoice(customer)
+    assert amount == cents(priced.expected[customer]) == 240_000 + cents(Decimal(3 * 1_000 * 2) / 10**6)
+    assert reconcile(priced.settings).ok
