@@ -76,7 +76,7 @@ def test_migrate_then_create_list_and_revoke_keys(pg_url: str, redis_prefix: str
         listed = out_json(aikit("keys", "list", env=env, cwd=tmp_path))
         mine = [k for k in listed if k["api_key_id"] == created["api_key_id"]]
         assert mine == [{"api_key_id": created["api_key_id"], "prefix": created["prefix"], "email": email,
-                         "status": "active"}]
+                         "status": "active", "allowed_models": None}]
         assert "api_key" not in json.dumps(listed).replace("api_key_id", "")  # secrets are never listed
 
         revoked = out_json(aikit("keys", "revoke", created["api_key_id"], env=env, cwd=tmp_path))
