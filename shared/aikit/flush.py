@@ -50,6 +50,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import Engine, func, select, text, update
@@ -65,10 +66,12 @@ from aikit.observability import (
     FLUSH_DURATION,
     FLUSH_LAG,
     PARKED_BATCHES,
+    STRIPE_AUTH_FAILURES,
     STRIPE_ERRORS,
     emit,
     logger,
 )
+from aikit.periods import Period, carry_forward, periods_for
 from aikit.redis_client import make_sync_redis
 from aikit.settings import Settings
 from aikit.stripe_gateway import BillingGateway, ReportOutcome, ReportStatus, gateway_from_settings
@@ -113,6 +116,8 @@ class FlushSummary:
     duration_ms: float = 0.0
     skipped: bool = False  # another flush held the lock
     stopped_early: bool = False  # the time budget ran out; the rest goes next run
+    sending_stopped: bool = False  # Stripe refused the key (401/403): nothing more was sent, nothing parked
+    reports_carried_forward: int = 0  # sent into the current period: their own period's invoice had finalized
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -262,6 +267,8 @@ class Flusher:
         self.clock = clock
         self.use_lock = use_lock
         self.send_workers = max(1, send_workers)
+        self._refused: ReportOutcome | None = None  # the 401/403 that stopped this run's sending
+        self._refused_lock = threading.Lock()
         self._postgres = self.engine.dialect.name == "postgresql"
         # SQLite has one writer at a time: no point in storing shards in parallel there.
         self.store_workers = max(1, min(store_workers if self._postgres else 1, self.layout.shards))
@@ -449,30 +456,76 @@ class Flusher:
         with self.engine.connect() as conn:
             pending = list(conn.execute(
                 select(MeterReport.id, MeterReport.customer_id, MeterReport.value, MeterReport.window_start,
-                       MeterReport.window_end, MeterReport.last_usage_ts, MeterReport.first_attempt_at)
+                       MeterReport.window_end, MeterReport.last_usage_ts, MeterReport.first_attempt_at,
+                       MeterReport.carried_forward_from, MeterReport.carried_forward_to)
                 .where(MeterReport.status == "pending")
                 .order_by(MeterReport.customer_id, MeterReport.window_start, MeterReport.id)
             ))
         by_customer: dict[str, list[Any]] = defaultdict(list)
         for row in pending:
-            by_customer[row.customer_id].append(row)
+            by_customer[row.customer_id].append(SimpleNamespace(**row._asdict()))  # _stamp may move it
         if not by_customer:
             return
         workers = min(self.send_workers, len(by_customer))
+        self._refused = None
         # One thread per customer at a time: never two calls for the same customer in flight.
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flush-send") as pool:
             results = list(pool.map(lambda rows: self._send_customer(rows, deadline), by_customer.values()))
         for part in results:
             for name, value in part.items():
                 setattr(summary, name, getattr(summary, name) + value)
+        if self._refused is not None:
+            summary.sending_stopped = True
+            summary.errors.append(f"stripe refused the API key, sending stopped: {_describe(self._refused)}")
         if summary.reports_left_pending and self.clock() >= deadline:
             summary.stopped_early = True
+
+    def _stop_sending(self, outcome: ReportOutcome) -> None:
+        """A 401/403 says the key is wrong, revoked or lacks permissions, not that a report is: every report
+        stays pending (none parked, no first attempt recorded), the run sends nothing more, and it alarms."""
+        with self._refused_lock:
+            first = self._refused is None
+            self._refused = self._refused or outcome
+        if first:
+            emit(STRIPE_AUTH_FAILURES)
+            logger.error("stripe_sending_stopped", extra={
+                "http_status": outcome.http_status, "code": outcome.error_code,
+                "reason": "Stripe refused the API key (check STRIPE_SECRET_KEY and its permissions); "
+                          "reports stay pending and go out once the key works", "detail": outcome.message})
+
+    def _stamp(self, row: SimpleNamespace, periods: list[Period]) -> None:
+        """The row to send: moved into the current billing period when its own period's invoice finalized
+        (STRIPE_FINALIZATION_GRACE_SECONDS past its end), recorded before the send so retries stamp the same."""
+        if not periods:
+            return
+        now = dt.datetime.now(dt.UTC)
+        stamped = dt.datetime.fromtimestamp(event_timestamp(row, now), dt.UTC)
+        to = carry_forward(stamped, periods, now, self.settings.stripe_finalization_grace_seconds)
+        if to is None:
+            return
+        origin = row.carried_forward_from or stamped
+        with self.engine.begin() as conn:
+            conn.execute(update(MeterReport).where(MeterReport.id == row.id, MeterReport.status == "pending")
+                         .values(carried_forward_from=origin, carried_forward_to=to))
+        logger.warning("meter_report_carried_forward", extra={
+            "report_id": row.id, "customer_id": row.customer_id, "value": int(row.value),
+            "from": as_utc(origin).isoformat(), "to": to.isoformat()})
+        row.carried_forward_from, row.carried_forward_to = origin, to
+
+    def _customer_periods(self, rows: list[Any]) -> list[Period]:
+        start = min(as_utc(r.window_start) for r in rows)
+        with self.engine.connect() as conn:
+            return periods_for(conn, rows[0].customer_id, start, dt.datetime.max.replace(tzinfo=dt.UTC))
 
     def _send_customer(self, rows: list[Any], deadline: float) -> dict[str, int]:
         assert self.gateway is not None
         counts = {"stripe_calls": 0, "reports_sent": 0, "reports_already_recorded": 0, "reports_parked": 0,
-                  "reports_left_pending": 0}
+                  "reports_left_pending": 0, "reports_carried_forward": 0}
+        periods = self._customer_periods(rows)
         for i, row in enumerate(rows):
+            if self._refused is not None:
+                counts["reports_left_pending"] += len(rows) - i
+                break
             if unsafe_to_resend(row, dt.datetime.now(dt.UTC)):
                 # Stripe may have forgotten the identifier of an unseen first send: a resend could bill twice.
                 reason = (f"unconfirmed for over {IDENTIFIER_SAFE_HOURS} h, past Stripe's identifier memory: "
@@ -483,6 +536,7 @@ class Flusher:
                 self._mark(row.id, status="parked", error=reason)
                 counts["reports_parked"] += 1
                 continue
+            self._stamp(row, periods)
             outcome: ReportOutcome | None = None
             calls = 0
             for delay in (0.0, *RETRY_DELAYS):
@@ -499,6 +553,12 @@ class Flusher:
                 if outcome.status is not ReportStatus.RETRYABLE:
                     break
                 emit(STRIPE_ERRORS, kind=outcome.error_code or "retryable")
+            if outcome is not None and outcome.status is ReportStatus.UNAUTHORIZED:
+                # Not an attempt Stripe could have recorded: the identifier-memory clock does not start.
+                self._mark(row.id, attempts=calls - 1, error=_describe(outcome))
+                self._stop_sending(outcome)
+                counts["reports_left_pending"] += len(rows) - i
+                break
             if outcome is None or outcome.status is ReportStatus.RETRYABLE:
                 # Same identifier next run. Stop this customer here: keeps its reports in order.
                 self._mark(row.id, attempts=calls, error=_describe(outcome))
@@ -516,6 +576,7 @@ class Flusher:
             self._mark(row.id, status="sent", attempts=calls, sent=True)
             key = "reports_sent" if outcome.status is ReportStatus.ACCEPTED else "reports_already_recorded"
             counts[key] += 1
+            counts["reports_carried_forward"] += row.carried_forward_to is not None
         return counts
 
     def _mark(self, report_id: str, *, status: str | None = None, attempts: int = 0,
@@ -587,7 +648,11 @@ def unsafe_to_resend(row: Any, now: dt.datetime) -> bool:
 
 
 def event_timestamp(row: Any, now: dt.datetime) -> int:
-    """Inside the usage's own window (so it lands in the right invoice), never in the future."""
+    """Inside the usage's own window (so it lands in the right invoice), never in the future; a report carried
+    forward (its period's invoice had finalized) keeps the timestamp chosen for it in a later period."""
+    carried = getattr(row, "carried_forward_to", None)
+    if carried is not None:
+        return int(as_utc(carried).timestamp())
     last = as_utc(row.last_usage_ts).timestamp()
     start = as_utc(row.window_start).timestamp()
     end = as_utc(row.window_end).timestamp() - 1

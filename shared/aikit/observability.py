@@ -51,6 +51,7 @@ FLUSH_LAG = "FlushLagSeconds"  # Seconds
 WEBHOOK_EVENTS = "WebhookEvents"  # dimensions: type, outcome
 WEBHOOK_SIGNATURE_FAILURES = "WebhookSignatureFailures"
 METER_FALLBACKS = "MeterFallbacks"  # usage written straight to Postgres while Redis was down
+STRIPE_AUTH_FAILURES = "StripeAuthFailures"  # Stripe refused the API key (401/403): the flush stopped sending
 METER_EVENTS_REJECTED = "MeterEventsRejected"  # Stripe rejected meter events after accepting them (dimension: code)
 
 ALL_METRICS: tuple[str, ...] = (

@@ -28,7 +28,7 @@ from typing import Any
 from sqlalchemy import Engine, func, select
 
 from aikit.db.engine import get_engine
-from aikit.db.models import ApiKeyUsage, MeterReport, UsageDaily
+from aikit.db.models import ApiKeyUsage, MeterReport, UsageDaily, as_utc
 from aikit.flush import event_timestamp
 from aikit.settings import Settings
 from aikit.stripe_gateway import BillingError, BillingGateway, gateway_from_settings
@@ -57,6 +57,9 @@ class ReconcileReport:
     days: list[CustomerDay] = field(default_factory=list)
     drift: list[dict[str, Any]] = field(default_factory=list)
     rollup_drift: list[dict[str, Any]] = field(default_factory=list)
+    # Reports sent into a later billing period because their own period's invoice had finalized (aikit.flush):
+    # billed, but on a later invoice than the usage. Listed, not drift.
+    carried_forward: list[dict[str, Any]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -90,6 +93,7 @@ class ReconcileReport:
             "customer_days_checked": len(self.days),
             "drift": self.drift,
             "rollup_drift": self.rollup_drift,
+            "carried_forward": self.carried_forward,
             "unsent": self.unsent(),
             "customers": self.customers(),
             "errors": self.errors,
@@ -106,7 +110,7 @@ def reconcile(settings: Settings, *, since: dt.date | None = None, until: dt.dat
     engine = engine or get_engine(settings.database_url)
     report = ReconcileReport(since=since, until=until, stripe_checked=gateway is not None)
     try:
-        days = _postgres_days(engine, since, until)
+        days = _postgres_days(engine, since, until, report.carried_forward)
         if gateway is not None:
             _stripe_days(gateway, settings.stripe_meter_event_name, days, since, until, report)
         report.days = sorted(days.values(), key=lambda d: (d.customer_id, d.day))
@@ -134,7 +138,8 @@ def _bounds(since: dt.date, until: dt.date) -> tuple[dt.datetime, dt.datetime]:
     return start, dt.datetime.combine(until + dt.timedelta(days=1), dt.time(), dt.UTC)
 
 
-def _postgres_days(engine: Engine, since: dt.date, until: dt.date) -> dict[tuple[str, dt.date], CustomerDay]:
+def _postgres_days(engine: Engine, since: dt.date, until: dt.date,
+                   carried: list[dict[str, Any]]) -> dict[tuple[str, dt.date], CustomerDay]:
     days: dict[tuple[str, dt.date], CustomerDay] = {}
 
     def day_of(customer: str, day: dt.date) -> CustomerDay:
@@ -156,22 +161,29 @@ def _postgres_days(engine: Engine, since: dt.date, until: dt.date) -> dict[tuple
             day_of(str(customer), _as_date(day)).usage += int(tokens or 0)
         # A window may start up to a day before `since` and still carry a timestamp inside the range.
         reports = conn.execute(
-            select(MeterReport.customer_id, MeterReport.status, MeterReport.value, MeterReport.window_start,
-                   MeterReport.window_end, MeterReport.last_usage_ts, MeterReport.sent_at)
+            select(MeterReport.id, MeterReport.customer_id, MeterReport.status, MeterReport.value,
+                   MeterReport.window_start, MeterReport.window_end, MeterReport.last_usage_ts, MeterReport.sent_at,
+                   MeterReport.carried_forward_from, MeterReport.carried_forward_to)
             .where(MeterReport.window_start >= start - dt.timedelta(days=1), MeterReport.window_start < end)
         )
         for row in reports:
-            ts = event_timestamp(row, row.sent_at or now)
-            day = dt.datetime.fromtimestamp(ts, dt.UTC).date()
-            if not since <= day <= until:
-                continue
-            entry = day_of(row.customer_id, day)
             value = int(row.value)
-            entry.reported += value
-            if row.status == "sent":
-                entry.sent += value
-            else:
-                entry.unsent[row.status] = entry.unsent.get(row.status, 0) + value
+            # The usage's own day (the outbox check) and the day its meter event carries (what Stripe holds):
+            # two different days only for a report carried forward into a later period.
+            origin = row.carried_forward_from
+            day = _day(as_utc(origin).timestamp() if origin is not None else event_timestamp(row, row.sent_at or now))
+            sent_day = _day(event_timestamp(row, row.sent_at or now))
+            if origin is not None and since <= sent_day <= until:
+                carried.append({"report_id": row.id, "customer_id": row.customer_id, "value": value,
+                                "status": row.status, "from": origin.isoformat(),
+                                "to": row.carried_forward_to.isoformat()})
+            if since <= day <= until:
+                entry = day_of(row.customer_id, day)
+                entry.reported += value
+                if row.status != "sent":
+                    entry.unsent[row.status] = entry.unsent.get(row.status, 0) + value
+            if row.status == "sent" and since <= sent_day <= until:
+                day_of(row.customer_id, sent_day).sent += value
     return days
 
 
@@ -232,6 +244,10 @@ def _rollup_drift(engine: Engine, since: dt.date, until: dt.date) -> list[dict[s
                           "rows": dict(zip(ROLLUP_FIELDS, rows, strict=True)),
                           "rollup": dict(zip(ROLLUP_FIELDS, rolled, strict=True))})
     return drift
+
+
+def _day(ts: float) -> dt.date:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).date()
 
 
 def _as_date(value: Any) -> dt.date:

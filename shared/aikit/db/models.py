@@ -181,6 +181,10 @@ class MeterReport(Base):
     # When Stripe was first called for it: past Stripe's 24 h identifier memory a resend is no longer safe.
     first_attempt_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # Set when the usage's own billing period had finalized before it was sent: the timestamp it would have
+    # carried (from) and the one sent instead, inside the then current period (to). Stripe invoices it there.
+    carried_forward_from: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    carried_forward_to: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class BillingPeriod(Base):
