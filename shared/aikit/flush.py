@@ -91,6 +91,7 @@ CRASH_POINTS = ("after_read", "after_store", "after_ack", "after_seal", "after_s
 
 # Stripe remembers identifiers for at least 24 hours; a report first tried longer ago than this is not resent.
 IDENTIFIER_SAFE_HOURS = 23
+UNCONFIRMED_PREFIX = "unconfirmed for over"  # last_error of a report parked past Stripe's identifier memory
 
 
 def crash_point(name: str) -> None:
@@ -528,7 +529,7 @@ class Flusher:
                 break
             if unsafe_to_resend(row, dt.datetime.now(dt.UTC)):
                 # Stripe may have forgotten the identifier of an unseen first send: a resend could bill twice.
-                reason = (f"unconfirmed for over {IDENTIFIER_SAFE_HOURS} h, past Stripe's identifier memory: "
+                reason = (f"{UNCONFIRMED_PREFIX} {IDENTIFIER_SAFE_HOURS} h, past Stripe's identifier memory: "
                           "check `aikit reconcile`, then `aikit requeue-parked` if Stripe does not have it")
                 emit(PARKED_BATCHES)
                 logger.error("meter_report_parked", extra={"report_id": row.id, "customer_id": row.customer_id,
@@ -684,18 +685,85 @@ def flush_lock(engine: Engine) -> Iterator[bool]:
 
 
 def requeue_parked(settings: Settings, *, customer_id: str | None = None,
-                   report_ids: list[str] | None = None) -> int:
+                   report_ids: list[str] | None = None, gateway: BillingGateway | None = None) -> int:
     """Put parked reports back in the queue after the cause was fixed (customer created, meter reactivated).
     They keep their identifiers, so one that Stripe did record after all is still counted once. Returns
-    how many were requeued; the next flush sends them."""
+    how many were requeued; the next flush sends them.
+
+    Reports parked past Stripe's identifier memory are the exception: Stripe may have recorded their first
+    send and forgotten the identifier since, so a resend could bill twice. They are checked first against
+    Stripe's totals (see `settle_unconfirmed`): held -> marked sent, not held -> requeued, unclear -> left
+    parked (logged)."""
+    engine = get_engine(settings.database_url)
+    keep = settle_unconfirmed(settings, engine, customer_id=customer_id, report_ids=report_ids, gateway=gateway)
     stmt = update(MeterReport).where(MeterReport.status.in_(("parked", "rejected")))  # rejected: by Stripe, later
     if customer_id is not None:
         stmt = stmt.where(MeterReport.customer_id == customer_id)
     if report_ids is not None:
         stmt = stmt.where(MeterReport.id.in_(report_ids))
-    with get_engine(settings.database_url).begin() as conn:
-        # A fresh first attempt: the operator checked (reconcile) that Stripe does not hold it.
+    if keep:
+        stmt = stmt.where(MeterReport.id.not_in(keep))
+    with engine.begin() as conn:
+        # A fresh first attempt: Stripe does not hold it (checked above, or the refusal said so).
         return conn.execute(stmt.values(status="pending", first_attempt_at=None)).rowcount or 0
+
+
+def settle_unconfirmed(settings: Settings, engine: Engine, *, customer_id: str | None = None,
+                       report_ids: list[str] | None = None, gateway: BillingGateway | None = None) -> set[str]:
+    """Decide, from Stripe's own totals, the reports parked past Stripe's identifier memory; returns the ids
+    that must stay parked (marked sent because Stripe holds them, or unclear).
+
+    Per customer and day (of the timestamp they carry): Stripe's total minus what aikit sent (`aikit
+    reconcile`'s stripe_vs_sent) is what Stripe holds beyond the sent reports. 0: Stripe holds none of them,
+    resend. Exactly their sum: it holds all of them, mark them sent. Anything else: left for a human."""
+    stmt = select(MeterReport.id, MeterReport.customer_id, MeterReport.value, MeterReport.window_start,
+                  MeterReport.window_end, MeterReport.last_usage_ts, MeterReport.carried_forward_to).where(
+        MeterReport.status == "parked", MeterReport.last_error.startswith(UNCONFIRMED_PREFIX))
+    if customer_id is not None:
+        stmt = stmt.where(MeterReport.customer_id == customer_id)
+    if report_ids is not None:
+        stmt = stmt.where(MeterReport.id.in_(report_ids))
+    with engine.connect() as conn:
+        rows = list(conn.execute(stmt))
+    own = gateway is None and bool(rows)
+    gateway = gateway if gateway is not None else (gateway_from_settings(settings) if rows else None)
+    if gateway is None:
+        return set()  # no Stripe to ask, and none to send to either
+    try:
+        return _settle(settings, engine, gateway, rows)
+    finally:
+        if own:
+            gateway.close()
+
+
+def _settle(settings: Settings, engine: Engine, gateway: BillingGateway, rows: list[Any]) -> set[str]:
+    from aikit.reconcile import reconcile  # reconcile imports this module
+
+    groups: dict[tuple[str, dt.date], list[Any]] = defaultdict(list)
+    now = dt.datetime.now(dt.UTC)
+    for row in rows:
+        groups[(row.customer_id, dt.datetime.fromtimestamp(event_timestamp(row, now), dt.UTC).date())].append(row)
+    keep: set[str] = set()
+    for (customer, day), group in groups.items():
+        check = reconcile(settings, since=day, until=day, gateway=gateway, engine=engine)
+        held = next((d.stripe - d.sent for d in check.days
+                     if d.customer_id == customer and d.day == day and d.stripe is not None), None)
+        ids = [r.id for r in group]
+        if held == 0 and not check.errors:
+            continue  # Stripe holds none of them: resend
+        keep.update(ids)
+        if held == sum(int(r.value) for r in group) and not check.errors:
+            with engine.begin() as conn:
+                conn.execute(update(MeterReport).where(MeterReport.id.in_(ids), MeterReport.status == "parked")
+                             .values(status="sent", sent_at=now,
+                                     last_error="Stripe holds it (checked at requeue against its totals)"))
+            logger.warning("meter_reports_confirmed_at_requeue", extra={"customer_id": customer,
+                                                                         "day": day.isoformat(), "report_ids": ids})
+        else:
+            logger.error("meter_reports_left_parked", extra={
+                "customer_id": customer, "day": day.isoformat(), "report_ids": ids, "stripe_beyond_sent": held,
+                "errors": check.errors, "reason": "Stripe's totals do not tell whether it holds them"})
+    return keep
 
 
 def run_flush(settings: Settings, **kwargs: Any) -> FlushSummary:
