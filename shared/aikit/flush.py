@@ -9,17 +9,25 @@ Money rules, in order:
 - One meter event per customer per reporting window (STRIPE_REPORT_WINDOW_SECONDS): Stripe calls grow with
   customers, not requests. At most one call per customer at a time (Stripe's per-customer concurrency rule).
 - The event timestamp lies inside the usage's window (so it lands in the invoice of that period) and never in
-  the future. Stripe refuses timestamps older than 35 days: such a backlog is parked with Stripe's reason
-  (`timestamp_too_far_in_past`) instead of being moved into a later period; it needs a human (see
-  `requeue_parked` after a fix, or bill it by other means).
+  the future; windows are cut where one of the customer's billing periods begins or ends (aikit.periods), so
+  usage just before a period end or a cancellation is stamped, and invoiced, in that period.
+- Late usage: when the period a report's timestamp falls in has finalized its invoice (its end plus
+  STRIPE_FINALIZATION_GRACE_SECONDS), Stripe would accept the event and never invoice it. Such a report is
+  carried forward: stamped now, inside the customer's current period, recorded in
+  `carried_forward_from`/`carried_forward_to` before the send (retries stamp the same), listed by
+  `aikit reconcile`. Without known periods for the customer the timestamp is kept.
+  Stripe refuses timestamps older than 35 days: such a backlog is parked with Stripe's reason
+  (`timestamp_too_far_in_past`); it needs a human (see `requeue_parked` after a fix, or bill it by other means).
+- A 401/403 (key wrong, revoked or restricted) is no verdict on a report: the run stops sending, every report
+  stays pending (none parked), one `stripe_sending_stopped` log line, STRIPE_AUTH_FAILURES (alarmed).
 - A permanent refusal (unknown customer, no active meter, too old) parks that report (status `parked`,
   `last_error` = Stripe's reason) and emits PARKED_BATCHES; other customers are still billed.
   Note that live Stripe validates some things asynchronously (an unknown customer may be accepted and
   reported later as `meter_event_customer_not_found`); `aikit reconcile` shows that as drift.
 - Stripe keeps identifiers unique for "at least 24 hours". A report first tried more than
   IDENTIFIER_SAFE_HOURS ago and still unconfirmed is parked instead of resent (a first send that landed unseen
-  would otherwise be billed twice); `aikit reconcile` tells whether Stripe has it, `aikit requeue-parked`
-  sends it again.
+  would otherwise be billed twice). `aikit requeue-parked` settles it against Stripe's totals first (held:
+  marked sent; not held: sent again; unclear: left parked), see `settle_unconfirmed`.
 
 Throughput: shards are stored by STORE_WORKERS parallel lanes, each reading ahead while it stores (COPY into
 a temp table, one merge statement, REPORT_LOCK only for the outbox upsert), and a stored batch leaves Redis
