@@ -10,7 +10,8 @@ Money rules, in order:
   customers, not requests. At most one call per customer at a time (Stripe's per-customer concurrency rule).
 - The event timestamp lies inside the usage's window (so it lands in the invoice of that period) and never in
   the future; windows are cut where one of the customer's billing periods begins or ends (aikit.periods), so
-  usage just before a period end or a cancellation is stamped, and invoiced, in that period.
+  usage just before a period end or a cancellation is stamped, and invoiced, in that period (at the store; an
+  edge learned after the usage was stored splits the report when it is sealed, `cut_at_period_edges`).
 - Late usage: when the period a report's timestamp falls in has finalized its invoice (its end plus
   STRIPE_FINALIZATION_GRACE_SECONDS), Stripe would accept the event and never invoice it. Such a report is
   carried forward: stamped now, inside the customer's current period, recorded in
@@ -61,14 +62,14 @@ from dataclasses import asdict, dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import Engine, func, select, text, update
+from sqlalchemy import Connection, Engine, and_, func, insert, or_, select, text, update
 
 from aikit.db.engine import get_engine
-from aikit.db.models import MeterReport, as_utc
+from aikit.db.models import ApiKeyUsage, BillingPeriod, MeterReport, as_utc
 from aikit.metering.base import UsageEvent
 from aikit.metering.layout import RedisLayout
 from aikit.metering.scripts import ACK_FAST, ACK_THROUGH
-from aikit.metering.sql_sink import lock_reports, store_copy, store_events
+from aikit.metering.sql_sink import lock_reports, new_report_id, store_copy, store_events
 from aikit.observability import (
     EVENTS_FLUSHED,
     FLUSH_DURATION,
@@ -79,7 +80,7 @@ from aikit.observability import (
     emit,
     logger,
 )
-from aikit.periods import Period, carry_forward, periods_for
+from aikit.periods import Period, carry_forward, cut_window, period_edges, periods_for
 from aikit.redis_client import make_sync_redis
 from aikit.settings import Settings
 from aikit.stripe_gateway import BillingGateway, ReportOutcome, ReportStatus, gateway_from_settings
@@ -451,12 +452,16 @@ class Flusher:
         """Fix the value of every report whose window has ended; its identifier was fixed at creation."""
         with self.engine.begin() as conn:
             lock_reports(conn)  # the store adds to open reports under the same lock
-            result = conn.execute(
+            sealed = list(conn.execute(
                 update(MeterReport)
                 .where(MeterReport.status == "open", MeterReport.window_end <= now)
                 .values(status="pending")
-            )
-            summary.reports_sealed += result.rowcount or 0
+                .returning(MeterReport.id, MeterReport.customer_id, MeterReport.window_start,
+                           MeterReport.window_end, MeterReport.value)
+            ))
+            summary.reports_sealed += len(sealed)
+            for report in straddling(conn, [r.id for r in sealed]):
+                summary.reports_sealed += cut_at_period_edges(conn, report)
         crash_point("after_seal")
 
     def send(self, summary: FlushSummary, deadline: float) -> None:
@@ -649,6 +654,55 @@ class Flusher:
             return
         with flush_lock(self.engine) as acquired:
             yield acquired
+
+
+def straddling(conn: Connection, report_ids: list[str]) -> list[Any]:
+    """Those of the reports whose window has one of its customer's period edges strictly inside (one query)."""
+    if not report_ids:
+        return []
+    r, p = MeterReport, BillingPeriod
+    inside = or_(and_(p.period_start > r.window_start, p.period_start < r.window_end),
+                 and_(p.period_end > r.window_start, p.period_end < r.window_end))
+    edge = select(p.subscription_id).where(p.customer_id == r.customer_id, inside).exists()
+    found: list[Any] = []
+    for i in range(0, len(report_ids), 1000):  # bounded bind parameters (drivers and SQLite cap them)
+        found += conn.execute(select(r.id, r.customer_id, r.window_start, r.window_end, r.value)
+                              .where(r.id.in_(report_ids[i:i + 1000]), edge))
+    return found
+
+
+def cut_at_period_edges(conn: Connection, report: Any) -> int:
+    """Split a report just sealed (never sent) at the customer's period edges inside its window, learned after
+    its usage was stored (a cancellation's webhook arriving after the last calls): each part gets its own
+    report, identifier and stamp, so usage before the edge is invoiced in its period. Only a report that is
+    the only one of its customer in the window and equals its rows exactly; returns how many reports it added."""
+    start, end = as_utc(report.window_start), as_utc(report.window_end)
+    edges = period_edges(conn, report.customer_id, start, end)
+    if not edges:
+        return 0
+    overlapping = conn.execute(select(func.count()).select_from(MeterReport).where(
+        MeterReport.customer_id == report.customer_id, MeterReport.id != report.id,
+        MeterReport.window_start < end, MeterReport.window_end > start)).scalar_one()
+    usage = conn.execute(select(ApiKeyUsage.ts, ApiKeyUsage.tokens).where(
+        ApiKeyUsage.customer_id == report.customer_id, ApiKeyUsage.billable.is_(True),
+        ApiKeyUsage.ts >= start, ApiKeyUsage.ts < end)).all()
+    if overlapping or sum(int(t) for _, t in usage) != int(report.value):
+        return 0  # rows and reports do not map one to one here: leave it whole
+    parts: dict[tuple[dt.datetime, dt.datetime], list[Any]] = defaultdict(lambda: [0, None])
+    for ts, tokens in usage:
+        part = parts[cut_window(start, end, as_utc(ts), edges)]
+        part[0] += int(tokens)
+        part[1] = max(part[1] or as_utc(ts), as_utc(ts))
+    if len(parts) < 2:
+        return 0
+    (first, (value, last)), *rest = sorted(parts.items())
+    conn.execute(update(MeterReport).where(MeterReport.id == report.id).values(
+        window_start=first[0], window_end=first[1], value=value, last_usage_ts=last))
+    for (lo, hi), (value, last) in rest:
+        conn.execute(insert(MeterReport).values(
+            id=new_report_id(), customer_id=report.customer_id, window_start=lo, window_end=hi, value=value,
+            last_usage_ts=last, status="pending", attempts=0, created_at=dt.datetime.now(dt.UTC)))
+    return len(rest)
 
 
 def unsafe_to_resend(row: Any, now: dt.datetime) -> bool:

@@ -3,8 +3,9 @@
 - a key Stripe refuses (401/403) stops the run's sending: nothing parked, everything pending, one log line,
   the StripeAuthFailures metric (alarm StripeAuthFailuresAlarm);
 - a repeated identifier is "already recorded" whether Stripe says so by error code or by its message;
-- reporting windows are cut at the customer's billing-period edges (renewal, cancellation), so usage just
-  before the edge is invoiced in its own period;
+- reporting windows are cut at the customer's billing-period edges (renewal, cancellation), when the usage is
+  stored or, for an edge learned later, when the report is sealed, so usage just before the edge is invoiced
+  in its own period;
 - usage whose period's invoice has finalized is carried forward into the current period (not lost), recorded
   as such, and listed by `aikit reconcile`;
 - `requeue-parked` of a report unconfirmed past Stripe's identifier memory never bills twice.
@@ -182,6 +183,35 @@ def test_usage_just_before_a_period_edge_is_invoiced_in_that_period(
         assert invoiced[periods[1]] == after
     else:  # after a cancellation nothing is invoiced (access ends there); the usage before it is
         assert [(e.value, why) for e, why in fake.uninvoiced(customer)] == [(after, "no_period")]
+    billing.assert_exact()
+
+
+def test_a_cancellation_learned_after_the_usage_was_stored_still_cuts_the_window(
+        billing: Billing, fake: FakeStripe) -> None:
+    edge = past_window_start(2) + 211
+    customer = billing.customer()
+    key = billing.key(customer)
+    before = billing.record(key, customer, 3, ts=edge - 30, seed=3)
+    after = billing.record(key, customer, 2, ts=edge + 10, seed=4)  # calls served before the webhook landed
+    flusher = billing.flusher()
+    try:  # stored into one open report for the whole window; nothing sealed yet
+        assert flusher.run(now=dt.datetime.fromtimestamp(edge - WINDOW, dt.UTC)).reports_sealed == 0
+    finally:
+        flusher.close()
+    [whole] = billing.reports()
+    assert (whole.status, whole.value) == ("open", before + after)
+    # The cancellation's webhook arrives now: the period ends at the edge, in the middle of that window.
+    periods = subscribe(billing, customer, month_before(edge) - 86400, ended_at=edge)
+
+    summary = billing.flush()
+
+    assert summary.ok, summary.errors
+    assert summary.reports_sealed == 2 and summary.reports_sent == 2
+    reports = sorted(billing.reports(), key=lambda r: r.window_start)
+    assert [(r.id == whole.id, int(r.window_start.timestamp()), int(r.window_end.timestamp()), r.value)
+            for r in reports] == [(True, edge - 211, edge, before), (False, edge, edge - 211 + WINDOW, after)]
+    invoiced = {span: t.get(EVENT, 0) for span, (t, _) in fake.will_invoice(customer).items()}
+    assert invoiced[periods[-1]] == before  # without the cut: 0, the whole report stamped after the edge
     billing.assert_exact()
 
 
