@@ -24,8 +24,8 @@ meant to be at least as strict as Stripe where billing correctness is at stake:
   requests per second for the whole account (429 with `Stripe-Rate-Limited-Reason: global-rate`), and the
   documented length limits (identifier and event_name at most 100 characters).
 - Idempotency-Key replay, and injectable network/server faults (`inject`).
-- Keys: any `sk_...`/`rk_...` key is accepted unless listed in `refused_keys` (key -> 401, a revoked or wrong
-  key, or 403, a restricted key without the permission), answered as Stripe answers those.
+- Keys: any `sk_...` key is accepted unless listed in `refused_keys` (key -> 401, a revoked or wrong key, or
+  403, a restricted key without the permission, which may be an `rk_...` key), answered as Stripe answers those.
 - `duplicate_code`: None (default) answers a repeated identifier as Stripe does today, a 400 whose message
   says "An event already exists with identifier ..." and no code; a string answers it with that error code
   and reworded text instead (to test that the code alone is recognised).
@@ -875,15 +875,14 @@ class FakeStripe:
                 "You did not provide an API key. You need to provide your API key in the Authorization "
                 "header, using Bearer auth (e.g. 'Authorization: Bearer YOUR_SECRET_KEY')."
             )
-        elif scheme.lower() != "bearer" or not token.startswith(("sk_", "rk_")) or \
-                self.refused_keys.get(token) == 401:
-            message = f"Invalid API Key provided: {token[:8]}****"
         elif self.refused_keys.get(token) == 403:
             return _Answer(403, {"error": {
                 "type": "invalid_request_error",
                 "message": f"The provided key '{token[:8]}****' does not have the required permissions for this "
                            "endpoint on account 'acct_fake'. Having the 'rak_billing_meter_event_write' "
                            "permission would allow this request to continue."}})
+        elif scheme.lower() != "bearer" or not token.startswith("sk_") or self.refused_keys.get(token) == 401:
+            message = f"Invalid API Key provided: {token[:8]}****"
         else:
             return None
         return _Answer(
