@@ -13,9 +13,9 @@ Money rules, in order:
   usage just before a period end or a cancellation is stamped, and invoiced, in that period (at the store; an
   edge learned after the usage was stored splits the report when it is sealed, `cut_at_period_edges`).
 - Late usage: when the period a report's timestamp falls in has finalized its invoice (its end plus
-  STRIPE_FINALIZATION_GRACE_SECONDS), Stripe would accept the event and never invoice it. Such a report is
-  carried forward: stamped now, inside the customer's current period, recorded in
-  `carried_forward_from`/`carried_forward_to` before the send (retries stamp the same), listed by
+  STRIPE_FINALIZATION_GRACE_SECONDS, less CARRY_MARGIN_SECONDS), Stripe would accept the event and never
+  invoice it. Such a report is carried forward: stamped now, inside the customer's current period, recorded
+  in `carried_forward_from`/`carried_forward_to` before the send (retries stamp the same), listed by
   `aikit reconcile`. Without known periods for the customer the timestamp is kept.
   Stripe refuses timestamps older than 35 days: such a backlog is parked with Stripe's reason
   (`timestamp_too_far_in_past`); it needs a human (see `requeue_parked` after a fix, or bill it by other means).
@@ -101,6 +101,9 @@ CRASH_POINTS = ("after_read", "after_store", "after_ack", "after_seal", "after_s
 # Stripe remembers identifiers for at least 24 hours; a report first tried longer ago than this is not resent.
 IDENTIFIER_SAFE_HOURS = 23
 UNCONFIRMED_PREFIX = "unconfirmed for over"  # last_error of a report parked past Stripe's identifier memory
+# Carry a report forward this long before its period's invoice finalizes: one arriving a little early on the next
+# invoice is still billed, one arriving just after finalization (clock skew, a slow send) never is.
+CARRY_MARGIN_SECONDS = 300
 
 
 def crash_point(name: str) -> None:
@@ -514,7 +517,8 @@ class Flusher:
             return
         now = dt.datetime.now(dt.UTC)
         stamped = dt.datetime.fromtimestamp(event_timestamp(row, now), dt.UTC)
-        to = carry_forward(stamped, periods, now, self.settings.stripe_finalization_grace_seconds)
+        grace = max(0, self.settings.stripe_finalization_grace_seconds - CARRY_MARGIN_SECONDS)
+        to = carry_forward(stamped, periods, now, grace)
         if to is None:
             return
         origin = row.carried_forward_from or stamped

@@ -254,6 +254,27 @@ def test_usage_of_a_finalized_period_is_carried_into_the_current_invoice(
     assert [(c["report_id"], c["value"]) for c in check.carried_forward] == [(report.id, tokens[carried])]
 
 
+@pytest.mark.parametrize(("ended_ago", "carried"), [(30 * 60, False), (HOUR - 2 * 60, True)],
+                         ids=["inside-grace", "inside-safety-margin"])
+def test_usage_of_a_period_still_open_for_late_usage_stays_in_it_unless_too_close_to_finalizing(
+        billing: Billing, fake: FakeStripe, ended_ago: int, carried: bool) -> None:
+    period_end = int(time.time()) - ended_ago
+    customer = billing.customer()
+    periods = subscribe(billing, customer, month_before(period_end))
+    tokens = billing.record(billing.key(customer), customer, 4, ts=period_end - 600)
+
+    summary = billing.flush()
+
+    assert summary.ok, summary.errors
+    assert summary.reports_carried_forward == int(carried)
+    invoiced = {span: t.get(EVENT, 0) for span, (t, _) in fake.will_invoice(customer).items()}
+    # Within the grace the ended period's invoice still takes it; a few minutes before it finalizes
+    # (CARRY_MARGIN_SECONDS) it goes to the next one rather than risk arriving after finalization.
+    assert invoiced == ({periods[0]: 0, periods[1]: tokens} if carried else {periods[0]: tokens, periods[1]: 0})
+    assert fake.uninvoiced(customer) == []
+    billing.assert_exact()
+
+
 # -------------------------------------------------------------------- requeue after identifier expiry
 
 
