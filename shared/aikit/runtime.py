@@ -80,6 +80,10 @@ class Runtime:
 
     @cached_property
     def meter(self) -> RedisMeter:
+        if self.settings.redis_url.startswith("memory://"):
+            from aikit.metering.embedded import EmbeddedMeter
+
+            return EmbeddedMeter(self.redis, self.layout, self.engine, self.settings)
         return RedisMeter(self.redis, self.layout, self.engine, self.settings)
 
     @cached_property
