@@ -6,6 +6,7 @@ calling key, within its limits:
     from aikit import llm
     result = await llm.chat(messages=[{"role": "user", "content": "hi"}], track_tokens=True)
     async for event in llm.stream(messages=..., track_tokens=True): ...
+    vectors = (await llm.embed(["some text", "more"], track_tokens=True)).embeddings
 
 Standalone: `LLM(build_provider(settings), meter=meter).chat(..., track_tokens=True, caller=Caller(...))`.
 
