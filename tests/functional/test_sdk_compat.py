@@ -555,6 +555,8 @@ def test_messages_api_errors_take_anthropics_shape(served: Served) -> None:
     assert body["error"]["message"].startswith("messages[0].content: ")
     r = httpx.post(served.base + "/v1/messages", timeout=10,
                    json={"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]})
-    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert r.status_code == 401 and r.json()["error"] == {
+        "type": "authentication_error",
+        "message": "missing API key: send 'x-api-key: <key>' or 'Authorization: Bearer <key>'"}
     assert served.fake.requests == []
     assert_metered(served, key)

@@ -20,6 +20,7 @@ from fastapi.routing import APIRoute
 
 from aikit.api.anthropic_format import MessagesRequest, MessageStream, error_json, message_json
 from aikit.api.deps import bearer_token, billed_request
+from aikit.api.errors import ApiError
 from aikit.api.streaming import AnthropicEvents, respond
 from aikit.llm.admission import MeteredRequest
 
@@ -65,6 +66,9 @@ class AnthropicErrors(APIRoute):
 async def anthropic_key(request: Request) -> MeteredRequest:
     """The aikit key as Anthropic's clients send it: `x-api-key`, or `Authorization: Bearer` (auth_token=)."""
     token = request.headers.get("x-api-key", "").strip()
+    if not token and not request.headers.get("authorization"):
+        raise ApiError(401, "missing API key: send 'x-api-key: <key>' or 'Authorization: Bearer <key>'",
+                       code="missing_api_key")
     return await billed_request(request, token or bearer_token(request))
 
 
