@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     # LLM providers.
     llm_provider: Literal["echo", "openai", "anthropic", "bedrock"] = "echo"
     llm_default_model: str | None = None
+    llm_embedding_model: str | None = None  # of POST /v1/embeddings calls naming none; else the provider's
     llm_timeout_seconds: float = Field(default=60.0, gt=0)  # per read from the upstream
     # Total time one LLM call may take, streams included; keep it below the function's timeout so a call cut
     # off here still ends cleanly (504, or a final SSE error event) and is metered for what the upstream bills.

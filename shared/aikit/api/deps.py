@@ -39,9 +39,10 @@ def bearer_token(request: Request) -> str:
     return token
 
 
-async def verified_key(request: Request, runtime: Runtime) -> KeyInfo:
-    """The caller's key: valid and not revoked (401); unknown keys from an address guessing them: 429."""
-    token = bearer_token(request)
+async def verified_key(request: Request, runtime: Runtime, token: str | None = None) -> KeyInfo:
+    """The caller's key (`token`, else the bearer token): valid and not revoked (401); unknown keys from an
+    address guessing them: 429."""
+    token = bearer_token(request) if token is None else token
     if len(token) > 200:
         raise ApiError(401, "invalid API key", code="invalid_api_key")
     found, info = runtime.keys.cached(token)
@@ -70,8 +71,13 @@ async def authenticate(request: Request) -> MeteredRequest:
     """The one auth-and-admission step of a metered route: a valid key (401/429) whose customer may use the
     API now (402), and the request's billing state, which the route's metered LLM calls are admitted and
     metered through. No Redis or database round trip on a warm key: limits are checked with the first call."""
+    return await billed_request(request, bearer_token(request))
+
+
+async def billed_request(request: Request, token: str) -> MeteredRequest:
+    """`authenticate` with the key taken from wherever the route's clients send it (Anthropic's x-api-key)."""
     runtime: Runtime = request.app.state.runtime
-    key = await verified_key(request, runtime)
+    key = await verified_key(request, runtime, token)
     if key.access is Access.NONE:
         raise ApiError(402, f"payment required: {key.access_reason}", code="subscription_inactive")
     billing = MeteredRequest(key, runtime.limiter, runtime.llm, runtime.settings.quota_reserve_tokens)

@@ -175,8 +175,17 @@ def vector(text: str, dimensions: int) -> list[float]:
     return [v / norm for v in values]
 
 
+def _embedded_texts(req: EmbeddingRequest) -> list[str]:
+    texts = req.texts
+    if texts is not None:
+        return texts
+    ids: list[Any] = [req.input] if req.input and isinstance(req.input[0], int) else list(req.input)
+    return [" ".join(map(str, item)) for item in ids]  # token ids: each id one word
+
+
 class EchoProvider(Provider):
     name = "echo"
+    default_embedding_model = "echo-embed-1"
 
     def __init__(self, default_model: str | None = None) -> None:
         self.default_model = default_model or "echo-1"
@@ -204,13 +213,15 @@ class EchoProvider(Provider):
 
     async def embed(self, req: EmbeddingRequest) -> EmbeddingResult:
         dimensions = req.dimensions or DIMENSIONS
-        texts = req.texts
-        if texts is None:  # token ids
-            ids: list[Any] = [req.input] if req.input and isinstance(req.input[0], int) else list(req.input)
-            texts = [" ".join(map(str, item)) for item in ids]
-        tokens = sum(count_words(t) for t in texts)
+        texts = _embedded_texts(req)
         return EmbeddingResult(model=req.model, embeddings=[vector(t, dimensions) for t in texts],
-                               usage=Usage(input_tokens=tokens, output_tokens=0))
+                               usage=Usage(input_tokens=self.estimate_embedding_tokens(req), output_tokens=0))
+
+    def estimate_embedding_tokens(self, req: EmbeddingRequest) -> int:
+        return sum(count_words(t) for t in _embedded_texts(req))
+
+    def embedding_token_bound(self, req: EmbeddingRequest) -> int:
+        return self.estimate_embedding_tokens(req)
 
     # Echo knows its own counts exactly, even for a stream cut short.
     def estimate_input_tokens(self, req: ChatRequest) -> int:
