@@ -79,6 +79,11 @@ class Runtime:
         return AuthGuard(self.redis, self.settings.redis_key_prefix, self.settings.auth_failures_per_minute)
 
     @cached_property
+    def admin_guard(self) -> AuthGuard:
+        return AuthGuard(self.redis, self.settings.redis_key_prefix, self.settings.admin_failures_per_minute,
+                         kind="adminfail")
+
+    @cached_property
     def meter(self) -> RedisMeter:
         return RedisMeter(self.redis, self.layout, self.engine, self.settings)
 

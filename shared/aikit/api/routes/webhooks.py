@@ -10,6 +10,7 @@ from functools import partial
 import anyio
 from fastapi import APIRouter, FastAPI, Request
 
+from aikit.api.body_limit import BodyLimitMiddleware
 from aikit.api.deps import RuntimeDep
 from aikit.api.errors import ApiError, install_error_handlers
 from aikit.runtime import Runtime, get_runtime
@@ -70,4 +71,8 @@ def create_webhook_app(runtime: Runtime | None = None) -> FastAPI:
     app.state.runtime = runtime or get_runtime()
     install_error_handlers(app)
     app.include_router(router)
+    settings = app.state.runtime.settings
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_request_body_bytes,
+                       body_timeout=settings.body_read_timeout_seconds,
+                       send_stall_timeout=settings.send_stall_timeout_seconds)
     return app
