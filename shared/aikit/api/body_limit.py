@@ -14,7 +14,6 @@ hears the client's disconnect.
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import anyio
@@ -24,10 +23,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from aikit.api.errors import REQUEST_ID_SCOPE_KEY, error_body, request_id_var
 from aikit.metering.base import new_request_id
 from aikit.observability import logger
-
-
-class ClientStalled(Exception):
-    """The client stopped reading the response."""
 
 
 class _Refused(Exception):
@@ -62,7 +57,8 @@ class BodyLimitMiddleware:
         # Not reset afterwards on purpose: the app's last-resort 500 handler runs outside this middleware and
         # still names the request; every request runs in a context of its own.
         request_id_var.set(request_id)
-        send = self._guarded_send(send, request_id)
+        stalled = anyio.Event()
+        send = self._guarded_send(send, request_id, stalled)
         try:
             message = await self._read_body(scope, receive)
         except _Refused as exc:
@@ -70,8 +66,7 @@ class BodyLimitMiddleware:
             return
         if message is None:  # the client went away while sending
             return
-        with contextlib.suppress(ClientStalled):  # logged where it was noticed; the server closes the connection
-            await self.app(scope, self._replay(message, receive), send)
+        await self.app(scope, self._replay(message, receive, stalled), send)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> Message | None:
         length = declared_length(scope)
@@ -99,7 +94,8 @@ class BodyLimitMiddleware:
                         "request_too_large")
 
     @staticmethod
-    def _replay(message: Message, receive: Receive) -> Receive:
+    def _replay(message: Message, receive: Receive, stalled: anyio.Event) -> Receive:
+        """The body once; then what the server says, or a disconnect once the client stopped reading."""
         delivered = False
 
         async def replay() -> Message:
@@ -107,12 +103,28 @@ class BodyLimitMiddleware:
             if not delivered:
                 delivered = True
                 return message
-            return await receive()
+            got: Message = {"type": "http.disconnect"}
+            async with anyio.create_task_group() as tg:
+
+                async def from_server() -> None:
+                    nonlocal got
+                    got = await receive()
+                    tg.cancel_scope.cancel()
+
+                async def on_stall() -> None:
+                    await stalled.wait()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(from_server)
+                tg.start_soon(on_stall)
+            return got
 
         return replay
 
-    def _guarded_send(self, send: Send, request_id: str) -> Send:
+    def _guarded_send(self, send: Send, request_id: str, stalled: anyio.Event) -> Send:
         async def guarded(message: Message) -> None:
+            if stalled.is_set():
+                return  # the client stopped reading: the rest of the response goes nowhere
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)
                 if "x-request-id" not in headers:
@@ -120,8 +132,11 @@ class BodyLimitMiddleware:
             with anyio.move_on_after(self.send_stall_timeout) as waited:
                 await send(message)
             if waited.cancel_called:
+                # Told as a disconnect (see _replay): a streaming response cancels its stream as it does for a
+                # client that hung up, so the stream stops at its next step and is metered for what it made.
+                # The server closes the connection: the response was never completed.
                 logger.warning("client_stalled", extra={"request_id": request_id})
-                raise ClientStalled(f"the client read nothing for {self.send_stall_timeout:g}s")
+                stalled.set()
 
         return guarded
 
