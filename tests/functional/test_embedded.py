@@ -4,6 +4,11 @@ provider. Migrate, create a key, chat, and the flush drains the usage into SQLit
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -26,7 +31,9 @@ from aikit.redis_client import make_sync_redis
 from aikit.runtime import Runtime
 from aikit.server import create_server_app
 from aikit.settings import Settings, load_settings
-from tests.servers import serve_app
+from tests.servers import free_port, serve_app
+
+AIKIT = str(Path(sys.executable).with_name("aikit"))
 
 
 @pytest.fixture
@@ -101,18 +108,16 @@ def test_chat_is_metered_and_the_flush_drains_into_sqlite_exactly(embedded: Sett
         assert client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]},
                            headers={"Authorization": "Bearer ak_unknown"}).status_code == 401
 
-    assert pending_tokens(embedded, runtime, key.api_key_id) == total
-    assert stored(embedded, key.api_key_id) == (0, 0, 0, 0)
-    summary = Flusher(embedded).run()
-    assert summary.ok, summary.errors
-    assert summary.rows_inserted == summary.events_read == 7
+    # Written to SQLite before each call returned: nothing waits in the in-process substitute.
     assert stored(embedded, key.api_key_id) == (6, total, 6, total)
     assert stored(embedded, other.api_key_id) == (1, 3, 1, 3)
     assert pending_tokens(embedded, runtime, key.api_key_id) == 0
     with get_engine(embedded.database_url).connect() as conn:
         day = conn.execute(select(UsageDaily.date).where(UsageDaily.api_key_id == key.api_key_id)).scalar_one()
     assert str(day) == dt.datetime.now(dt.UTC).date().isoformat()
-    assert Flusher(embedded).run().rows_inserted == 0  # nothing left, nothing doubled
+    summary = Flusher(embedded).run()
+    assert summary.ok, summary.errors
+    assert summary.events_read == summary.rows_inserted == 0  # nothing buffered, nothing doubled
     assert stored(embedded, key.api_key_id) == (6, total, 6, total)
 
 
@@ -121,18 +126,82 @@ def test_limits_hold_on_the_embedded_redis(embedded: Settings) -> None:
     key = new_key(embedded, rpm=2, rpd=100)
     with TestClient(create_app(runtime=runtime)) as client:
         assert [chat(client, key, "hello there world").status_code for _ in range(3)] == [200, 200, 429]
-    assert pending_tokens(embedded, runtime, key.api_key_id) == 2 * 7
+    assert stored(embedded, key.api_key_id) == (2, 2 * 7, 2, 2 * 7)
 
 
-def test_the_served_app_flushes_by_itself(embedded: Settings) -> None:
-    """`aikit serve` (make run) flushes in-process every FLUSH_INTERVAL_SECONDS; driven with the openai SDK."""
+def test_the_served_app_has_stored_each_call_when_it_answers(embedded: Settings) -> None:
+    """`aikit serve` (make run) driven with the openai SDK: the usage is in SQLite by the time the answer is."""
     settings = embedded.model_copy(update={"flush_interval_seconds": 1})
     key = new_key(settings)
     with serve_app(create_server_app(settings)) as base:
         sdk = openai.OpenAI(api_key=key.api_key, base_url=base + "/v1", max_retries=0)
         reply = sdk.chat.completions.create(model="echo-1", messages=[{"role": "user", "content": "one two"}])
         assert reply.usage is not None and reply.usage.total_tokens == 2 + 3
-        deadline = time.monotonic() + 5
-        while stored(settings, key.api_key_id)[0] == 0 and time.monotonic() < deadline:
+        assert stored(settings, key.api_key_id) == (1, 5, 1, 5)
+
+
+def serve(tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
+    port = free_port()
+    proc = subprocess.Popen([AIKIT, "serve", "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            httpx.get(base + "/healthz", timeout=1)
+            return proc, base
+        except httpx.TransportError:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, "aikit serve did not come up"
             time.sleep(0.1)
-    assert stored(settings, key.api_key_id) == (1, 5, 1, 5)
+
+
+def cli(tmp_path: Path, env: dict[str, str], *args: str) -> Any:
+    result = subprocess.run([AIKIT, *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_stopping_make_run_loses_nothing_and_a_flush_from_another_shell_agrees(tmp_path: Path,
+                                                                                stop: signal.Signals) -> None:
+    """The embedded default as a user meets it: chat, stop the server (Ctrl-C, SIGTERM or a crash), `aikit flush`
+    from another shell, start again: every token is still there, and the monthly quota remembers it."""
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
+    env.update({"DATABASE_URL": f"sqlite:///{tmp_path}/aikit.db", "REDIS_URL": "memory://", "LLM_PROVIDER": "echo",
+                "FLUSH_INTERVAL_SECONDS": "3600", "POWERTOOLS_METRICS_DISABLED": "true"})
+    cli(tmp_path, env, "migrate")
+    key = cli(tmp_path, env, "keys", "create", "--email", "first@example.com", "--monthly-tokens", "40")
+    headers = {"Authorization": f"Bearer {key['api_key']}"}
+    body = {"messages": [{"role": "user", "content": "one two three four five"}]}  # 5 in + 6 out
+    proc, base = serve(tmp_path, env)
+    try:
+        told = [httpx.post(base + "/v1/chat/completions", headers=headers, json=body, timeout=10) for _ in range(3)]
+        assert [r.status_code for r in told] == [200, 200, 200]
+    finally:
+        proc.send_signal(stop)
+        proc.wait(timeout=15)
+        if proc.stdout:
+            proc.stdout.close()
+
+    flushed = cli(tmp_path, env, "flush")
+    assert flushed["ok"] is True and flushed["rows_inserted"] == 0  # every row was already in SQLite
+    assert stored_in(env, key["api_key_id"]) == (3, 33, 3, 33)
+
+    proc, base = serve(tmp_path, env)
+    try:
+        usage = httpx.get(base + "/v1/usage", headers=headers, timeout=10).json()
+        assert (usage["tokens_used"], usage["requests"]) == (33, 3)
+        # 33 of 40 used: the next call is admitted, the one after it is refused from the remembered quota.
+        assert httpx.post(base + "/v1/chat/completions", headers=headers, json=body, timeout=10).status_code == 200
+        assert httpx.post(base + "/v1/chat/completions", headers=headers, json=body, timeout=10).status_code == 429
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
+        if proc.stdout:
+            proc.stdout.close()
+    assert stored_in(env, key["api_key_id"]) == (4, 44, 4, 44)
+
+
+def stored_in(env: dict[str, str], api_key_id: str) -> tuple[int, int, int, int]:
+    return stored(load_settings(database_url=env["DATABASE_URL"], _env_file=None), api_key_id)

@@ -105,6 +105,9 @@ class RedisMeter(Meter):
     def _fallback(self, event: UsageEvent) -> None:
         """Redis did not take the event: write it straight to the database, keyed by the same request id."""
         emit(METER_FALLBACKS)
+        self._store(event)
+
+    def _store(self, event: UsageEvent) -> None:
         try:
             with self._engine.begin() as conn:
                 store_events(conn, [event], billable=self._settings.stripe_enabled

@@ -257,3 +257,19 @@ end
 return redis.call('XTRIM', KEYS[1], 'MINID', '=', ARGV[2])
 """
 )
+
+# The embedded setup's meter (metering/embedded.py) writes each event to the database itself; the live counters
+# move as RECORD moves them, without the stream and the pending counters (nothing waits for a flush).
+# KEYS: quota, inflight[, quota_catchup]. ARGV: request_id, tokens.
+COUNT_RECORDED = LuaScript(
+    """
+local q = -1
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  q = redis.call('INCRBY', KEYS[1], ARGV[2])
+elseif KEYS[3] and redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('INCRBY', KEYS[3], ARGV[2])
+end
+redis.call('HDEL', KEYS[2], ARGV[1])
+return q
+"""
+)
