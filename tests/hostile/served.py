@@ -44,11 +44,14 @@ class Served:
 
 @contextlib.contextmanager
 def aikit_serve(env: dict[str, str]) -> Iterator[Served]:
-    """`python -m aikit.cli serve` on a free port with `env` on top of this process' environment."""
+    """`python -m aikit.cli serve` on a free port, configured by `env` only."""
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="aikit-served-")
     log_path = os.path.join(workdir, "server.log")
-    full_env = {**os.environ, "POWERTOOLS_METRICS_DISABLED": "true", "LOG_LEVEL": "WARNING",
+    # Only what a shell needs: nothing leaks in from the test runner's environment (other tests set Stripe
+    # keys and the like there), and the working directory holds no .env.
+    inherited = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
+    full_env = {**inherited, "POWERTOOLS_METRICS_DISABLED": "true", "LOG_LEVEL": "WARNING",
                 "PYTHONUNBUFFERED": "1", **env}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "aikit.cli", "serve", "--host", "127.0.0.1",
