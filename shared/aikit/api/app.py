@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from aikit.api.body_limit import BodyLimitMiddleware
 from aikit.api.deps import authenticate, is_public
 from aikit.api.errors import error_body, install_error_handlers
 from aikit.api.routes import admin, billing, chat, embeddings, health, messages, usage, webhooks
@@ -87,4 +88,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None,
     for router in mounted:
         app.include_router(router, dependencies=[] if is_public(router) else [Depends(authenticate)])
     app.add_middleware(RequestScopeMiddleware, runtime=runtime)
+    settings = runtime.settings
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_request_body_bytes,  # outermost: first
+                       body_timeout=settings.body_read_timeout_seconds,
+                       send_stall_timeout=settings.send_stall_timeout_seconds)
     return app

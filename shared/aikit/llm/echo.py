@@ -34,6 +34,8 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
+from anyio.lowlevel import checkpoint
+
 from aikit.llm.base import (
     ChatRequest,
     ChatResult,
@@ -203,11 +205,15 @@ class EchoProvider(Provider):
 
     async def stream(self, req: ChatRequest) -> AsyncGenerator[ProviderEvent, None]:
         reply = _reply(req)
+        # Every event yields to the event loop, as a network read would: a long reply must neither starve
+        # other requests nor miss its consumer's cancellation (a client that hung up).
         for word in _pieces(reply.words):
+            await checkpoint()
             yield TextDelta(word)
         for n, call in enumerate(reply.calls):
             yield ToolCallDelta(n, id=call.id, name=call.name)
             for piece in _pieces(call.arguments.split(" ")):
+                await checkpoint()
                 yield ToolCallDelta(n, arguments=piece)
         yield StreamEnd(finish_reason=reply.finish, usage=reply.usage)
 
