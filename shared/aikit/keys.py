@@ -181,6 +181,8 @@ STALE_KEY_SECONDS = 3600.0
 REFRESH_AHEAD = 0.8
 # Threads that run the background refreshes of all keys (one refresh per key at a time).
 REFRESH_THREADS = 2
+# How long a caller waits for another caller's lookup of the same key before running its own.
+FLIGHT_WAIT_SECONDS = 10.0
 _DATABASE_DOWN: tuple[type[BaseException], ...] = (DBAPIError, OSError)
 
 
@@ -189,6 +191,10 @@ class _Entry:
     refresh_at: float  # monotonic: from here on a request starts a background refresh
     expires_at: float  # monotonic: from here on the answer is no longer used (except while the database is down)
     info: KeyInfo | None
+
+
+class _StillRunning(Exception):
+    """A shared lookup did not finish within FLIGHT_WAIT_SECONDS."""
 
 
 class _Flight:
@@ -207,8 +213,9 @@ class _Flight:
         self._info, self._error = info, error
         self._done.set()
 
-    def wait(self) -> KeyInfo | None:
-        self._done.wait()
+    def wait(self, timeout: float | None = None) -> KeyInfo | None:
+        if not self._done.wait(timeout):
+            raise _StillRunning
         if self._error is not None:
             raise self._error
         return self._info
@@ -247,7 +254,16 @@ class KeyCache:
             run, flight.claimed = not flight.claimed, True
         if run:
             self._fly(digest, flight)
-        return flight.wait()
+            return flight.wait()
+        try:
+            return flight.wait(FLIGHT_WAIT_SECONDS)
+        except _StillRunning:
+            # The shared lookup is stuck (say a refresh thread frozen with the Lambda and its connection
+            # gone): don't let every request for the key hang on it; forget it and query on our own.
+            with self._lock:
+                if self._flights.get(digest) is flight:
+                    del self._flights[digest]
+            return self._load(digest)
 
     def cached(self, secret: str) -> tuple[bool, KeyInfo | None]:
         """(found, answer) from the cache alone, without waiting for the database (a due refresh starts in the
@@ -297,7 +313,8 @@ class KeyCache:
             error = exc
         finally:
             with self._lock:
-                self._flights.pop(digest, None)
+                if self._flights.get(digest) is flight:
+                    del self._flights[digest]
             flight.finish(info, error)
         if error is not None:
             raise error

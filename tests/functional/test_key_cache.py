@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy import Engine, event
 from sqlalchemy.orm import Session
 
+from aikit import keys
 from aikit.api.app import create_app
 from aikit.db.engine import get_engine
 from aikit.keys import KeyCache, revoke_key
@@ -219,3 +220,36 @@ def test_tls_context_is_built_once_per_engine(monkeypatch: pytest.MonkeyPatch, p
     finally:
         engine.dispose()
     assert len(built) == 1
+
+
+def test_a_stuck_shared_lookup_does_not_hold_the_other_callers(monkeypatch: pytest.MonkeyPatch, pg_url: str,
+                                                               redis_prefix: str) -> None:
+    monkeypatch.setattr(keys, "FLIGHT_WAIT_SECONDS", 0.3)
+    settings = make_settings(pg_url, redis_prefix, key_cache_ttl_seconds=5)
+    engine = get_engine(pg_url)
+    cache = KeyCache(engine, settings)
+    key = issue_key(settings)
+    release = threading.Event()
+    stuck: list[bool] = []
+
+    def first_query_hangs(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if "FROM api_keys" in statement and not stuck:
+            stuck.append(True)
+            release.wait(10)  # a connection that stopped answering
+
+    answers: dict[str, Any] = {}
+    event.listen(engine, "before_cursor_execute", first_query_hangs)
+    try:
+        leader = threading.Thread(target=lambda: answers.setdefault("leader", cache.lookup(key.api_key)))
+        leader.start()
+        wait_for(lambda: bool(stuck))
+        began = time.monotonic()
+        answers["other"] = cache.lookup(key.api_key)  # waits for the stuck lookup a while, then queries itself
+        waited = time.monotonic() - began
+        release.set()
+        leader.join(10)
+    finally:
+        event.remove(engine, "before_cursor_execute", first_query_hangs)
+    assert answers["other"] is not None and answers["other"].api_key_id == key.api_key_id
+    assert 0.3 <= waited < 5
+    assert answers["leader"] is not None and answers["leader"].api_key_id == key.api_key_id
