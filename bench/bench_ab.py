@@ -40,6 +40,7 @@ from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
+sys.path.insert(0, str(ROOT))  # tests.servers: free ports, a throwaway redis-server
 CONCURRENCY = 16
 TARGET_RATIO = 0.5
 STRETCH_RATIO = 0.7
@@ -91,16 +92,26 @@ def serve_null(port: int) -> None:
 
 
 def free_port() -> int:
-    sys.path.insert(0, str(ROOT))
     from tests.servers import free_port as pick
 
     return pick()
 
 
+def prioritize(pid: int, nice: int) -> None:
+    """A higher scheduling priority (root only): on a shared machine other processes would otherwise take
+    turns on the server core and the figures would measure them."""
+    if nice and os.geteuid() == 0:
+        os.setpriority(os.PRIO_PROCESS, pid, nice)
+
+
 @contextlib.contextmanager
-def server(cmd: list[str], port: int, core: int, env: dict[str, str]) -> Iterator[int]:
+def server(cmd: list[str], port: int, core: int, env: dict[str, str], nice: int) -> Iterator[int]:
+    def pin() -> None:
+        os.sched_setaffinity(0, {core})
+        prioritize(0, nice)
+
     proc = subprocess.Popen(cmd, env=env, cwd=tempfile.gettempdir(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, preexec_fn=lambda: os.sched_setaffinity(0, {core}))
+                            stderr=subprocess.PIPE, preexec_fn=pin)
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -278,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=2000, help="in-process requests per configuration")
     p.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
     p.add_argument("--serve-null", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    p.add_argument("--nice", type=int, default=-10, help="scheduling priority of the servers, redis-server and "
+                                                          "the clients when run as root (0: unchanged)")
     p.add_argument("--hold", type=float, default=0, help="keep loading aikit this many seconds at the end "
                                                          "(for a profiler attached to the printed pid)")
     args = p.parse_args(argv)
@@ -290,8 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
 
-    from bench_api import bench_database, bench_redis
+    from bench_api import bench_database
     from sqlalchemy.orm import Session
+    from tests.servers import throwaway_redis
 
     from aikit.keys import create_key
     from aikit.runtime import Runtime
@@ -301,9 +315,13 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "bench": "ab", "python": platform.python_version(), "cpus": os.cpu_count(),
         "cores": {"server": server_core, "client": client_core}, "concurrency": CONCURRENCY,
+        "nice": args.nice if os.geteuid() == 0 else 0,
         "uvicorn": {"uvloop": find_spec("uvloop") is not None, "httptools": find_spec("httptools") is not None},
     }
-    with bench_database() as db_url, bench_redis(None) as redis_url:
+    with bench_database() as db_url, throwaway_redis() as redis_process:
+        redis_url = redis_process.url
+        if redis_process.proc is not None:
+            prioritize(redis_process.proc.pid, args.nice)
         prefix = f"ab{uuid.uuid4().hex[:8]}"
         settings = load_settings(database_url=db_url, redis_url=redis_url, redis_key_prefix=prefix,
                                  llm_provider="echo", stripe_secret_key=None, flush_interval_seconds=0,
@@ -323,12 +341,14 @@ def main(argv: list[str] | None = None) -> int:
                     "bare": encode_request(ports["bare"], None), "null": encode_request(ports["null"], None)}
         me = __file__
         with server([aikit_bin, "serve", "--host", "127.0.0.1", "--port", str(ports["aikit"])], ports["aikit"],
-                    server_core, env) as aikit_pid, \
+                    server_core, env, args.nice) as aikit_pid, \
                 server([sys.executable, me, "--serve-bare", str(ports["bare"])], ports["bare"], server_core,
-                       env) as bare_pid, \
-                server([sys.executable, me, "--serve-null", str(ports["null"])], ports["null"], server_core, env):
-            own = os.sched_getaffinity(0)
+                       env, args.nice) as bare_pid, \
+                server([sys.executable, me, "--serve-null", str(ports["null"])], ports["null"], server_core, env,
+                       args.nice):
+            own, own_nice = os.sched_getaffinity(0), os.getpriority(os.PRIO_PROCESS, 0)
             os.sched_setaffinity(0, {client_core})
+            prioritize(0, args.nice)
             try:
                 ceiling = asyncio.run(load(ports["null"], requests["null"], args.seconds))
                 result["client_ceiling_rps"] = ceiling["rps"]
@@ -340,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
                     ab["aikit_200"] += held["codes"].get("200", 0)
             finally:
                 os.sched_setaffinity(0, own)
+                if os.geteuid() == 0:
+                    os.setpriority(os.PRIO_PROCESS, 0, own_nice)
         result["ab"] = ab
         result["client_not_the_bottleneck"] = ceiling["rps"] > 2 * ab["bare"]["rps"]
         # Every 200 `aikit serve` answered (warm-up, rounds and --hold) is one event in the durable buffer.
