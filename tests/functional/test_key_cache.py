@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session
 
 from aikit import keys
@@ -22,7 +22,7 @@ from aikit.api.app import create_app
 from aikit.db.engine import get_engine
 from aikit.keys import KeyCache, revoke_key
 from aikit.runtime import Runtime
-from tests.conftest import issue_key, make_settings
+from tests.conftest import ADMIN_URL, issue_key, make_settings
 
 CONCURRENT = 16
 BODY = {"model": "echo-1", "messages": [{"role": "user", "content": "hello there world"}]}
@@ -253,3 +253,30 @@ def test_a_stuck_shared_lookup_does_not_hold_the_other_callers(monkeypatch: pyte
     assert answers["other"] is not None and answers["other"].api_key_id == key.api_key_id
     assert 0.3 <= waited < 5
     assert answers["leader"] is not None and answers["leader"].api_key_id == key.api_key_id
+
+
+def test_a_failed_background_refresh_keeps_the_last_known_state_while_the_database_is_down(
+        fresh_pg_url: str, redis_prefix: str) -> None:
+    ttl = 1.0
+    settings = make_settings(fresh_pg_url, redis_prefix, key_cache_ttl_seconds=ttl)
+    runtime = Runtime(settings)
+    key = issue_key(settings, rpm=10_000, rpd=100_000, monthly_tokens=10_000_000)
+
+    async def scenario() -> None:
+        async with app_client(runtime) as client:
+            warmed = time.monotonic()
+            assert await burst(client, key.api_key, 1) == [200]
+            admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+            with admin.connect() as conn:  # the database goes away (its connections are cut too)
+                conn.execute(text(f'DROP DATABASE "{fresh_pg_url.rsplit("/", 1)[1]}" WITH (FORCE)'))
+            admin.dispose()
+            await asyncio.sleep(warmed + 0.85 * ttl - time.monotonic())
+            assert await burst(client, key.api_key, 4) == [200] * 4  # the refresh starts, and fails
+            await asyncio.to_thread(wait_for, lambda: not runtime.keys._flights)
+            await asyncio.sleep(warmed + ttl + 0.05 - time.monotonic())
+            assert await burst(client, key.api_key, 4) == [200] * 4  # past the TTL: the last known state
+            r = await client.post("/v1/chat/completions", json=BODY,
+                                  headers={"Authorization": "Bearer ak_never-seen-before"})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "database_unavailable"
+
+    asyncio.run(scenario())
