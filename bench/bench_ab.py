@@ -8,8 +8,8 @@ Two servers, each a process of its own pinned to the same core (os.sched_setaffi
          reservation (one Redis script before the LLM call), durable metering into a real redis-server (one
          script after), the echo provider, metrics on (EMF lines to stdout, discarded), default log level;
   bare:  the same POST /v1/chat/completions without auth, limits or metering (same body model, same echo
-         provider, same JSON), served by uvicorn.run with exactly the arguments `aikit serve` passes, so both
-         get the same loop and HTTP implementation (uvloop and httptools when installed) and access log.
+         provider, same JSON), served by `aikit serve`'s own function with the app swapped, so both get the
+         same uvicorn configuration (uvloop and httptools when installed, log level, access log).
 The client is a small asyncio raw-socket HTTP/1.1 client (one pre-encoded request, Content-Length parsing);
 its own ceiling is measured against a null server on the server core. Each round runs both servers for
 --seconds each (the order alternates per round); the figure is the median of the per-round ratios
@@ -53,14 +53,17 @@ BODY = {"model": "echo-1", "messages": [{"role": "user", "content": "hello there
 
 
 def serve_bare(port: int) -> None:
-    """The bare route under uvicorn.run with the arguments of aikit.cli.cmd_serve (same log level default)."""
-    import uvicorn
+    """The bare route served by `aikit serve`'s own code (aikit.cli.cmd_serve) with the app swapped: whatever
+    uvicorn configuration that command passes (loop, HTTP implementation, log level, access log) applies to
+    both servers alike."""
     from bench_api import bare_app
 
-    from aikit.settings import Settings
+    import aikit.server
+    from aikit import cli
+    from aikit.settings import get_settings
 
-    uvicorn.run(bare_app(), host="127.0.0.1", port=port, workers=1,
-                log_level=Settings.model_fields["log_level"].default.lower(), proxy_headers=False)
+    aikit.server.create_server_app = lambda _settings: bare_app()  # type: ignore[assignment]
+    cli.cmd_serve(argparse.Namespace(host="127.0.0.1", port=port), get_settings())
 
 
 def serve_null(port: int) -> None:
