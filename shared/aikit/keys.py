@@ -335,6 +335,9 @@ class KeyCache:
                 return hit.info
             raise
         with self._lock:
+            current = self._entries.get(digest)
+            if current is not None and current.expires_at > started + self._ttl:
+                return info  # a later lookup (one that did not wait for this slow one) answered already
             self._entries[digest] = _Entry(started + self._ttl * REFRESH_AHEAD, started + self._ttl, info)
             self._entries.move_to_end(digest)
             while len(self._entries) > self._max:
