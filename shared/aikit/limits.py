@@ -32,9 +32,7 @@ class LimiterUnavailable(Exception):
 class LimitDecision:
     allowed: bool
     limit_hit: str | None = None  # minute | day | tokens
-    retry_after: int | None = None
     headers: dict[str, str] = field(default_factory=dict)
-    degraded: bool = False  # Redis was unreachable; decided by RATE_LIMIT_FAIL_MODE
 
 
 class RateLimited(Exception):
@@ -121,7 +119,7 @@ class RateLimiter:
         retry = {"minute": 60 - int(now) % 60, "day": seconds_to_midnight(now)}.get(
             str(hit), seconds_to_next_month(now))
         headers["Retry-After"] = str(retry)
-        return LimitDecision(allowed=False, limit_hit=str(hit), retry_after=retry, headers=headers)
+        return LimitDecision(allowed=False, limit_hit=str(hit), headers=headers)
 
     async def count(self, key: KeyInfo) -> None:
         """Count one request against requests per minute/day, whatever the limits (it was already served).
@@ -144,7 +142,7 @@ class RateLimiter:
 
     def _unavailable(self) -> LimitDecision:
         if self._fail_open:
-            return LimitDecision(allowed=True, degraded=True)
+            return LimitDecision(allowed=True)  # Redis unreachable: RATE_LIMIT_FAIL_MODE open
         raise LimiterUnavailable("rate limiter unavailable")
 
     async def release(self, key: KeyInfo, call_id: str) -> None:

@@ -16,7 +16,7 @@ from aikit.keys import KeyCache, KeyInfo
 from aikit.limits import AuthGuard, RateLimiter
 from aikit.metering.layout import RedisLayout
 from aikit.metering.redis_meter import RedisMeter
-from aikit.redis_client import PerLoopRedis, make_sync_redis
+from aikit.redis_client import PerLoopRedis
 from aikit.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -58,10 +58,6 @@ class Runtime:
     @cached_property
     def redis(self) -> Any:
         return PerLoopRedis(self.settings)
-
-    @cached_property
-    def sync_redis(self) -> Any:
-        return make_sync_redis(self.settings)
 
     @cached_property
     def keys(self) -> KeyCache:
