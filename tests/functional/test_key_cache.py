@@ -280,3 +280,30 @@ def test_a_failed_background_refresh_keeps_the_last_known_state_while_the_databa
             assert r.status_code == 503 and r.json()["error"]["code"] == "database_unavailable"
 
     asyncio.run(scenario())
+
+
+def test_concurrent_first_connections_fall_back_from_tls_together(pg_url: str) -> None:
+    # No sslmode: TLS is tried first; this server refuses it, and every connection opened meanwhile must fall
+    # back to plain, not only the first to learn it.
+    engine = get_engine(pg_url + "?application_name=aikit_tls_race")
+    start = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def connect() -> None:
+        start.wait()
+        try:
+            with engine.connect() as conn:
+                conn.exec_driver_sql("SELECT pg_sleep(0.05)")
+        except BaseException as exc:
+            errors.append(exc)
+
+    try:
+        for _ in range(3):
+            threads = [threading.Thread(target=connect) for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    finally:
+        engine.dispose()
+    assert errors == []

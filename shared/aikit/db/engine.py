@@ -125,7 +125,8 @@ class _Tls:
         try:
             return _connect(dialect, cargs, cparams) or dialect.connect(*cargs, **cparams)
         except Exception as exc:
-            if not optional or self.refused or "Server refuses SSL" not in str(exc):
+            # Not `self.refused`: another thread may have set it while this one was connecting with TLS.
+            if not optional or cparams.get("ssl_context") is False or "Server refuses SSL" not in str(exc):
                 raise
             self.refused = True
             cparams["ssl_context"] = False
