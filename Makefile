@@ -40,7 +40,7 @@ bench: install
 
 chaos: install
 	bash .ci/services.sh
-	CHAOS_FULL=1 $(BIN)/pytest tests/chaos -q -s
+	CHAOS_FULL=1 $(BIN)/pytest tests/chaos tests/hostile/test_served_limits.py -q -s
 
 clean:
 	rm -rf $(VENV) .venv-sam .venv-artifacts .mypy_cache .ruff_cache .pytest_cache aikit.db* build

@@ -117,6 +117,39 @@ def api_rows(result: dict[str, Any]) -> list[tuple[str, Any]]:
     return rows
 
 
+def ab_rows(result: dict[str, Any]) -> list[tuple[str, Any]]:
+    """bench_ab.py: the A/B of `aikit serve` against a bare FastAPI echo, and the in-process overhead."""
+    ab, inproc = result["ab"], result["in_process"]
+    rows: list[tuple[str, Any]] = [("uvicorn", result["uvicorn"]),
+                                   ("client ceiling", f"{result['client_ceiling_rps']} req/s")]
+    for i, r in enumerate(ab["rounds"], 1):
+        rows.append((f"round {i}", f"aikit {r['aikit_rps']} vs bare {r['bare_rps']} req/s = {r['ratio']}x; CPU "
+                                   f"{r['aikit_cpu_ms']} vs {r['bare_cpu_ms']} ms/request = {r['cpu_ratio']}x"))
+    target = ab["target"]
+    rows += [
+        ("aikit serve (median)", f"{ab['aikit']['rps']} req/s, p50 {ab['aikit']['p50_ms']} ms, "
+                                 f"p99 {ab['aikit']['p99_ms']} ms, {ab['aikit']['cpu_ms_per_request']} CPU ms/request"),
+        ("bare echo (median)", f"{ab['bare']['rps']} req/s, p50 {ab['bare']['p50_ms']} ms, "
+                               f"p99 {ab['bare']['p99_ms']} ms, {ab['bare']['cpu_ms_per_request']} CPU ms/request"),
+        ("median ratio (req/s)", f"{ab['median_ratio']}x: >= {target['ratio_at_least']}x "
+                                 f"{'met' if target['met'] else 'NOT met'}, >= {target['stretch_ratio']}x "
+                                 f"{'met' if target['stretch_met'] else 'not met'}"),
+        ("median ratio (CPU/request)", f"{ab['median_cpu_ratio']}x: >= {target['ratio_at_least']}x "
+                                       f"{'met' if target['cpu_ratio_met'] else 'NOT met'}"),
+        ("non-200", ab["non_200"]), ("all_metered", result["all_metered"]),
+        ("in-process c=1", f"p50 {inproc['with_billing']['p50_ms']} vs {inproc['without_billing']['p50_ms']} ms, "
+                           f"p99 {inproc['with_billing']['p99_ms']} vs {inproc['without_billing']['p99_ms']} ms"),
+        ("in-process billing overhead", f"p50 +{inproc['billing_overhead_p50_ms']} ms (<= "
+                                        f"{inproc['target']['p50_ms_at_most']}), "
+                                        f"p99 +{inproc['billing_overhead_p99_ms']} ms (<= "
+                                        f"{inproc['target']['p99_ms_at_most']}): "
+                                        f"{'met' if inproc['target']['met'] else 'NOT met'}"),
+        ("round trips per request", f"Redis {inproc['redis_round_trips_per_request']}, "
+                                    f"Postgres {inproc['postgres_statements_per_request']}"),
+    ]
+    return rows
+
+
 def generic_rows(result: Any, prefix: str = "", depth: int = 0) -> list[tuple[str, Any]]:
     """Scalars of a benchmark's JSON, flattened two levels deep."""
     rows: list[tuple[str, Any]] = []
@@ -142,7 +175,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             for tail in outcome.get("stderr_tail", [])[-3:]:
                 lines.append(("", "", tail[:100]))
             continue
-        rows = api_rows(outcome["result"]) if name == "api" else generic_rows(outcome["result"])
+        rows = {"api": api_rows, "ab": ab_rows}.get(name, generic_rows)(outcome["result"])
         rows.append(("wall time", f"{outcome['seconds']} s"))
         for metric, value in rows:
             lines.append((name, metric, value if isinstance(value, str) else json.dumps(value)))
@@ -158,7 +191,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Run the benchmarks and collect their results.")
-    p.add_argument("--only", help="comma-separated subset of: api,flush,usage,coldstart,pricing")
+    p.add_argument("--only", help="comma-separated subset of: api,flush,usage,coldstart,ab,pricing")
     p.add_argument("--quick", action="store_true", help="a tenth of the default sizes")
     p.add_argument("--timeout", type=float, default=900, help="seconds per benchmark")
     args = p.parse_args(argv)
@@ -169,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         "flush": (BENCH / "bench_flush.py", {"--events": 1_000_000 // scale}),
         "usage": (BENCH / "bench_usage.py", {"--rows": 10_000_000 // scale}),
         "coldstart": (BENCH / "bench_coldstart.py", {"--rounds": max(3, 7 // scale)}),
+        "ab": (BENCH / "bench_ab.py", {"--rounds": 5, "--seconds": 3 if scale == 1 else 1,
+                                       "--requests": 2000 // scale}),
         "pricing": (BENCH / "bench_pricing.py", {"--events": 200_000 // scale}),
     }
     only = set(args.only.split(",")) if args.only else set(plan)

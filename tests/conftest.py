@@ -26,7 +26,7 @@ from aikit.settings import Settings, load_settings
 
 ADMIN_URL = os.environ.get("TEST_DATABASE_ADMIN_URL", "postgresql+pg8000://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-ADMIN_TOKEN = "test-admin-token"
+ADMIN_TOKEN = "test-admin-token-0123456789abcdef"  # ADMIN_TOKEN must have 32+ characters
 
 
 def _create_database(name: str) -> str:

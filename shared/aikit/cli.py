@@ -17,12 +17,9 @@ def _print(data: object) -> None:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    import uvicorn
+    from aikit.server import serve
 
-    from aikit.server import create_server_app
-
-    uvicorn.run(create_server_app(settings), host=args.host, port=args.port, workers=1,
-                log_level=settings.log_level.lower(), proxy_headers=False)
+    serve(settings, args.host, args.port)
     return 0
 
 
@@ -90,8 +87,7 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
             found = revoke_key(session, args.api_key_id)
             session.commit()
             if not found:
-                print(f"error: no API key {args.api_key_id}", file=sys.stderr)  # noqa: T201
-                return 1
+                return _error(f"no API key {args.api_key_id}")
             _print({"api_key_id": args.api_key_id, "status": "revoked"})
             return 0
         rows = session.execute(select(ApiKey, User).join(User, User.id == ApiKey.user_id)).all()
@@ -194,6 +190,47 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _where(url: str) -> str:
+    """The database a URL names, without its password."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "DATABASE_URL"
+
+
+def _database_failure(exc: Exception, url: str) -> str:
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    from aikit.api.errors import sqlstate
+
+    state = sqlstate(exc) if hasattr(exc, "orig") else ""  # type: ignore[arg-type]
+    detail = str(getattr(exc, "orig", exc)).splitlines()[0] if str(getattr(exc, "orig", exc)) else ""
+    where = _where(url)
+    if state == "3D000":
+        return f"database does not exist: {where} (create it, then run `aikit migrate`)"
+    if state == "42P01" or "no such table" in detail:
+        return f"the database has no aikit tables: run `aikit migrate` (DATABASE_URL={where})"
+    if url.startswith("sqlite") and "unable to open database file" in detail:
+        return f"cannot open the SQLite database {where}: its directory does not exist or is not writable"
+    if state.startswith("28"):
+        return f"the database refused the login: {where} (check DATABASE_URL's user and password)"
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        return f"cannot connect to the database {where}: {detail[:200]}"
+    return f"database error ({type(getattr(exc, 'orig', exc)).__name__}) on {where}"
+
+
+def describe_failure(exc: Exception, settings: Settings) -> str:
+    """One line naming what went wrong, for a command that failed with `exc`."""
+    from sqlalchemy.exc import DBAPIError
+
+    if isinstance(exc, DBAPIError):
+        return _database_failure(exc, settings.database_url)
+    text = (str(exc).splitlines() or [""])[0][:300]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -210,6 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:  # e.g. AIKIT_ROUTERS naming a module that cannot be imported
         print(f"error: {exc}", file=sys.stderr)  # noqa: T201
         return 2
+    except Exception as exc:  # no traceback for an operator's mistake: one line naming it
+        return _error(describe_failure(exc, settings))
     return code
 
 

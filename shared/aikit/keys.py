@@ -6,6 +6,7 @@ import datetime as dt
 import hashlib
 import hmac
 import json
+import queue
 import secrets
 import threading
 import time
@@ -19,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from aikit.access import Access, access_for_customer
 from aikit.db.models import ApiKey, User, as_utc
+from aikit.observability import logger
 from aikit.settings import Settings
 
 KEY_PREFIX = "ak_"
@@ -187,51 +189,170 @@ def _min(a: int | None, b: int) -> int:
 
 # How long past its TTL a cached key answer may stand in for the database while the database is down.
 STALE_KEY_SECONDS = 3600.0
+# A cached answer is refreshed in the background once this share of its TTL has passed, so a busy key never
+# expires under its requests: they keep the cached answer (never older than the TTL) while one refresh runs.
+REFRESH_AHEAD = 0.8
+# Threads that run the background refreshes of all keys (one refresh per key at a time).
+REFRESH_THREADS = 2
+# How long a caller waits for another caller's lookup of the same key before running its own.
+FLIGHT_WAIT_SECONDS = 10.0
+_DATABASE_DOWN: tuple[type[BaseException], ...] = (DBAPIError, OSError)
+
+
+@dataclass(slots=True)
+class _Entry:
+    refresh_at: float  # monotonic: from here on a request starts a background refresh
+    expires_at: float  # monotonic: from here on the answer is no longer used (except while the database is down)
+    info: KeyInfo | None
+
+
+class _StillRunning(Exception):
+    """A shared lookup did not finish within FLIGHT_WAIT_SECONDS."""
+
+
+class _Flight:
+    """One database lookup of a key, shared by every caller that needs it while it runs (single-flight)."""
+
+    __slots__ = ("_done", "_error", "_info", "claimed")
+
+    def __init__(self) -> None:
+        self.claimed = False  # someone runs it (under the cache's lock): a queued refresh, or a caller who
+        # needed the answer before the refresh threads got to it
+        self._done = threading.Event()
+        self._info: KeyInfo | None = None
+        self._error: BaseException | None = None
+
+    def finish(self, info: KeyInfo | None, error: BaseException | None) -> None:
+        self._info, self._error = info, error
+        self._done.set()
+
+    def wait(self, timeout: float | None = None) -> KeyInfo | None:
+        if not self._done.wait(timeout):
+            raise _StillRunning
+        if self._error is not None:
+            raise self._error
+        return self._info
 
 
 class KeyCache:
-    """Per-process TTL cache of key lookups (misses included), so a revocation shows within the TTL."""
+    """Per-process TTL cache of key lookups (misses included), so a revocation shows within the TTL.
+
+    No thundering herd: a key in use is refreshed in the background from REFRESH_AHEAD of its TTL on (one
+    refresh per key at a time, on REFRESH_THREADS threads), and concurrent lookups of a key that is not cached
+    share one database query. A request waits for the database only for a key this instance has not seen
+    within the TTL."""
 
     def __init__(self, engine: Engine, settings: Settings, max_entries: int = 10_000) -> None:
         self._engine = engine
         self._settings = settings
         self._ttl = settings.key_cache_ttl_seconds
         self._max = max_entries
-        self._entries: OrderedDict[str, tuple[float, KeyInfo | None]] = OrderedDict()
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._flights: dict[str, _Flight] = {}
         self._lock = threading.Lock()
+        self._refreshes: queue.SimpleQueue[tuple[str, _Flight]] = queue.SimpleQueue()
+        self._workers = 0
 
     def lookup(self, secret: str) -> KeyInfo | None:
+        """The key's answer: from the cache while fresh, else from the database (one query per key at a time).
+        Blocks: call it from a worker thread in async code."""
         digest = hash_key(secret)
-        now = time.monotonic()
+        found, info = self._fresh(digest)
+        if found:
+            return info
         with self._lock:
-            hit = self._entries.get(digest)
-            if hit is not None and hit[0] > now:
-                return hit[1]
+            flight = self._flights.get(digest)
+            if flight is None:
+                flight = self._flights[digest] = _Flight()
+            run, flight.claimed = not flight.claimed, True
+        if run:
+            self._fly(digest, flight)
+            return flight.wait()
         try:
-            with Session(self._engine) as session:
-                info = load_key_info(session, self._settings, digest)
-        except (DBAPIError, OSError):
-            # Database down: a key this instance verified recently keeps its last known state (nothing can
-            # revoke it meanwhile: revoking needs the database too). Unknown keys still fail.
-            if hit is not None and now - hit[0] < STALE_KEY_SECONDS:
-                return hit[1]
-            raise
-        with self._lock:
-            self._entries[digest] = (now + self._ttl, info)
-            self._entries.move_to_end(digest)
-            while len(self._entries) > self._max:
-                self._entries.popitem(last=False)
-        return info
+            return flight.wait(FLIGHT_WAIT_SECONDS)
+        except _StillRunning:
+            # The shared lookup is stuck (say a refresh thread frozen with the Lambda and its connection
+            # gone): don't let every request for the key hang on it; forget it and query on our own.
+            with self._lock:
+                if self._flights.get(digest) is flight:
+                    del self._flights[digest]
+            return self._load(digest)
 
     def cached(self, secret: str) -> tuple[bool, KeyInfo | None]:
-        """(found, answer) from the cache alone, without touching the database."""
-        digest = hash_key(secret)
-        with self._lock:
-            hit = self._entries.get(digest)
-            if hit is not None and hit[0] > time.monotonic():
-                return True, hit[1]
-        return False, None
+        """(found, answer) from the cache alone, without waiting for the database (a due refresh starts in the
+        background)."""
+        return self._fresh(hash_key(secret))
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+
+    def _fresh(self, digest: str) -> tuple[bool, KeyInfo | None]:
+        now = time.monotonic()
+        with self._lock:
+            hit = self._entries.get(digest)
+            if hit is None or hit.expires_at <= now:
+                return False, None
+            if hit.refresh_at > now or digest in self._flights:
+                return True, hit.info
+            flight = self._flights[digest] = _Flight()
+            self._refreshes.put((digest, flight))
+            start_worker = self._workers < REFRESH_THREADS
+            if start_worker:
+                self._workers += 1
+        if start_worker:
+            threading.Thread(target=self._refresh_forever, name="aikit-key-refresh", daemon=True).start()
+        return True, hit.info
+
+    def _refresh_forever(self) -> None:
+        while True:
+            digest, flight = self._refreshes.get()
+            with self._lock:
+                run, flight.claimed = not flight.claimed, True
+            if not run:
+                continue
+            try:
+                self._fly(digest, flight)
+            except Exception as exc:  # the cached answer stands until its TTL ends
+                logger.warning("key_refresh_failed", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
+
+    def _fly(self, digest: str, flight: _Flight) -> None:
+        """Runs the flight's lookup and hands its outcome to every waiter."""
+        info: KeyInfo | None = None
+        error: BaseException | None = None
+        try:
+            info = self._load(digest)
+        except BaseException as exc:
+            error = exc
+        finally:
+            with self._lock:
+                if self._flights.get(digest) is flight:
+                    del self._flights[digest]
+            flight.finish(info, error)
+        if error is not None:
+            raise error
+
+    def _load(self, digest: str) -> KeyInfo | None:
+        # The answer is at least as new as the query's start: a revocation committed before it is seen, and
+        # one committed after it shows once this entry expires, within the TTL.
+        started = time.monotonic()
+        try:
+            with Session(self._engine) as session:
+                info = load_key_info(session, self._settings, digest)
+        except _DATABASE_DOWN:
+            # Database down: a key this instance verified recently keeps its last known state (nothing can
+            # revoke it meanwhile: revoking needs the database too). Unknown keys still fail.
+            with self._lock:
+                hit = self._entries.get(digest)
+            if hit is not None and started - hit.expires_at < STALE_KEY_SECONDS:
+                return hit.info
+            raise
+        with self._lock:
+            current = self._entries.get(digest)
+            if current is not None and current.expires_at > started + self._ttl:
+                return info  # a later lookup (one that did not wait for this slow one) answered already
+            self._entries[digest] = _Entry(started + self._ttl * REFRESH_AHEAD, started + self._ttl, info)
+            self._entries.move_to_end(digest)
+            while len(self._entries) > self._max:
+                self._entries.popitem(last=False)
+        return info

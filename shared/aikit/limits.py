@@ -161,25 +161,31 @@ class RateLimiter:
 
 
 class AuthGuard:
-    """Counts invalid API keys per client address and minute (of Redis' clock), in Redis, so key guessing is
-    rate limited across instances. Only requests with an unknown key pay the round trips."""
+    """Counts failed credentials (unknown API keys, wrong admin tokens) per client address and per key prefix
+    and minute (of Redis' clock), in Redis, so guessing is rate limited across instances.
 
-    def __init__(self, client: Any, prefix: str, per_minute: int) -> None:
+    It never refuses a credential that is valid: it is consulted only after the credential failed, and turns
+    that failure's 401 into a 429 once the address (or the prefix, for guessing spread over many addresses)
+    is over its limit. Only failed credentials pay the round trips."""
+
+    def __init__(self, client: Any, prefix: str, per_minute: int, kind: str = "authfail") -> None:
         self._redis = client
         self._prefix = prefix
         self._per_minute = per_minute
+        self._kind = kind
 
-    def _key(self, address: str) -> str:
-        digest = hashlib.sha256(address.encode()).hexdigest()[:16]  # addresses never shape key names
-        return f"{self._prefix}:{{authfail:{digest}}}"
+    def _key(self, subject: str) -> str:
+        digest = hashlib.sha256(subject.encode()).hexdigest()[:16]  # addresses never shape key names
+        return f"{self._prefix}:{{{self._kind}:{digest}}}"
 
-    async def blocked(self, address: str) -> bool:
-        try:
-            count = await AUTH_FAILURES.run_async(self._redis, [self._key(address)], [0])
-        except REDIS_DOWN_ERRORS:
-            return False
-        return int(count) >= self._per_minute
-
-    async def failed(self, address: str) -> None:
-        with contextlib.suppress(*REDIS_DOWN_ERRORS):
-            await AUTH_FAILURES.run_async(self._redis, [self._key(address)], [1])
+    async def failed(self, address: str, key_prefix: str | None = None) -> bool:
+        """Count one failure of `address` (and of `key_prefix`); True when either is now over the limit."""
+        subjects = [address] if key_prefix is None else [address, "prefix:" + key_prefix]
+        over = False
+        for subject in subjects:
+            try:
+                count = await AUTH_FAILURES.run_async(self._redis, [self._key(subject)], [1])
+            except REDIS_DOWN_ERRORS:
+                return False  # fail open: the guard slows guessing, it never decides who may call
+            over = over or int(count) > self._per_minute
+        return over

@@ -51,11 +51,12 @@ FLUSH_LAG = "FlushLagSeconds"  # Seconds
 WEBHOOK_EVENTS = "WebhookEvents"  # dimensions: type, outcome
 WEBHOOK_SIGNATURE_FAILURES = "WebhookSignatureFailures"
 METER_FALLBACKS = "MeterFallbacks"  # usage written straight to Postgres while Redis was down
+STRIPE_AUTH_FAILURES = "StripeAuthFailures"  # Stripe refused the API key (401/403): the flush stopped sending
 METER_EVENTS_REJECTED = "MeterEventsRejected"  # Stripe rejected meter events after accepting them (dimension: code)
 
 ALL_METRICS: tuple[str, ...] = (
     TOKENS_METERED, REQUESTS, RATE_LIMITED, FLUSH_DURATION, EVENTS_FLUSHED, STRIPE_ERRORS, PARKED_BATCHES,
-    FLUSH_LAG, WEBHOOK_EVENTS, WEBHOOK_SIGNATURE_FAILURES, METER_FALLBACKS,
+    FLUSH_LAG, WEBHOOK_EVENTS, WEBHOOK_SIGNATURE_FAILURES, METER_FALLBACKS, STRIPE_AUTH_FAILURES,
 )
 DEFAULT_UNITS: dict[str, str] = {FLUSH_DURATION: "Milliseconds", FLUSH_LAG: "Seconds"}
 

@@ -99,6 +99,42 @@ def finalized(period: Period, now: dt.datetime, grace_seconds: int) -> bool:
     return now >= period.end + dt.timedelta(seconds=grace_seconds)
 
 
+def carry_forward(ts: dt.datetime, periods: list[Period], now: dt.datetime,
+                  grace_seconds: int) -> dt.datetime | None:
+    """Where to stamp usage timestamped `ts` so that it is still invoiced, or None to keep `ts`.
+
+    Usage inside a period whose invoice finalized would be accepted by Stripe and never invoiced: it goes into
+    the period running now instead (stamped `now`, whole seconds). Kept as is when no known period holds `ts`,
+    its invoice is still open, or no period runs now (nothing could invoice it later either)."""
+    own = next((p for p in periods if p.contains(ts)), None)
+    if own is None or not finalized(own, now, grace_seconds):
+        return None
+    current = next((p for p in periods if p.contains(now)), None)
+    if current is None:
+        return None
+    return max(current.start, now.replace(microsecond=0))
+
+
+def period_edges(conn: Connection | Session, customer_id: str, start: dt.datetime,
+                 end: dt.datetime) -> list[dt.datetime]:
+    """Starts and ends of the customer's periods strictly inside (start, end), sorted: where a reporting window
+    of that customer is cut."""
+    rows = conn.execute(
+        select(BillingPeriod.period_start, BillingPeriod.period_end)
+        .where(BillingPeriod.customer_id == customer_id, BillingPeriod.period_end > start,
+               BillingPeriod.period_start < end)
+    ).all()
+    return sorted({as_utc(e) for row in rows for e in row if start < as_utc(e) < end})
+
+
+def cut_window(start: dt.datetime, end: dt.datetime, ts: dt.datetime,
+               edges: list[dt.datetime]) -> tuple[dt.datetime, dt.datetime]:
+    """The part of the reporting window [start, end) that holds `ts`, cut at the period edges inside it."""
+    lo = max((e for e in edges if start < e <= ts), default=start)
+    hi = min((e for e in edges if ts < e < end), default=end)
+    return lo, hi
+
+
 def _without_overlaps(rows: Iterable[tuple[dt.datetime, dt.datetime]]) -> list[Period]:
     out: list[Period] = []
     for start, end in rows:

@@ -33,7 +33,7 @@ from typing import Any
 from sqlalchemy import Engine, func, select
 
 from aikit.db.engine import get_engine
-from aikit.db.models import ApiKeyUsage, MeterReport, UsageDaily
+from aikit.db.models import ApiKeyUsage, MeterReport, UsageDaily, as_utc
 from aikit.flush import event_timestamp
 from aikit.metering.sql_sink import METER_COST, METER_TOKENS, report_meter
 from aikit.pricing import format_money
@@ -69,6 +69,9 @@ class ReconcileReport:
     days: list[CustomerDay] = field(default_factory=list)
     drift: list[dict[str, Any]] = field(default_factory=list)
     rollup_drift: list[dict[str, Any]] = field(default_factory=list)
+    # Reports sent into a later billing period because their own period's invoice had finalized (aikit.flush):
+    # billed, but on a later invoice than the usage. Listed, not drift.
+    carried_forward: list[dict[str, Any]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -109,6 +112,7 @@ class ReconcileReport:
             "customer_days_checked": len(self.days),
             "drift": self.drift,
             "rollup_drift": self.rollup_drift,
+            "carried_forward": self.carried_forward,
             "unsent": self.unsent(),
             "customers": self.customers(),
             "errors": self.errors,
@@ -126,7 +130,7 @@ def reconcile(settings: Settings, *, since: dt.date | None = None, until: dt.dat
     report = ReconcileReport(since=since, until=until, stripe_checked=gateway is not None)
     event_names = {METER_TOKENS: settings.stripe_meter_event_name, METER_COST: settings.stripe_cost_event_name}
     try:
-        days = _postgres_days(engine, since, until, report_meter(settings))
+        days = _postgres_days(engine, since, until, report_meter(settings), report.carried_forward)
         if gateway is not None:
             for meter in sorted({m for _, _, m in days} | {report_meter(settings)}):
                 _stripe_days(gateway, meter, event_names[meter], days, since, until)
@@ -171,8 +175,10 @@ def _bounds(since: dt.date, until: dt.date) -> tuple[dt.datetime, dt.datetime]:
 Days = dict[tuple[str, dt.date, str], CustomerDay]
 
 
-def _postgres_days(engine: Engine, since: dt.date, until: dt.date, billed_on: str) -> Days:
-    """`billed_on`: the meter billable rows are reported on now; their usage is counted for it."""
+def _postgres_days(engine: Engine, since: dt.date, until: dt.date, billed_on: str,
+                   carried: list[dict[str, Any]]) -> Days:
+    """`billed_on`: the meter billable rows are reported on now; their usage is counted for it. Reports carried
+    forward into a later period are added to `carried`."""
     days: Days = {}
 
     def day_of(customer: str, day: dt.date, meter: str) -> CustomerDay:
@@ -197,22 +203,29 @@ def _postgres_days(engine: Engine, since: dt.date, until: dt.date, billed_on: st
             entry.usage += int((cost if billed_on == METER_COST else tokens) or 0)
         # A window may start up to a day before `since` and still carry a timestamp inside the range.
         reports = conn.execute(
-            select(MeterReport.customer_id, MeterReport.status, MeterReport.value, MeterReport.window_start,
-                   MeterReport.window_end, MeterReport.last_usage_ts, MeterReport.sent_at, MeterReport.meter)
+            select(MeterReport.id, MeterReport.customer_id, MeterReport.status, MeterReport.value,
+                   MeterReport.window_start, MeterReport.window_end, MeterReport.last_usage_ts, MeterReport.sent_at,
+                   MeterReport.carried_forward_from, MeterReport.carried_forward_to, MeterReport.meter)
             .where(MeterReport.window_start >= start - dt.timedelta(days=1), MeterReport.window_start < end)
         )
         for row in reports:
-            ts = event_timestamp(row, row.sent_at or now)
-            day = dt.datetime.fromtimestamp(ts, dt.UTC).date()
-            if not since <= day <= until:
-                continue
-            entry = day_of(row.customer_id, day, row.meter)
             value = int(row.value)
-            entry.reported += value
-            if row.status == "sent":
-                entry.sent += value
-            else:
-                entry.unsent[row.status] = entry.unsent.get(row.status, 0) + value
+            # The usage's own day (the outbox check) and the day its meter event carries (what Stripe holds):
+            # two different days only for a report carried forward into a later period.
+            origin = row.carried_forward_from
+            day = _day(as_utc(origin).timestamp() if origin is not None else event_timestamp(row, row.sent_at or now))
+            sent_day = _day(event_timestamp(row, row.sent_at or now))
+            if origin is not None and since <= sent_day <= until:
+                carried.append({"report_id": row.id, "customer_id": row.customer_id, "meter": row.meter, "value": value,
+                                "status": row.status, "from": origin.isoformat(),
+                                "to": row.carried_forward_to.isoformat()})
+            if since <= day <= until:
+                entry = day_of(row.customer_id, day, row.meter)
+                entry.reported += value
+                if row.status != "sent":
+                    entry.unsent[row.status] = entry.unsent.get(row.status, 0) + value
+            if row.status == "sent" and since <= sent_day <= until:
+                day_of(row.customer_id, sent_day, row.meter).sent += value
     return days
 
 
@@ -273,6 +286,10 @@ def _rollup_drift(engine: Engine, since: dt.date, until: dt.date) -> list[dict[s
                           "rows": dict(zip(ROLLUP_FIELDS, rows, strict=True)),
                           "rollup": dict(zip(ROLLUP_FIELDS, rolled, strict=True))})
     return drift
+
+
+def _day(ts: float) -> dt.date:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).date()
 
 
 def _as_date(value: Any) -> dt.date:

@@ -75,6 +75,11 @@ class Runtime:
         return AuthGuard(self.redis, self.settings.redis_key_prefix, self.settings.auth_failures_per_minute)
 
     @cached_property
+    def admin_guard(self) -> AuthGuard:
+        return AuthGuard(self.redis, self.settings.redis_key_prefix, self.settings.admin_failures_per_minute,
+                         kind="adminfail")
+
+    @cached_property
     def meter(self) -> RedisMeter:
         if self.settings.redis_url.startswith("memory://"):
             from aikit.metering.embedded import EmbeddedMeter

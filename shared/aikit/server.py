@@ -1,13 +1,20 @@
 """The long-running server of `aikit serve`: the API plus an in-process flush every FLUSH_INTERVAL_SECONDS
-(on AWS the flush is its own Lambda on an EventBridge schedule instead)."""
+(on AWS the flush is its own Lambda on an EventBridge schedule instead), under uvicorn with limits a slow or
+hostile client cannot outwait: HEADER_READ_TIMEOUT_SECONDS for request headers (h11 has no such timeout of
+its own, hence the protocol subclass), KEEP_ALIVE_SECONDS for idle connections, SERVER_CONCURRENCY_LIMIT
+requests at once (503 beyond), and the body and stall limits of api.body_limit."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
+import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from aikit import observability
 from aikit.api.app import create_app
@@ -52,3 +59,60 @@ def create_server_app(settings: Settings) -> FastAPI:
     app = create_app(runtime=runtime)
     app.router.lifespan_context = lifespan
     return app
+
+
+class HeaderTimeoutH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, closing a connection whose request headers are not complete `header_timeout`
+    seconds after it opened or after its first bytes following a response (slow-drip headers)."""
+
+    header_timeout = 10.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    def _waiting_for_headers(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
+
+    def _arm(self) -> None:
+        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_too_slow)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if self._header_timer is None and self._waiting_for_headers():
+            self._arm()  # the first bytes of a next request on a kept-alive connection
+        super().data_received(data)
+        if not self._waiting_for_headers():
+            self._disarm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if self._waiting_for_headers() and not self.transport.is_closing():
+            logger.warning("request_headers_timeout", extra={"client": f"{self.client}"})
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            self.transport.close()
+
+
+def uvicorn_config(settings: Settings, host: str, port: int) -> uvicorn.Config:
+    protocol = type("AikitH11Protocol", (HeaderTimeoutH11Protocol,),
+                    {"header_timeout": settings.header_read_timeout_seconds})
+    return uvicorn.Config(create_server_app(settings), host=host, port=port, workers=1,
+                          log_level=settings.log_level.lower(), proxy_headers=False, http=protocol,
+                          timeout_keep_alive=settings.keep_alive_seconds,
+                          limit_concurrency=settings.server_concurrency_limit)
+
+
+def serve(settings: Settings, host: str, port: int) -> None:
+    uvicorn.Server(uvicorn_config(settings, host, port)).run()

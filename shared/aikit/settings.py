@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -17,6 +20,43 @@ _ROUTER_SPEC = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z
 
 def router_specs(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
+
+
+ADMIN_TOKEN_MIN_LENGTH = 32
+# A relative SQLite path (the default ./aikit.db included) is resolved against the project directory: the
+# nearest directory from the working directory up that holds a .env or pyproject.toml, else the working
+# directory; AIKIT_HOME, when set, is that directory. So `aikit migrate`, `aikit serve` and `aikit keys` agree
+# on one database file whichever subdirectory they run from.
+PROJECT_MARKERS = (".env", "pyproject.toml")
+
+
+def project_dir() -> Path:
+    home = os.environ.get("AIKIT_HOME")
+    if home:
+        return Path(home).expanduser().resolve()
+    cwd = Path.cwd()
+    for folder in (cwd, *cwd.parents):
+        if any((folder / marker).is_file() for marker in PROJECT_MARKERS):
+            return folder
+    return cwd
+
+
+def embedded_sqlite_url(url: str) -> str:
+    """`sqlite:///relative/path` made absolute against project_dir(); other URLs unchanged."""
+    prefix, _, rest = url.partition(":///")
+    if not prefix.startswith("sqlite") or not rest or rest.startswith((":memory:", "/")) or "?mode=memory" in rest:
+        return url
+    return f"{prefix}:///{(project_dir() / rest).resolve()}"
+
+
+def _check_port(url: str) -> None:
+    """A non-numeric or out-of-range port is named at start, not as a traceback on the first query."""
+    try:
+        port = urlsplit(url).port
+    except ValueError:
+        raise ValueError("has a port that is not a number from 1 to 65535") from None
+    if port == 0:
+        raise ValueError("has a port that is not a number from 1 to 65535")
 
 
 class SettingsError(RuntimeError):
@@ -71,6 +111,7 @@ class Settings(BaseSettings):
     # LLM providers.
     llm_provider: Literal["echo", "openai", "anthropic", "bedrock"] = "echo"
     llm_default_model: str | None = None
+    llm_embedding_model: str | None = None  # of POST /v1/embeddings calls naming none; else the provider's
     llm_timeout_seconds: float = Field(default=60.0, gt=0)  # per read from the upstream
     # Total time one LLM call may take, streams included; keep it below the function's timeout so a call cut
     # off here still ends cleanly (504, or a final SSE error event) and is metered for what the upstream bills.
@@ -96,6 +137,23 @@ class Settings(BaseSettings):
     # The output cap of a metered call without max_tokens on a key with a monthly quota: sent to the provider
     # as max_tokens and reserved against the quota with the input's upper bound while the call runs.
     quota_reserve_tokens: int = Field(default=4096, ge=1)
+
+    # Hostile traffic: what one request or one slow client may take from the server (aikit serve and Lambda).
+    # Request bodies are counted while they arrive, before parsing and before auth: a longer one is a 413.
+    # API Gateway refuses bodies above 10 MB on its own; this stays well under it.
+    max_request_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=10 * 1000 * 1000)
+    # A body that has not fully arrived this long after its headers is a 408 (slow-drip uploads).
+    body_read_timeout_seconds: float = Field(default=30.0, gt=0)
+    # aikit serve: a connection that has not sent complete request headers this long after it opened (or after
+    # its previous response) is closed; idle keep-alive connections are closed after keep_alive_seconds.
+    header_read_timeout_seconds: float = Field(default=10.0, gt=0)
+    keep_alive_seconds: int = Field(default=5, ge=1)
+    # aikit serve: requests handled at once; beyond it new connections get 503 at once instead of queueing.
+    server_concurrency_limit: int = Field(default=128, ge=1)
+    # A response the client stops reading (a stalled stream) is abandoned after this long, and metered.
+    send_stall_timeout_seconds: float = Field(default=30.0, gt=0)
+    # Wrong admin tokens one client address may present per minute before it gets 429s.
+    admin_failures_per_minute: int = Field(default=10, ge=1)
 
     # Subscription lifecycle.
     past_due_grace_days: int = Field(default=7, ge=0)
@@ -132,7 +190,17 @@ class Settings(BaseSettings):
             value = "postgresql+pg8000://" + value.removeprefix("postgresql://")
         if not (value.startswith("sqlite") or value.startswith("postgresql+pg8000://")):
             raise ValueError("must be a sqlite:/// or postgresql:// URL")
-        return value
+        if value.startswith("postgresql"):
+            _check_port(value)
+        return embedded_sqlite_url(value)
+
+    @field_validator("admin_token")
+    @classmethod
+    def _admin_token(cls, value: str | None) -> str | None:
+        # Guessable tokens guard every key: a short one is refused at start rather than served.
+        if value is not None and value != "" and len(value) < ADMIN_TOKEN_MIN_LENGTH:
+            raise ValueError(f"must be at least {ADMIN_TOKEN_MIN_LENGTH} characters (e.g. `openssl rand -hex 32`)")
+        return value or None
 
     @field_validator("stripe_report_window_seconds")
     @classmethod
@@ -172,6 +240,8 @@ class Settings(BaseSettings):
 
 def load_settings(**overrides: object) -> Settings:
     """Build settings; a bad value raises SettingsError with one line naming the variable."""
+    # .env of the project directory, as for the embedded database: the same settings from any subdirectory.
+    overrides.setdefault("_env_file", project_dir() / ".env")
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:

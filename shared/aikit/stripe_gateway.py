@@ -21,6 +21,10 @@ import stripe
 from aikit.settings import Settings
 
 DUPLICATE_MESSAGE = "An event already exists with identifier"
+# Stripe documents no error code for a repeated meter-event identifier (the answer seen is a 400 with only the
+# message above). `resource_already_exists` is Stripe's documented code for "an object with this ID already
+# exists": recognised by code in case Stripe starts sending it, with the message text as the fallback.
+DUPLICATE_CODES = frozenset({"resource_already_exists"})
 PRICE_LOOKUP_KEY = "aikit_api_tokens"
 PRODUCT_NAME = "API tokens"
 PRODUCT_METADATA = {"aikit": "api_tokens"}
@@ -63,6 +67,8 @@ class ReportStatus(enum.Enum):
     DUPLICATE = "duplicate"  # Stripe already holds an event with this identifier: the first send counted
     RETRYABLE = "retryable"  # send again later with the same identifier
     PERMANENT = "permanent"  # resending will not help (unknown customer, no active meter, bad params)
+    # 401/403: the key is wrong, revoked or restricted. Nothing is wrong with the report: stop sending, keep it.
+    UNAUTHORIZED = "unauthorized"
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +164,9 @@ def classify_error(exc: stripe.StripeError) -> ReportOutcome:
     if isinstance(exc, stripe.APIConnectionError) or status is None:
         return ReportOutcome(ReportStatus.RETRYABLE, "connection_error", message, status)
     code = _error_code(exc)
-    if status == 400 and DUPLICATE_MESSAGE in message:
+    if status in (401, 403) or isinstance(exc, stripe.AuthenticationError | stripe.PermissionError):
+        return ReportOutcome(ReportStatus.UNAUTHORIZED, code or "authentication_error", message, status)
+    if status == 400 and (exc.code in DUPLICATE_CODES or DUPLICATE_MESSAGE in message):
         return ReportOutcome(ReportStatus.DUPLICATE, code, message, status)
     should_retry = _header(exc.headers, "stripe-should-retry")
     # A fresh HTTP idempotency key goes with every resend, so 5xx is safe to retry whatever the header says.

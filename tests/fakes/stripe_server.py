@@ -25,6 +25,11 @@ meant to be at least as strict as Stripe where billing correctness is at stake:
   documented length limits (identifier and event_name at most 100 characters, a meter event value at most 15
   significant digits).
 - Idempotency-Key replay, and injectable network/server faults (`inject`).
+- Keys: any `sk_...` key is accepted unless listed in `refused_keys` (key -> 401, a revoked or wrong key, or
+  403, a restricted key without the permission, which may be an `rk_...` key), answered as Stripe answers those.
+- `duplicate_code`: None (default) answers a repeated identifier as Stripe does today, a 400 whose message
+  says "An event already exists with identifier ..." and no code; a string answers it with that error code
+  and reworded text instead (to test that the code alone is recognised).
 
     with FakeStripe() as fake:
         client = stripe.StripeClient(fake.api_key, base_addresses={"api": fake.url, ...})
@@ -382,6 +387,8 @@ class FakeStripe:
         self.max_sample_errors = MAX_SAMPLE_ERRORS
         self.latency = 0.0  # seconds added to every answer
         self.timeout_seconds = 2.0  # how long a "timeout" fault stalls; keep it above the client's timeout
+        self.refused_keys: dict[str, int] = {}  # API key -> 401 (invalid/revoked) or 403 (lacks permission)
+        self.duplicate_code: str | None = None  # see the module docstring
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._server: ThreadingHTTPServer | None = None
@@ -430,6 +437,8 @@ class FakeStripe:
         with self._lock:
             self._clear()
             self.latency = 0.0
+            self.refused_keys = {}
+            self.duplicate_code = None
             self._clock_offset = 0.0
 
     def start(self) -> FakeStripe:
@@ -870,7 +879,13 @@ class FakeStripe:
                 "You did not provide an API key. You need to provide your API key in the Authorization "
                 "header, using Bearer auth (e.g. 'Authorization: Bearer YOUR_SECRET_KEY')."
             )
-        elif scheme.lower() != "bearer" or not token.startswith("sk_"):
+        elif self.refused_keys.get(token) == 403:
+            return _Answer(403, {"error": {
+                "type": "invalid_request_error",
+                "message": f"The provided key '{token[:8]}****' does not have the required permissions for this "
+                           "endpoint on account 'acct_fake'. Having the 'rak_billing_meter_event_write' "
+                           "permission would allow this request to continue."}})
+        elif scheme.lower() != "bearer" or not token.startswith("sk_") or self.refused_keys.get(token) == 401:
             message = f"Invalid API Key provided: {token[:8]}****"
         else:
             return None
@@ -1305,6 +1320,11 @@ class FakeStripe:
                 now = self.now()
                 taken = self._identifiers.get(record.identifier)
                 if taken is not None and now - taken < IDENTIFIER_MEMORY_SECONDS:
+                    if self.duplicate_code is not None:
+                        raise StripeHTTPError(
+                            400, f"Meter event identifier {record.identifier} was used before.",
+                            code=self.duplicate_code, param="identifier",
+                            headers={"Stripe-Should-Retry": "false"})
                     raise StripeHTTPError(
                         400,
                         f"An event already exists with identifier {record.identifier}.",

@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from moto import mock_aws
 
 from aikit.api.app import create_app
+from aikit.flush import Flusher
 from aikit.observability import NAMESPACE, flush_metrics
 from aikit.runtime import Runtime
 from tests.conftest import make_settings
@@ -81,6 +82,15 @@ def test_custom_alarms_see_the_metrics_the_code_emits_and_breach_on_faults(
     billing.record(billing.key(rejected), rejected, 2, billable=False)
     summary = billing.flush()
     assert (summary.reports_parked, summary.reports_sent) == (1, 1)
+    # A flush whose Stripe key is refused (401): it stops sending, StripeAuthFailures.
+    waiting = billing.customer()
+    billing.record(billing.key(waiting), waiting, 2, billable=False)
+    fake.refused_keys["sk_test_revoked_alarms"] = 401
+    refused = Flusher(billing.settings.model_copy(update={"stripe_secret_key": "sk_test_revoked_alarms"}))
+    try:
+        assert refused.run(now=dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)).sending_stopped
+    finally:
+        refused.close()
     # Forged webhook deliveries, more than the alarm's default threshold of 10 in five minutes.
     settings = make_settings(billing.settings.database_url, billing.settings.redis_key_prefix,
                              stripe_secret_key=fake.api_key, stripe_api_base=fake.url,
@@ -100,7 +110,7 @@ def test_custom_alarms_see_the_metrics_the_code_emits_and_breach_on_faults(
 
     alarms = custom_alarms()
     assert set(alarms) >= {"FlushLagAlarm", "ParkedBatchesAlarm", "WebhookSignatureFailuresAlarm",
-                           "MeterEventsRejectedAlarm"}
+                           "MeterEventsRejectedAlarm", "StripeAuthFailuresAlarm"}
     for name, alarm in alarms.items():
         value = alarm_value(cloudwatch, alarm)
         assert value is not None, f"{name} watches {alarm['MetricName']} {alarm['Dimensions']}: no such data"

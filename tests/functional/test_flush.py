@@ -258,7 +258,10 @@ class Billing:
             report = reports[event.identifier]
             assert report.status == "sent"
             assert report.value == event.value
-            assert report.window_start.timestamp() <= event.timestamp < report.window_end.timestamp()
+            if report.carried_forward_to is None:
+                assert report.window_start.timestamp() <= event.timestamp < report.window_end.timestamp()
+            else:  # sent into a later period: its own period's invoice had finalized
+                assert event.timestamp == int(report.carried_forward_to.timestamp())
             assert event.timestamp <= now
         assert len({e.identifier for e in self.fake.meter_events}) == len(self.fake.meter_events)
         sent = sum(r.value for r in reports.values() if r.status == "sent")

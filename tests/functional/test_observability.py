@@ -221,6 +221,7 @@ def test_metric_names_are_the_documented_ones() -> None:
     assert set(ALL_METRICS) == {
         "TokensMetered", "Requests", "RateLimited", "FlushDuration", "EventsFlushed", "StripeErrors",
         "ParkedBatches", "FlushLagSeconds", "WebhookEvents", "WebhookSignatureFailures", "MeterFallbacks",
+        "StripeAuthFailures",
     }
 
 

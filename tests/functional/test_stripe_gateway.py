@@ -186,13 +186,30 @@ def test_no_active_meter_is_permanent(
     assert outcome.error_code == "resource_missing"
 
 
-def test_wrong_api_key_is_permanent(fake: FakeStripe, settings: Settings, customer: str) -> None:
-    bad = StripeGateway(settings.model_copy(update={"stripe_secret_key": "pk_test_not_secret"}))
+@pytest.mark.parametrize(("key", "status"), [("pk_test_not_secret", 401), ("sk_test_revoked", 401),
+                                           ("rk_test_restricted", 403)])
+def test_wrong_or_restricted_api_key_is_unauthorized_not_a_refusal_of_the_report(
+        fake: FakeStripe, settings: Settings, customer: str, key: str, status: int) -> None:
+    fake.refused_keys = {"sk_test_revoked": 401, "rk_test_restricted": 403}
+    bad = StripeGateway(settings.model_copy(update={"stripe_secret_key": key}))
     outcome = report(bad, customer, "evt-auth")
     bad.close()
 
-    assert (outcome.status, outcome.http_status) == (ReportStatus.PERMANENT, 401)
+    assert (outcome.status, outcome.http_status) == (ReportStatus.UNAUTHORIZED, status)
+    assert not outcome.recorded
     assert fake.meter_events == []
+
+
+@pytest.mark.parametrize("code", [None, "resource_already_exists"], ids=["message-only", "code-reworded"])
+def test_a_repeated_identifier_is_recognised_by_code_or_by_message(
+        fake: FakeStripe, gateway: StripeGateway, customer: str, code: str | None) -> None:
+    fake.duplicate_code = code  # code: Stripe's code with the text reworded; None: the text only, as today
+    assert report(gateway, customer, "evt-dup-shape").status is ReportStatus.ACCEPTED
+    again = report(gateway, customer, "evt-dup-shape")
+
+    assert again.status is ReportStatus.DUPLICATE and again.recorded
+    assert (DUPLICATE_MESSAGE in (again.message or "")) is (code is None)
+    assert fake.meter_totals() == {customer: 100}
 
 
 def test_bad_input_is_permanent_without_a_call(fake: FakeStripe, gateway: StripeGateway, customer: str) -> None:

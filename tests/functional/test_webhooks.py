@@ -561,6 +561,7 @@ def test_same_second_events_while_stripe_fails_are_retried_later(
     fake.inject("500", path_prefix="/v1/subscriptions/")
     r = deliver(client, tie)
     assert r.status_code == 500 and r.json()["error"]["code"] == "webhook_failed"
+    assert "Stripe will retry" in r.json()["error"]["message"] and sub["id"] not in r.text  # details: logs only
     assert event_row(settings, tie["id"]) is None  # not recorded: Stripe's retry runs it again
     row = sub_row(settings, sub["id"])
     assert row is not None and row.status == "active"

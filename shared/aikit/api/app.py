@@ -17,9 +17,10 @@ from collections.abc import Sequence
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from aikit.api.body_limit import BodyLimitMiddleware
 from aikit.api.deps import authenticate, is_public
 from aikit.api.errors import error_body, install_error_handlers
-from aikit.api.routes import admin, billing, chat, health, usage, webhooks
+from aikit.api.routes import admin, billing, chat, embeddings, health, messages, usage, webhooks
 from aikit.api.scope import RequestScopeMiddleware
 from aikit.limits import LimiterUnavailable, RateLimited
 from aikit.llm.base import ProviderError
@@ -64,7 +65,7 @@ def install_metered_call_errors(app: FastAPI) -> None:
 
     @app.exception_handler(ProviderError)
     async def _provider(_: Request, exc: ProviderError) -> JSONResponse:
-        return JSONResponse(error_body(exc.status_code, exc.message, "provider_error"), exc.status_code)
+        return JSONResponse(error_body(exc.status_code, exc.message, "provider_error", exc.param), exc.status_code)
 
     @app.exception_handler(MeterUnavailable)
     async def _meter(_: Request, exc: MeterUnavailable) -> JSONResponse:
@@ -82,9 +83,13 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None,
     app.state.runtime = runtime
     install_error_handlers(app)
     install_metered_call_errors(app)
-    for module in (health, chat, admin, billing, usage, webhooks):
+    for module in (health, chat, embeddings, messages, admin, billing, usage, webhooks):
         app.include_router(module.router)
     for router in mounted:
         app.include_router(router, dependencies=[] if is_public(router) else [Depends(authenticate)])
     app.add_middleware(RequestScopeMiddleware, runtime=runtime)
+    settings = runtime.settings
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_request_body_bytes,  # outermost: first
+                       body_timeout=settings.body_read_timeout_seconds,
+                       send_stall_timeout=settings.send_stall_timeout_seconds)
     return app

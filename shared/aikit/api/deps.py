@@ -9,8 +9,8 @@ import anyio
 from fastapi import APIRouter, Depends, Request
 
 from aikit.access import Access
-from aikit.api.errors import ApiError
-from aikit.keys import KeyInfo
+from aikit.api.errors import REQUEST_ID_SCOPE_KEY, ApiError
+from aikit.keys import _PREFIX_LEN, KEY_PREFIX, KeyInfo
 from aikit.llm import BoundLLM
 from aikit.llm.admission import MeteredRequest
 from aikit.llm.context import RequestScope, current_request
@@ -30,6 +30,10 @@ def too_many_failures() -> ApiError:
                     code="too_many_auth_failures", headers={"Retry-After": "60"})
 
 
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
 def bearer_token(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
@@ -39,19 +43,25 @@ def bearer_token(request: Request) -> str:
     return token
 
 
-async def verified_key(request: Request, runtime: Runtime) -> KeyInfo:
-    """The caller's key: valid and not revoked (401); unknown keys from an address guessing them: 429."""
-    token = bearer_token(request)
-    if len(token) > 200:
-        raise ApiError(401, "invalid API key", code="invalid_api_key")
-    found, info = runtime.keys.cached(token)
-    address = request.client.host if request.client else "unknown"
-    if not found:
-        if await runtime.auth_guard.blocked(address):
-            raise too_many_failures()
-        info = await anyio.to_thread.run_sync(runtime.keys.lookup, token)
+def key_prefix(token: str) -> str | None:
+    """The displayed prefix a guess claims (ak_ + 8 characters), counted on its own: guessing the secret of
+    one known prefix from many addresses is slowed too."""
+    return token[:_PREFIX_LEN] if token.startswith(KEY_PREFIX) and len(token) > _PREFIX_LEN else None
+
+
+async def verified_key(request: Request, runtime: Runtime, token: str | None = None) -> KeyInfo:
+    """The caller's key (`token`, else the bearer token): valid and not revoked (401). A valid key is never
+    refused for what others sent from its address (a shared NAT or proxy): the guard only turns the 401 of an
+    unknown key into a 429 once its address or its prefix has failed too often this minute."""
+    token = bearer_token(request) if token is None else token
+    info: KeyInfo | None = None
+    if len(token) <= 200:
+        found, info = runtime.keys.cached(token)
+        if not found:
+            info = await anyio.to_thread.run_sync(runtime.keys.lookup, token)
     if info is None:
-        await runtime.auth_guard.failed(address)
+        if await runtime.auth_guard.failed(client_address(request), key_prefix(token)):
+            raise too_many_failures()
         raise ApiError(401, "invalid API key", code="invalid_api_key")
     if not info.active:
         raise ApiError(401, "API key has been revoked", code="revoked_api_key")
@@ -70,11 +80,18 @@ async def authenticate(request: Request) -> MeteredRequest:
     """The one auth-and-admission step of a metered route: a valid key (401/429) whose customer may use the
     API now (402), and the request's billing state, which the route's metered LLM calls are admitted and
     metered through. No Redis or database round trip on a warm key: limits are checked with the first call."""
+    return await billed_request(request, bearer_token(request))
+
+
+async def billed_request(request: Request, token: str) -> MeteredRequest:
+    """`authenticate` with the key taken from wherever the route's clients send it (Anthropic's x-api-key)."""
     runtime: Runtime = request.app.state.runtime
-    key = await verified_key(request, runtime)
+    key = await verified_key(request, runtime, token)
     if key.access is Access.NONE:
         raise ApiError(402, f"payment required: {key.access_reason}", code="subscription_inactive")
+    # The request's id (api.body_limit) is its billing id too: one id in the logs, the headers and the usage.
     billing = MeteredRequest(key, runtime.limiter, runtime.llm, runtime.settings.quota_reserve_tokens,
+                             request_id=request.scope.get(REQUEST_ID_SCOPE_KEY),
                              price_book=runtime.settings.price_book)
     scope = current_request.get()
     if scope is None:  # an app built without create_app's middleware
@@ -108,14 +125,20 @@ def is_public(router: APIRouter) -> bool:
     return bool(getattr(router, PUBLIC_ATTRIBUTE, False))
 
 
-def require_admin(request: Request, runtime: RuntimeDep) -> None:
+async def require_admin(request: Request, runtime: RuntimeDep) -> None:
+    """The admin token (401); wrong tokens from one address beyond ADMIN_FAILURES_PER_MINUTE a minute are 429s
+    (the right token still passes: the guard only counts failures)."""
     expected = runtime.settings.admin_token
     if not expected:
         raise ApiError(403, "admin API is disabled: set ADMIN_TOKEN", code="admin_disabled")
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
-        raise ApiError(401, "invalid admin token", code="invalid_admin_token")
+    if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected.encode()):
+        return
+    if await runtime.admin_guard.failed(client_address(request)):
+        raise ApiError(429, "too many invalid admin tokens from this address; try again in a minute",
+                       code="too_many_auth_failures", headers={"Retry-After": "60"})
+    raise ApiError(401, "invalid admin token", code="invalid_admin_token")
 
 
 AdminDep = Annotated[None, Depends(require_admin)]

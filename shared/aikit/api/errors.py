@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextvars import ContextVar
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -20,6 +21,7 @@ ERROR_TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
@@ -40,9 +42,28 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+# The id of the request being answered (set by api.body_limit for every HTTP request; a billed request's
+# usage events carry the same id), so support can find the request's log lines from what a client reports.
+REQUEST_ID_SCOPE_KEY = "aikit.request_id"
+request_id_var: ContextVar[str | None] = ContextVar("aikit_request_id", default=None)
+
+
 def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "api_error"), "param": param,
-                      "code": code}}
+    error: dict[str, Any] = {"message": message, "type": ERROR_TYPES.get(status, "api_error"), "param": param,
+                             "code": code}
+    request_id = request_id_var.get()
+    if request_id is not None:
+        error["request_id"] = request_id
+    return {"error": error}
+
+
+def error_response(status: int, message: str, code: str | None = None, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """An error answer carrying the request id in its body and its X-Request-Id header."""
+    body = error_body(status, message, code, param)
+    request_id = body["error"].get("request_id")
+    all_headers = {**({"X-Request-Id": request_id} if request_id else {}), **(headers or {})}
+    return JSONResponse(body, status, headers=all_headers)
 
 
 def field_path(loc: Sequence[Any], body: Any, error_type: str = "", field: object = None) -> str:
@@ -103,41 +124,39 @@ def sqlstate(exc: DBAPIError) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(error_body(exc.status, exc.message, exc.code, exc.param), exc.status,
-                            headers=exc.headers)
+        return error_response(exc.status, exc.message, exc.code, exc.param, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         message, field = validation_message(exc)
-        return JSONResponse(error_body(422, message, "invalid_value", field), 422)
+        return error_response(422, message, "invalid_value", field)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body(exc.status_code, str(exc.detail)), exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     @app.exception_handler(DBAPIError)
     async def _database(request: Request, exc: DBAPIError) -> JSONResponse:
         state = sqlstate(exc)
         if state.startswith("22"):  # data exception: a NUL character, a string too long, a number too big
             message = "a value in the request cannot be stored: too long, out of range or holding a NUL character"
-            return JSONResponse(error_body(422, message, "invalid_value"), 422)
+            return error_response(422, message, "invalid_value")
         if isinstance(exc, (OperationalError, InterfaceError)) or state.startswith(("08", "57P", "3D000")):
             # No connection, the server starting or stopping, or the database missing: a retry may do.
             logger.warning("database_unavailable", extra={"path": request.url.path, "sqlstate": state})
-            return JSONResponse(error_body(503, "the database is unavailable, retry shortly", "database_unavailable"),
-                                503, headers={"Retry-After": "5"})
+            return error_response(503, "the database is unavailable, retry shortly", "database_unavailable",
+                                  headers={"Retry-After": "5"})
         logger.exception("unhandled_error", extra={"path": request.url.path})
-        return JSONResponse(error_body(500, "internal error"), 500)
+        return error_response(500, "internal error: report the request id to the operator")
 
     @app.exception_handler(ConnectionError)
     async def _connection(request: Request, exc: ConnectionError) -> JSONResponse:
         # A backend connection broke below the driver's own error types (e.g. reset while connecting).
         logger.warning("backend_connection_error", extra={"path": request.url.path, "error": type(exc).__name__})
-        return JSONResponse(error_body(503, "a backend is unavailable, retry shortly", "backend_unavailable"),
-                            503, headers={"Retry-After": "5"})
+        return error_response(503, "a backend is unavailable, retry shortly", "backend_unavailable",
+                              headers={"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled_error", extra={"path": request.url.path})
-        return JSONResponse(error_body(500, "internal error"), 500)
+        return error_response(500, "internal error: report the request id to the operator")

@@ -411,7 +411,8 @@ class ChatCompletionRequest(Open):
         return self.max_completion_tokens or self.max_tokens
 
     def provider_params(self) -> dict[str, Any]:
-        """The sampling parameters the chat route forwarded before it rendered tool calls (kept for it)."""
+        """The sampling parameters alone (what bench/bench_api.py's mounted routes forward; the chat route
+        forwards every field, `params()`)."""
         keys = ("temperature", "top_p", "stop", "presence_penalty", "frequency_penalty", "seed")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 

@@ -76,23 +76,58 @@ def get_engine(url: str) -> Engine:
 
         return engine
     parsed = make_url(url)
-    connect_args: dict[str, Any] = {}
-    # pg8000 takes an SSLContext, not libpq's sslmode; RDS Proxy requires TLS.
     sslmode = parsed.query.get("sslmode")
     if sslmode is not None:
         parsed = parsed.difference_update_query(["sslmode"])
-        if sslmode in ("require", "verify-ca", "verify-full"):
-            context = ssl.create_default_context()
-            if sslmode == "require":  # encrypt, but don't verify (libpq's meaning)
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-            connect_args["ssl_context"] = context
-    # Small pool: one Lambda container serves one request at a time; RDS Proxy multiplexes.
-    engine = create_engine(parsed, connect_args=connect_args, pool_size=5, max_overflow=5, pool_pre_ping=True,
-                           pool_recycle=300)
+    tls = _Tls(sslmode if isinstance(sslmode, str) else None)
+    # Sized for the request path's worker threads (key lookups, quota catch-ups, the Redis-down fallback): a
+    # connection checked in beyond pool_size is closed, so a pool smaller than the steady concurrency opens a
+    # connection per request. LIFO keeps the busy few warm and lets the rest age out (pool_recycle).
+    engine = create_engine(parsed, connect_args=tls.connect_args(), pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW,
+                           pool_use_lifo=True, pool_pre_ping=True, pool_recycle=300)
 
     @event.listens_for(engine, "do_connect")
     def _current_credentials(dialect: Any, _record: Any, cargs: tuple[Any, ...], cparams: dict[str, Any]) -> Any:
-        return _connect(dialect, cargs, cparams)
+        return tls.connect(dialect, cargs, cparams)
 
     return engine
+
+
+POOL_SIZE = 10
+POOL_OVERFLOW = 10
+
+
+class _Tls:
+    """pg8000 takes an SSLContext, not libpq's sslmode; RDS Proxy requires TLS. The context is built once per
+    engine: given none, pg8000 builds one per connection (loading the CA bundle each time) to try TLS first.
+    Without an sslmode (libpq's default, "prefer") TLS is tried with the shared context and, once a server has
+    refused it, this engine connects without."""
+
+    def __init__(self, sslmode: str | None) -> None:
+        self.sslmode = sslmode or "prefer"
+        self.refused = False
+        self.context: ssl.SSLContext | None = None
+        if self.sslmode in ("prefer", "allow", "require", "verify-ca", "verify-full"):
+            self.context = ssl.create_default_context()
+            if self.sslmode not in ("verify-ca", "verify-full"):  # encrypt, but don't verify (libpq's meaning)
+                self.context.check_hostname = False
+                self.context.verify_mode = ssl.CERT_NONE
+
+    def connect_args(self) -> dict[str, Any]:
+        if self.sslmode == "disable":
+            return {"ssl_context": False}
+        return {} if self.context is None else {"ssl_context": self.context}
+
+    def connect(self, dialect: Any, cargs: tuple[Any, ...], cparams: dict[str, Any]) -> Any:
+        optional = self.sslmode in ("prefer", "allow")
+        if optional and self.refused:
+            cparams["ssl_context"] = False
+        try:
+            return _connect(dialect, cargs, cparams) or dialect.connect(*cargs, **cparams)
+        except Exception as exc:
+            # Not `self.refused`: another thread may have set it while this one was connecting with TLS.
+            if not optional or cparams.get("ssl_context") is False or "Server refuses SSL" not in str(exc):
+                raise
+            self.refused = True
+            cparams["ssl_context"] = False
+            return _connect(dialect, cargs, cparams) or dialect.connect(*cargs, **cparams)

@@ -187,6 +187,10 @@ class MeterReport(Base):
     # When Stripe was first called for it: past Stripe's 24 h identifier memory a resend is no longer safe.
     first_attempt_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # Set when the usage's own billing period had finalized before it was sent: the timestamp it would have
+    # carried (from) and the one sent instead, inside the then current period (to). Stripe invoices it there.
+    carried_forward_from: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    carried_forward_to: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     # Which Stripe meter: "tokens" (STRIPE_METER_EVENT_NAME, value in tokens) or "cost" (STRIPE_COST_EVENT_NAME,
     # value in 1e-12 currency units); see aikit.metering.sql_sink.report_meter.
     meter: Mapped[str] = mapped_column(String(16), default="tokens", server_default="tokens")

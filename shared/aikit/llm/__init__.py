@@ -6,6 +6,7 @@ calling key, within its limits:
     from aikit import llm
     result = await llm.chat(messages=[{"role": "user", "content": "hi"}], track_tokens=True)
     async for event in llm.stream(messages=..., track_tokens=True): ...
+    vectors = (await llm.embed(["some text", "more"], track_tokens=True)).embeddings
 
 Standalone: `LLM(build_provider(settings), meter=meter).chat(..., track_tokens=True, caller=Caller(...))`.
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -32,6 +33,8 @@ import anyio
 from aikit.llm.base import (
     ChatRequest,
     ChatResult,
+    EmbeddingRequest,
+    EmbeddingResult,
     InputUsage,
     InvalidRequestError,
     Provider,
@@ -43,10 +46,12 @@ from aikit.llm.base import (
     TextDelta,
     Usage,
     output_text,
+    validate_embedding_input,
     validate_max_tokens,
     validate_messages,
 )
 from aikit.llm.context import (
+    Admitted,
     Caller,
     CallerRequired,
     CallGate,
@@ -66,6 +71,8 @@ __all__ = [
     "CallerRequired",
     "ChatRequest",
     "ChatResult",
+    "EmbeddingRequest",
+    "EmbeddingResult",
     "InputUsage",
     "InvalidRequestError",
     "Provider",
@@ -79,12 +86,14 @@ __all__ = [
     "build_provider",
     "chat",
     "current_caller",
+    "embed",
     "stream",
     "use_caller",
 ]
 
 log = logging.getLogger("aikit.llm")
 T = TypeVar("T")
+Answer = TypeVar("Answer", ChatResult, EmbeddingResult)
 
 # Records still running after their caller was cancelled; held here so they are not garbage-collected.
 _detached: set[asyncio.Future[Any]] = set()
@@ -149,6 +158,20 @@ class LLM:
     def default_model(self) -> str:
         return self._default_model or self._provider.default_model
 
+    @property
+    def default_embedding_model(self) -> str:
+        return self._provider.default_embedding_model
+
+    def _embedding_request(self, input: object, model: str | None, dimensions: object,
+                           params: dict[str, Any]) -> EmbeddingRequest:
+        model = model if model is not None else self.default_embedding_model
+        if not isinstance(model, str) or not model.strip():
+            raise InvalidRequestError("model must be a non-empty string", "model")
+        if dimensions is not None and (isinstance(dimensions, bool) or not isinstance(dimensions, int)
+                                       or dimensions < 1):
+            raise InvalidRequestError("dimensions must be a positive integer", "dimensions")
+        return EmbeddingRequest(validate_embedding_input(input), model, dimensions, params)
+
     def _request(
         self, messages: object, model: str | None, max_tokens: object, params: dict[str, Any]
     ) -> ChatRequest:
@@ -189,7 +212,8 @@ class LLM:
             billing.gate = await billing.authenticate()
         return _Billing(billing.gate.caller, billing.gate)
 
-    async def _record(self, who: Caller, req: ChatRequest, usage: Usage, request_id: str | None) -> None:
+    async def _record(self, who: Caller, req: ChatRequest | EmbeddingRequest, usage: Usage,
+                      request_id: str | None) -> None:
         assert self._meter is not None  # checked by _billing
         await _shielded(
             self._meter.record(
@@ -226,12 +250,17 @@ class LLM:
         return await self._chat(req, await self._resolved(billing), request_id)
 
     async def _chat(self, req: ChatRequest, billing: _Billing | None, request_id: str | None) -> ChatResult:
+        return await self._metered(req, billing, request_id, self._provider.chat)
+
+    async def _metered(self, req: Admitted, billing: _Billing | None, request_id: str | None,
+                       call: Callable[[Admitted], Awaitable[Answer]]) -> Answer:
+        """One call, admitted against the gate's limits, metered once (see `_settle_failed` when it raises)."""
         gate = billing.gate if billing else None
         if gate is not None:
             request_id = request_id or gate.new_call_id()
             req = await gate.admit(request_id, req, self._provider)
         try:
-            result = await self._call(req)
+            result = await self._in_time(call(req))
         except BaseException as exc:
             if billing is not None:
                 await self._settle_failed(billing, req, exc, request_id)
@@ -240,20 +269,44 @@ class LLM:
             await self._record(billing.caller, req, result.usage, request_id)
         return result
 
-    async def _call(self, req: ChatRequest) -> ChatResult:
+    async def _in_time(self, call: Awaitable[T]) -> T:
         if self._deadline is None:
-            return await self._provider.chat(req)
+            return await call
         with anyio.move_on_after(self._deadline):
-            return await self._provider.chat(req)
+            return await call
         raise self._deadline_hit()
 
-    async def _settle_failed(self, billing: _Billing, req: ChatRequest, exc: BaseException,
+    async def embed(
+        self,
+        input: str | list[str] | list[int] | list[list[int]],
+        *,
+        model: str | None = None,
+        dimensions: int | None = None,
+        track_tokens: bool = False,
+        request_id: str | None = None,
+        caller: Caller | None = None,
+        **params: Any,
+    ) -> EmbeddingResult:
+        """Embedding vectors of `input` (a text, texts, or token ids), one per input. With `track_tokens=True`
+        it is admitted and metered exactly like `chat`: the input tokens the provider reported, output 0."""
+        billing = self._billing(track_tokens, caller)
+        req = self._embedding_request(input, model, dimensions, params)
+        return await self._embed(req, await self._resolved(billing), request_id)
+
+    async def _embed(self, req: EmbeddingRequest, billing: _Billing | None,
+                     request_id: str | None) -> EmbeddingResult:
+        return await self._metered(req, billing, request_id, self._provider.embed)
+
+    async def _settle_failed(self, billing: _Billing, req: ChatRequest | EmbeddingRequest, exc: BaseException,
                              request_id: str | None) -> None:
         """A call that raised: metered for its input if the upstream was working on it when it was cut off
         (a timeout, the deadline, a cancellation), else its reservation is given back."""
         cut_off = isinstance(exc, asyncio.CancelledError) or (isinstance(exc, ProviderTimeout) and exc.cut_off)
         if cut_off:
-            usage = Usage(self._provider.estimate_input_tokens(req), 0)
+            if isinstance(req, EmbeddingRequest):
+                usage = Usage(self._provider.estimate_embedding_tokens(req), 0)
+            else:
+                usage = Usage(self._provider.estimate_input_tokens(req), 0)
             await self._record(billing.caller, req, usage, request_id)
         elif billing.gate is not None and request_id is not None:
             await _shielded(billing.gate.release(request_id))
@@ -380,6 +433,14 @@ class BoundLLM:
     def default_model(self) -> str:
         return self._llm.default_model
 
+    @property
+    def default_embedding_model(self) -> str:
+        return self._llm.default_embedding_model
+
+    @property
+    def provider(self) -> Provider:
+        return self._llm.provider
+
     def _billing(self, track_tokens: bool) -> _Billing | None:
         return _Billing(self._gate.caller, self._gate) if track_tokens else None
 
@@ -393,6 +454,12 @@ class BoundLLM:
                **params: Any) -> AsyncGenerator[StreamEvent, None]:
         req = self._llm._request(messages, model, max_tokens, params)
         return self._llm._stream(req, self._billing(track_tokens), request_id)
+
+    async def embed(self, input: str | list[str] | list[int] | list[list[int]], *, model: str | None = None,
+                    dimensions: int | None = None, track_tokens: bool = True, request_id: str | None = None,
+                    **params: Any) -> EmbeddingResult:
+        req = self._llm._embedding_request(input, model, dimensions, params)
+        return await self._llm._embed(req, self._billing(track_tokens), request_id)
 
 
 def current_llm() -> LLM:
@@ -435,9 +502,31 @@ def stream(
                                 caller=caller, max_tokens=max_tokens, **params)
 
 
+async def embed(
+    input: str | list[str] | list[int] | list[list[int]],
+    *,
+    model: str | None = None,
+    dimensions: int | None = None,
+    track_tokens: bool = False,
+    request_id: str | None = None,
+    caller: Caller | None = None,
+    **params: Any,
+) -> EmbeddingResult:
+    """`LLM.embed` on the current API's LLM: with `track_tokens=True`, metered to the calling key."""
+    return await current_llm().embed(input, model=model, dimensions=dimensions, track_tokens=track_tokens,
+                                     request_id=request_id, caller=caller, **params)
+
+
 def build_provider(settings: Settings | None = None) -> Provider:
     """The provider `settings.llm_provider` names, configured from settings."""
     s = settings or get_settings()
+    provider = _provider(s)
+    if s.llm_embedding_model:
+        provider.default_embedding_model = s.llm_embedding_model
+    return provider
+
+
+def _provider(s: Settings) -> Provider:
     model = s.llm_default_model
     if s.llm_provider == "echo":
         from aikit.llm.echo import EchoProvider

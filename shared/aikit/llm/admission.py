@@ -18,7 +18,7 @@ from aikit.keys import KeyInfo
 from aikit.limits import RateLimited, RateLimiter
 from aikit.llm import LLM, BoundLLM
 from aikit.llm.base import ChatRequest, Provider
-from aikit.llm.context import Caller
+from aikit.llm.context import Admitted, Caller
 from aikit.metering.base import new_request_id
 from aikit.observability import RATE_LIMITED, REQUESTS, emit
 from aikit.pricing import PriceBook
@@ -65,15 +65,15 @@ class MeteredRequest:
         self._calls += 1
         return self.request_id if self._calls == 1 else f"{self.request_id}.{self._calls}"
 
-    async def admit(self, call_id: str, req: ChatRequest, provider: Provider) -> ChatRequest:
+    async def admit(self, call_id: str, req: Admitted, provider: Provider) -> Admitted:
         check_model(req.model, self.key, self._book)  # a refused model is not a tried call: nothing counted
         self._tried = True
         quota = self.key.monthly_tokens is not None
         reserve = 0
         if quota:
-            if req.output_limit is None:
+            if isinstance(req, ChatRequest) and req.output_limit is None:
                 req = dataclasses.replace(req, max_tokens=self._default_max_tokens)
-            reserve = provider.input_token_bound(req) + (req.output_limit or 0)
+            reserve = provider.reserve_tokens(req)  # a chat's input bound and output cap; an embedding's input
         while self._admitting is not None:  # another call of this request is counting it: its outcome decides
             await self._admitting.wait()
         count = not self._counted

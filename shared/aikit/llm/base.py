@@ -298,6 +298,21 @@ def validate_max_tokens(max_tokens: object) -> int | None:
     return max_tokens
 
 
+def validate_embedding_input(value: object) -> str | list[str] | list[int] | list[list[int]]:
+    """A string, a non-empty list of strings, or token ids (a list of integers, or of such lists)."""
+    def ids(item: object) -> bool:
+        return isinstance(item, list) and bool(item) and all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in item)
+
+    if isinstance(value, str) and value:
+        return value
+    texts = isinstance(value, list) and all(isinstance(item, str) and item for item in value)
+    if isinstance(value, list) and value and (texts or ids(value) or all(ids(i) for i in value)):
+        return value
+    raise InvalidRequestError("input must be a non-empty string, a list of non-empty strings, or token ids "
+                              "(a list of integers or of such lists)", "input")
+
+
 def prompt_text(messages: Sequence[dict[str, Any]]) -> str:
     """All text of the messages: contents, and the names and arguments of assistant tool calls."""
     pieces: list[str] = []
@@ -356,6 +371,30 @@ class Provider(ABC):
         return max(deltas, estimate_tokens(text))
 
     image_token_bound: ClassVar[int] = IMAGE_TOKEN_BOUND
+    # The embedding model of an embeddings call that names none (LLM_EMBEDDING_MODEL overrides it).
+    default_embedding_model: str = "text-embedding-3-small"
+
+    def estimate_embedding_tokens(self, req: EmbeddingRequest) -> int:
+        """The input tokens of an embeddings call whose usage never came (cut off, or not reported)."""
+        texts = req.texts
+        if texts is not None:
+            return sum(estimate_tokens(t) for t in texts)
+        return sum(len(item) if isinstance(item, list) else 1 for item in req.input)  # token ids count themselves
+
+    def embedding_token_bound(self, req: EmbeddingRequest) -> int:
+        """At least the input tokens the upstream can bill for an embeddings call, for quota reservations: one
+        token per UTF-8 byte (byte-level tokenizers cover a byte or more per token) plus each input's special
+        tokens; token ids are what they are."""
+        texts = req.texts
+        if texts is None:
+            return self.estimate_embedding_tokens(req)
+        return sum(len(t.encode()) + 4 for t in texts)
+
+    def reserve_tokens(self, req: ChatRequest | EmbeddingRequest) -> int:
+        """The most a call can bill: its input bound plus, for a chat, its output cap."""
+        if isinstance(req, EmbeddingRequest):
+            return self.embedding_token_bound(req)
+        return self.input_token_bound(req) + (req.output_limit or 0)
 
     def input_token_bound(self, req: ChatRequest) -> int:
         """At least the input tokens the upstream can bill for `req`, for quota reservations. Byte-level BPE

@@ -379,6 +379,7 @@ def _new_client(**kwargs: Any) -> Any:
 
 class BedrockProvider(Provider):
     name = "bedrock"
+    default_embedding_model = "amazon.titan-embed-text-v2:0"
 
     def __init__(
         self,

@@ -13,9 +13,9 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
-from aikit.llm.base import ChatRequest, Provider
+from aikit.llm.base import ChatRequest, EmbeddingRequest, Provider
 
 if TYPE_CHECKING:
     from aikit.llm import LLM
@@ -28,6 +28,10 @@ class Caller:
     # The start of the key's quota period (KeyInfo.quota_period_start), so usage lands in the quota counter
     # the limiter reads; None lets the meter look it up from the key.
     quota_period_start: int | None = None
+
+
+# What a gate admits: a chat or an embeddings call (the same limits, quota reservation and metering).
+Admitted = TypeVar("Admitted", ChatRequest, EmbeddingRequest)
 
 
 class CallerRequired(RuntimeError):
@@ -44,9 +48,9 @@ class CallGate(Protocol):
         """A fresh id for one metered call: its quota reservation and its usage event share it."""
         ...
 
-    async def admit(self, call_id: str, req: ChatRequest, provider: Provider) -> ChatRequest:
-        """Check the limits and reserve the call's worst case; returns the request to send (its output cap
-        set when the reservation needs one). Raises when a limit refuses the call."""
+    async def admit(self, call_id: str, req: Admitted, provider: Provider) -> Admitted:
+        """Check the limits and reserve the call's worst case; returns the request to send (a chat's output
+        cap set when the reservation needs one). Raises when a limit refuses the call."""
         ...
 
     async def release(self, call_id: str) -> None:

@@ -34,6 +34,8 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
+from anyio.lowlevel import checkpoint
+
 from aikit.llm.base import (
     ChatRequest,
     ChatResult,
@@ -175,8 +177,17 @@ def vector(text: str, dimensions: int) -> list[float]:
     return [v / norm for v in values]
 
 
+def _embedded_texts(req: EmbeddingRequest) -> list[str]:
+    texts = req.texts
+    if texts is not None:
+        return texts
+    ids: list[Any] = [req.input] if req.input and isinstance(req.input[0], int) else list(req.input)
+    return [" ".join(map(str, item)) for item in ids]  # token ids: each id one word
+
+
 class EchoProvider(Provider):
     name = "echo"
+    default_embedding_model = "echo-embed-1"
 
     def __init__(self, default_model: str | None = None) -> None:
         self.default_model = default_model or "echo-1"
@@ -194,23 +205,29 @@ class EchoProvider(Provider):
 
     async def stream(self, req: ChatRequest) -> AsyncGenerator[ProviderEvent, None]:
         reply = _reply(req)
+        # Every event yields to the event loop, as a network read would: a long reply must neither starve
+        # other requests nor miss its consumer's cancellation (a client that hung up).
         for word in _pieces(reply.words):
+            await checkpoint()
             yield TextDelta(word)
         for n, call in enumerate(reply.calls):
             yield ToolCallDelta(n, id=call.id, name=call.name)
             for piece in _pieces(call.arguments.split(" ")):
+                await checkpoint()
                 yield ToolCallDelta(n, arguments=piece)
         yield StreamEnd(finish_reason=reply.finish, usage=reply.usage)
 
     async def embed(self, req: EmbeddingRequest) -> EmbeddingResult:
         dimensions = req.dimensions or DIMENSIONS
-        texts = req.texts
-        if texts is None:  # token ids
-            ids: list[Any] = [req.input] if req.input and isinstance(req.input[0], int) else list(req.input)
-            texts = [" ".join(map(str, item)) for item in ids]
-        tokens = sum(count_words(t) for t in texts)
+        texts = _embedded_texts(req)
         return EmbeddingResult(model=req.model, embeddings=[vector(t, dimensions) for t in texts],
-                               usage=Usage(input_tokens=tokens, output_tokens=0))
+                               usage=Usage(input_tokens=self.estimate_embedding_tokens(req), output_tokens=0))
+
+    def estimate_embedding_tokens(self, req: EmbeddingRequest) -> int:
+        return sum(count_words(t) for t in _embedded_texts(req))
+
+    def embedding_token_bound(self, req: EmbeddingRequest) -> int:
+        return self.estimate_embedding_tokens(req)
 
     # Echo knows its own counts exactly, even for a stream cut short.
     def estimate_input_tokens(self, req: ChatRequest) -> int:

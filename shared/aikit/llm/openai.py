@@ -37,7 +37,6 @@ from aikit.llm.base import (
     ToolCall,
     ToolCallDelta,
     Usage,
-    estimate_tokens,
     output_text,
 )
 from aikit.llm.embeddings import decode_vector
@@ -95,13 +94,6 @@ def _deltas(choice: dict[str, Any]) -> Iterator[ProviderEvent]:
     extra = {k: v for k, v in delta.items() if k not in _MESSAGE_FIELDS and v is not None}
     if extra:
         yield ExtraDelta(extra)
-
-
-def _estimate_embedding_input(req: EmbeddingRequest) -> int:
-    texts = req.texts
-    if texts is not None:
-        return sum(estimate_tokens(t) for t in texts)
-    return sum(len(item) if isinstance(item, list) else 1 for item in req.input)  # token ids count themselves
 
 
 class OpenAIProvider(Provider):
@@ -215,7 +207,7 @@ class OpenAIProvider(Provider):
                 tokens = as_int(raw["prompt_tokens"])
             else:
                 log.warning("openai-compatible upstream sent no embedding usage for model %s; estimating", req.model)
-                tokens = _estimate_embedding_input(req)
+                tokens = self.estimate_embedding_tokens(req)
             return EmbeddingResult(model=str(data.get("model") or req.model), embeddings=vectors,
                                    usage=Usage(input_tokens=tokens, output_tokens=0))
 

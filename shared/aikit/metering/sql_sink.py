@@ -15,6 +15,7 @@ from sqlalchemy.dialects import sqlite
 
 from aikit.db.models import ApiKeyUsage, MeterReport, UsageDaily, as_utc
 from aikit.metering.base import UsageEvent
+from aikit.periods import cut_window, period_edges
 from aikit.settings import Settings
 
 # Meters a report may belong to (MeterReport.meter): without a price table the token meter
@@ -89,7 +90,7 @@ _PG_STAGE = (
   input_tokens int, output_tokens int, cached_tokens int, billable bool, cost bigint
 ) ON COMMIT DELETE ROWS""",
     """CREATE TEMP TABLE IF NOT EXISTS aikit_report_in (
-  customer_id text, window_start timestamptz, value bigint, last_usage_ts timestamptz
+  customer_id text, window_start timestamptz, value bigint, last_usage_ts timestamptz, window_end timestamptz
 ) ON COMMIT DELETE ROWS""",
 )
 
@@ -123,10 +124,21 @@ WITH new AS (
     cost = u.cost + EXCLUDED.cost,
     customer_id = coalesce(EXCLUDED.customer_id, u.customer_id)
 ), rep AS (
-  INSERT INTO aikit_report_in (customer_id, window_start, value, last_usage_ts)
-  SELECT customer_id, date_bin(make_interval(secs => :window), ts, TIMESTAMPTZ '1970-01-01 00:00:00+00'),
-         CASE WHEN :meter = 'cost' THEN sum(cost) ELSE sum(tokens) END, max(ts)
-  FROM new WHERE billable AND customer_id IS NOT NULL GROUP BY 1, 2
+  INSERT INTO aikit_report_in (customer_id, window_start, window_end, value, last_usage_ts)
+  SELECT n.customer_id, coalesce(c.lo, b.bin), coalesce(c.hi, b.bin + make_interval(secs => :window)),
+         CASE WHEN :meter = 'cost' THEN sum(n.cost) ELSE sum(n.tokens) END, max(n.ts)
+  FROM new n
+  CROSS JOIN LATERAL (SELECT date_bin(make_interval(secs => :window), n.ts,
+                                      TIMESTAMPTZ '1970-01-01 00:00:00+00') AS bin) b
+  -- A window is cut where one of the customer's billing periods begins or ends inside it (aikit.periods):
+  -- usage just before a period end stays in that period's report.
+  LEFT JOIN LATERAL (
+    SELECT max(e.at) FILTER (WHERE e.at <= n.ts) AS lo, min(e.at) FILTER (WHERE e.at > n.ts) AS hi
+    FROM billing_periods p CROSS JOIN LATERAL (VALUES (p.period_start), (p.period_end)) e(at)
+    WHERE p.customer_id = n.customer_id AND p.period_end > b.bin
+      AND e.at > b.bin AND e.at < b.bin + make_interval(secs => :window)
+  ) c ON true
+  WHERE n.billable AND n.customer_id IS NOT NULL GROUP BY 1, 2, 3
   RETURNING 1
 )
 SELECT (SELECT count(*) FROM new), (SELECT count(*) FROM rep)
@@ -138,7 +150,7 @@ _PG_REPORTS = """
 INSERT INTO meter_reports AS r (id, customer_id, window_start, window_end, value, last_usage_ts,
                                 status, attempts, created_at, meter)
 SELECT 'aikit-' || replace(gen_random_uuid()::text, '-', ''), customer_id, window_start,
-       window_start + make_interval(secs => :window), value, last_usage_ts, 'open', 0, now(), :meter
+       window_end, value, last_usage_ts, 'open', 0, now(), :meter
 FROM aikit_report_in ORDER BY customer_id, window_start
 ON CONFLICT (customer_id, window_start, meter) WHERE status = 'open' DO UPDATE SET
   value = r.value + EXCLUDED.value,
@@ -168,7 +180,7 @@ def store_copy(conn: Connection, rows: bytes, *, window_seconds: int, meter: str
     new, reports = conn.execute(text(_PG_ROWS), {"window": window_seconds, "meter": meter}).one()
     if reports:
         lock_reports(conn)
-        conn.execute(text(_PG_REPORTS), {"window": window_seconds, "meter": meter})
+        conn.execute(text(_PG_REPORTS), {"meter": meter})
     return int(new)
 
 
@@ -192,7 +204,8 @@ def _store_generic(
     new = [rows[r] for r in inserted]
 
     rollups: dict[tuple[str, dt.date, str], dict[str, Any]] = {}
-    reports: dict[tuple[str, dt.datetime], list[dict[str, Any]]] = defaultdict(list)
+    reports: dict[tuple[str, dt.datetime, dt.datetime], list[dict[str, Any]]] = defaultdict(list)
+    edges: dict[tuple[str, dt.datetime], list[dt.datetime]] = {}
     for row in new:
         key = (row["api_key_id"], row["date"], row["model"])
         agg = rollups.setdefault(key, {"customer_id": row["customer_id"], "requests": 0, "input_tokens": 0,
@@ -201,8 +214,12 @@ def _store_generic(
         for f in ("input_tokens", "output_tokens", "cached_tokens", "tokens", "cost"):
             agg[f] += row[f]
         if row["billable"]:
-            ts = row["ts"].timestamp()
-            reports[(row["customer_id"], window_start(ts, window_seconds))].append(row)
+            start = window_start(row["ts"].timestamp(), window_seconds)
+            end = start + dt.timedelta(seconds=window_seconds)
+            cut = edges.get((row["customer_id"], start))
+            if cut is None:
+                cut = edges[(row["customer_id"], start)] = period_edges(conn, row["customer_id"], start, end)
+            reports[(row["customer_id"], *cut_window(start, end, row["ts"], cut))].append(row)
 
     for (kid, day, model), agg in rollups.items():
         ins = sqlite.insert(UsageDaily).values(api_key_id=kid, date=day, model=model, **agg)
@@ -215,7 +232,7 @@ def _store_generic(
             },
         ))
 
-    for (customer, start), items in reports.items():
+    for (customer, start, end), items in reports.items():
         value = sum(r["cost" if meter == METER_COST else "tokens"] for r in items)
         last = max(r["ts"] for r in items)
         existing = conn.execute(
@@ -226,7 +243,7 @@ def _store_generic(
         if existing is None:
             conn.execute(insert(MeterReport).values(
                 id=new_report_id(), customer_id=customer, window_start=start,
-                window_end=start + dt.timedelta(seconds=window_seconds), value=value, last_usage_ts=last,
+                window_end=end, value=value, last_usage_ts=last,
                 status="open", attempts=0, created_at=dt.datetime.now(dt.UTC), meter=meter))
         else:
             conn.execute(update(MeterReport).where(MeterReport.id == existing.id).values(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import re
 from functools import partial
 
 import anyio
@@ -22,6 +23,7 @@ from aikit.billing import (
     start_checkout,
     user_id_for_email,
 )
+from aikit.observability import logger
 from aikit.runtime import Runtime
 
 router = APIRouter(prefix="/v1/billing")
@@ -50,6 +52,10 @@ async def caller_user_id(request: Request, runtime: Runtime, body: BillingBody |
     return key.user_id
 
 
+# "Stripe <step> failed: <what Stripe or the network said>" (stripe_gateway.BillingError): the step only.
+_STRIPE_STEP = re.compile(r"Stripe ([a-z ]{1,40}) failed")
+
+
 def _billing_error(exc: Exception) -> ApiError:
     if isinstance(exc, BillingUnavailable):
         return ApiError(503, str(exc), code="billing_not_configured")
@@ -57,7 +63,12 @@ def _billing_error(exc: Exception) -> ApiError:
         return ApiError(404, str(exc), code="not_found")
     if isinstance(exc, NoCustomer):
         return ApiError(409, str(exc), code="no_customer")
-    return ApiError(502, str(exc), code="stripe_error")
+    # What Stripe or the network said (connection errors, Stripe's own messages) is for the operator's logs;
+    # the client can only retry, with the request id to quote.
+    logger.warning("stripe_failed", extra={"error": str(exc)})
+    step = _STRIPE_STEP.match(str(exc))
+    return ApiError(502, f"Stripe {step.group(1) if step else 'request'} failed; retry shortly",
+                    code="stripe_error", headers={"Retry-After": "5"})
 
 
 _ERRORS = (BillingUnavailable, UnknownUser, NoCustomer, StripeFailed)

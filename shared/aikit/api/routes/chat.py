@@ -1,102 +1,41 @@
 """POST /v1/chat/completions: OpenAI-compatible, metered, rate limited (through the same path as any route
-that calls `llm.chat(..., track_tokens=True)`)."""
+that calls `llm.chat(..., track_tokens=True)`).
+
+The validated request goes on whole (tools, response_format, images, unknown fields...): OpenAI-compatible
+upstreams get it as sent, the other providers translate it or refuse a field by name (422). The answer comes
+back whole (tool calls, refusal, logprobs, fields we do not model), streamed as deltas when asked; its usage is
+the one metered.
+"""
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from aikit.api.deps import BilledDep
-from aikit.api.errors import error_body
+from aikit.api.openai_format import ChunkStream, completion_json, usage_json
 from aikit.api.schemas import ChatCompletionRequest
-from aikit.llm.base import ChatResult, ProviderError, StreamEnd, TextDelta, Usage
-from aikit.metering.redis_meter import MeterUnavailable
+from aikit.api.streaming import OpenAIEvents, respond
+
+__all__ = ["completion_json", "router", "usage_json"]  # the formatters, as this module exported them
 
 router = APIRouter()
-
-
-def usage_json(usage: Usage) -> dict[str, object]:
-    return {
-        "prompt_tokens": usage.input_tokens,
-        "completion_tokens": usage.output_tokens,
-        "total_tokens": usage.total_tokens,
-        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
-    }
-
-
-def completion_json(request_id: str, result: ChatResult, created: int) -> dict[str, object]:
-    return {
-        "id": "chatcmpl-" + request_id.removeprefix("req_"),
-        "object": "chat.completion",
-        "created": created,
-        "model": result.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.content},
-                     "finish_reason": result.finish_reason, "logprobs": None}],
-        "usage": usage_json(result.usage),
-    }
 
 
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, billing: BilledDep) -> JSONResponse | StreamingResponse:
     llm = billing.llm
-    kwargs = {"messages": body.messages_payload(), "model": body.model, "max_tokens": body.limit(),
-              **body.provider_params()}
+    kwargs: dict[str, Any] = {"messages": body.messages_payload(), "model": body.model,
+                              "max_tokens": body.max_tokens, **body.params()}
     created = int(time.time())
+    completion_id = "chatcmpl-" + billing.request_id.removeprefix("req_")
     if not body.stream:
         # Limits (429), provider failures and unrecorded usage (503) are answered by the app's error handlers.
         result = await llm.chat(**kwargs)
-        return JSONResponse(completion_json(billing.request_id, result, created))
-
+        return JSONResponse(completion_json(completion_id, result, created))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    # Pull the first event before answering, so a refusal or an upstream failure is a clean HTTP error, not a
-    # broken stream.
-    stream = llm.stream(**kwargs)
-    try:
-        first = await anext(stream)
-    except StopAsyncIteration:
-        first = None
-    chunk_id = "chatcmpl-" + billing.request_id.removeprefix("req_")
-    model = body.model or llm.default_model
-
-    def chunk(delta: dict[str, object], finish: str | None = None) -> str:
-        payload = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
-        if include_usage:
-            payload["usage"] = None
-        return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
-
-    async def sse() -> AsyncIterator[str]:
-        try:
-            yield chunk({"role": "assistant", "content": ""})
-            event = first
-            while event is not None:
-                if isinstance(event, TextDelta):
-                    yield chunk({"content": event.text})
-                elif isinstance(event, StreamEnd):
-                    # The stream meters as it finishes: finish it before telling the client its usage, so a
-                    # usage that could not be recorded is never shown (the client gets an error instead).
-                    following = await anext(stream, None)
-                    yield chunk({}, event.finish_reason)
-                    if include_usage:
-                        final = {"id": chunk_id, "object": "chat.completion.chunk", "created": created,
-                                 "model": model, "choices": [], "usage": usage_json(event.usage)}
-                        yield f"data: {json.dumps(final, separators=(',', ':'))}\n\n"
-                    event = following
-                    continue
-                event = await anext(stream, None)
-            yield "data: [DONE]\n\n"
-        except ProviderError as exc:
-            # Headers are gone; report the failure (the deadline included: 504) in-band as OpenAI does, after
-            # metering what was produced.
-            yield f"data: {json.dumps(error_body(exc.status_code, exc.message, 'provider_error'))}\n\n"
-        except MeterUnavailable:
-            message = "usage could not be recorded, retry shortly"
-            yield f"data: {json.dumps(error_body(503, message, 'metering_unavailable'))}\n\n"
-        finally:
-            await stream.aclose()
-
-    return StreamingResponse(sse(), media_type="text/event-stream")
+    chunks = ChunkStream(completion_id, created, body.model or llm.default_model, include_usage)
+    return await respond(llm.stream(**kwargs), OpenAIEvents(chunks))

@@ -5,13 +5,16 @@ events of an event destination (STRIPE_EVENT_DESTINATION_SECRET), such as meter-
 
 from __future__ import annotations
 
+import re
 from functools import partial
 
 import anyio
 from fastapi import APIRouter, FastAPI, Request
 
+from aikit.api.body_limit import BodyLimitMiddleware
 from aikit.api.deps import RuntimeDep
 from aikit.api.errors import ApiError, install_error_handlers
+from aikit.observability import logger
 from aikit.runtime import Runtime, get_runtime
 from aikit.webhooks import (
     MAX_BODY_BYTES,
@@ -23,6 +26,7 @@ from aikit.webhooks import (
 )
 
 router = APIRouter()
+_MISSING_SETTING = re.compile(r"\b[A-Z][A-Z_]{3,} is not set\b")
 
 async def read_at_most(request: Request, limit: int) -> bytes:
     """The raw body, but no more than `limit` bytes of it (a longer one is refused as too large anyway)."""
@@ -55,8 +59,12 @@ async def stripe_webhook(request: Request, runtime: RuntimeDep) -> dict[str, obj
     except WebhookRejected as exc:
         raise ApiError(exc.status, exc.reason, code=f"webhook_{exc.kind}") from None
     except WebhookFailed as exc:
-        # 5xx makes Stripe deliver the event again later; nothing of it was kept.
-        raise ApiError(500, str(exc), code="webhook_failed") from None
+        # 5xx makes Stripe deliver the event again later; nothing of it was kept. What Stripe or the database
+        # said is for the logs: the answer shows in Stripe's dashboard.
+        logger.warning("webhook_failed", extra={"reason": str(exc)})
+        missing = _MISSING_SETTING.search(str(exc))  # our own configuration: the operator can act on it
+        message = "the event could not be applied now; Stripe will retry" + (f" ({missing[0]})" if missing else "")
+        raise ApiError(500, message, code="webhook_failed") from None
     if result.outcome is Outcome.APPLIED:
         # This process sees the new access state at once; other instances within KEY_CACHE_TTL_SECONDS.
         runtime.keys.clear()
@@ -70,4 +78,8 @@ def create_webhook_app(runtime: Runtime | None = None) -> FastAPI:
     app.state.runtime = runtime or get_runtime()
     install_error_handlers(app)
     app.include_router(router)
+    settings = app.state.runtime.settings
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_request_body_bytes,
+                       body_timeout=settings.body_read_timeout_seconds,
+                       send_stall_timeout=settings.send_stall_timeout_seconds)
     return app
