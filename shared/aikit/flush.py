@@ -843,7 +843,8 @@ def settle_unconfirmed(settings: Settings, engine: Engine, *, customer_id: str |
     reconcile`'s stripe_vs_sent) is what Stripe holds beyond the sent reports. 0: Stripe holds none of them,
     resend. Exactly their sum: it holds all of them, mark them sent. Anything else: left for a human."""
     stmt = select(MeterReport.id, MeterReport.customer_id, MeterReport.value, MeterReport.window_start,
-                  MeterReport.window_end, MeterReport.last_usage_ts, MeterReport.carried_forward_to).where(
+                  MeterReport.window_end, MeterReport.last_usage_ts, MeterReport.carried_forward_to,
+                  MeterReport.meter).where(
         MeterReport.status == "parked", MeterReport.last_error.startswith(UNCONFIRMED_PREFIX))
     if customer_id is not None:
         stmt = stmt.where(MeterReport.customer_id == customer_id)
@@ -865,15 +866,17 @@ def settle_unconfirmed(settings: Settings, engine: Engine, *, customer_id: str |
 def _settle(settings: Settings, engine: Engine, gateway: BillingGateway, rows: list[Any]) -> set[str]:
     from aikit.reconcile import reconcile  # reconcile imports this module
 
-    groups: dict[tuple[str, dt.date], list[Any]] = defaultdict(list)
+    groups: dict[tuple[str, dt.date, str], list[Any]] = defaultdict(list)  # per customer, day and meter
     now = dt.datetime.now(dt.UTC)
     for row in rows:
-        groups[(row.customer_id, dt.datetime.fromtimestamp(event_timestamp(row, now), dt.UTC).date())].append(row)
+        day_of = dt.datetime.fromtimestamp(event_timestamp(row, now), dt.UTC).date()
+        groups[(row.customer_id, day_of, row.meter)].append(row)
     keep: set[str] = set()
-    for (customer, day), group in groups.items():
+    for (customer, day, meter), group in groups.items():
         check = reconcile(settings, since=day, until=day, gateway=gateway, engine=engine)
         held = next((d.stripe - d.sent for d in check.days
-                     if d.customer_id == customer and d.day == day and d.stripe is not None), None)
+                     if d.customer_id == customer and d.day == day and d.meter == meter and d.stripe is not None),
+                    None)
         ids = [r.id for r in group]
         if held == 0 and not check.errors:
             continue  # Stripe holds none of them: resend

@@ -36,7 +36,7 @@ from aikit.reconcile import reconcile
 from aikit.runtime import Runtime
 from aikit.settings import Settings, get_settings, load_settings
 from aikit.stripe_gateway import StripeGateway, setup_spec
-from tests.conftest import issue_key
+from tests.conftest import ADMIN_TOKEN, issue_key
 from tests.fakes.llm_servers import FakeOpenAI, openai_server
 from tests.fakes.stripe_server import FakeStripe
 from tests.functional.test_cli import AIKIT, base_env
@@ -257,13 +257,13 @@ def test_a_key_allow_list_refuses_other_models_with_403(priced: Priced) -> None:
         assert priced.upstream.requests == []
         priced.call(client, key, customer, "claude-sonnet-4", (10, 5, 0), stream=False)
         priced.call(client, key, customer, "gpt-4o-mini", (10, 5, 0), stream=True)
-        listed = client.get("/v1/admin/keys", headers={"Authorization": "Bearer test-admin-token"}).json()
+        listed = client.get("/v1/admin/keys", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()
     assert [k["allowed_models"] for k in listed["data"]] == [["gpt-4o-mini", "claude-*"]]
     assert len(priced.upstream.requests) == 2
 
 
 def test_the_admin_api_takes_an_allow_list_and_refuses_a_bad_one(priced: Priced) -> None:
-    admin = {"Authorization": "Bearer test-admin-token"}
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     with priced.client() as client:
         ok = client.post("/v1/admin/keys", headers=admin, json={"email": "a@example.com", "allowed_models": ["o3"]})
         assert ok.status_code == 201, ok.text
@@ -381,7 +381,7 @@ def test_the_embedded_meter_stores_the_cost_too(tmp_path: Path) -> None:
 
 
 def test_the_admin_api_changes_a_key_allow_list(priced: Priced) -> None:
-    admin = {"Authorization": "Bearer test-admin-token"}
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     customer, key = priced.customer()
     chat = {"model": "o3", "messages": [{"role": "user", "content": "hi"}]}
     with priced.client() as client:
@@ -417,7 +417,7 @@ def test_reconcile_shows_cost_meter_drift_in_money(priced: Priced) -> None:
     with priced.client() as client:
         priced.call(client, key, customer, "gpt-4o", (1_000, 100, 0), stream=False)
         admin = client.get("/v1/admin/usage", params={"customer_id": customer},
-                           headers={"Authorization": "Bearer test-admin-token"}).json()
+                           headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()
     priced.flush()
     assert Decimal(admin["cost"]) == priced.expected[customer]
     assert Decimal(admin["by_customer"][0]["cost"]) == priced.expected[customer]
