@@ -23,6 +23,9 @@ run: install
 
 lint: install
 	$(BIN)/ruff check shared functions tests bench examples
+	@# No function above radon grade C (cyclomatic complexity 20).
+	@above="$$($(BIN)/radon cc -nd shared functions)"; if [ -n "$$above" ]; then \
+		echo "radon: functions above grade C:"; echo "$$above"; exit 1; fi
 
 typecheck: install
 	$(BIN)/mypy

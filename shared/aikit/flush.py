@@ -226,56 +226,77 @@ def prepare_batch(shard: int, entries: list[Any], *, billable: bool, copy: bool,
     batch) or holds a control character or backslash (ids, keys and model names never do)."""
     batch = Batch(shard=shard, first_id=entries[0][0], last_id=entries[-1][0], size=len(entries), full=full)
     rows: list[str] = []
-    deltas = batch.deltas
-    key_ids = batch.key_ids
-    lo, hi = _TS_RANGE
     for entry in entries:
         values = _fields(entry[1])
         if values is None:
-            raw = entry[1]
-            k = raw.get("k") if isinstance(raw, dict) else dict(zip(raw[0::2], raw[1::2], strict=False)).get("k")
-            if isinstance(k, str) and k:
-                key_ids.add(k)
-            batch.malformed_ids.append(entry[0])
+            _set_aside(batch, entry)
             continue
         r, k, c, m, i, o, x, t, d, p = values
-        key_ids.add(k)
-        try:
-            ts = float(t)
-        except ValueError:
-            ts = 0.0
-        text_fields = f"{r}{k}{c}{m}{d}"
-        counts = f"{i}{o}{x}{p}"  # p (the cost) may be "" (recorded before costs): priced below
-        if not (
-            k and r and m and d and lo <= ts <= hi
-            and len(r) <= 64 and len(k) <= 40 and len(c) <= 255 and len(m) <= 128
-            and 0 < len(i) <= _MAX_DIGITS and 0 < len(o) <= _MAX_DIGITS and 0 < len(x) <= _MAX_DIGITS
-            and len(p) <= _MAX_COST_DIGITS
-            and counts.isdigit() and counts.isascii()  # isascii: "²".isdigit() is True
-            and "\t" not in text_fields and "\n" not in text_fields and "\\" not in text_fields
-            and "\r" not in text_fields and "\x00" not in text_fields and "|" not in d
-        ):
+        batch.key_ids.add(k)
+        ts = _timestamp(t)
+        if not _well_formed(values, ts):
             batch.malformed_ids.append(entry[0])
             continue
         inp, out, cached = int(i), int(o), int(x)
-        if not p:
+        if not p:  # the cost may be "" (recorded before costs): priced here
             p = _missing_cost(m, (inp, out, cached), book)
         if copy:
             rows.append(f"{r}\t{k}\t{c or _NULL}\t{ts!r}\t{m}\t{i}\t{o}\t{x}\t{'t' if billable and c else 'f'}"
                         f"\t{p}\n")
         else:
             batch.events.append(UsageEvent(r, k, c or None, m, inp, out, cached, ts, cost=int(p)))
-        acc = deltas.get((k, d, m))
-        if acc is None:
-            acc = deltas[(k, d, m)] = [0, 0, 0, 0, 0]
-        acc[0] += inp + out
-        acc[1] += 1
-        acc[2] += inp
-        acc[3] += out
-        acc[4] += cached
+        _add_delta(batch.deltas, (k, d, m), inp, out, cached)
     batch.valid = batch.size - len(batch.malformed_ids)
     batch.copy_rows = "".join(rows).encode()
     return batch
+
+
+def _set_aside(batch: Batch, entry: Any) -> None:
+    """An entry missing fields: malformed, but its key's pending counters still move when it is removed."""
+    raw = entry[1]
+    k = raw.get("k") if isinstance(raw, dict) else dict(zip(raw[0::2], raw[1::2], strict=False)).get("k")
+    if isinstance(k, str) and k:
+        batch.key_ids.add(k)
+    batch.malformed_ids.append(entry[0])
+
+
+def _timestamp(t: str) -> float:
+    try:
+        return float(t)
+    except ValueError:
+        return 0.0  # outside _TS_RANGE: malformed
+
+
+def _well_formed(values: tuple[str, ...], ts: float) -> bool:
+    r, k, c, m, i, o, x, _, d, p = values
+    lo, hi = _TS_RANGE
+    return bool(k and r and m and d and lo <= ts <= hi and "|" not in d
+                and _fits_columns(values) and _plain(f"{r}{k}{c}{m}{d}", f"{i}{o}{x}{p}"))
+
+
+def _fits_columns(values: tuple[str, ...]) -> bool:
+    r, k, c, m, i, o, x, _, _, p = values
+    return (len(r) <= 64 and len(k) <= 40 and len(c) <= 255 and len(m) <= 128
+            and 0 < len(i) <= _MAX_DIGITS and 0 < len(o) <= _MAX_DIGITS and 0 < len(x) <= _MAX_DIGITS
+            and len(p) <= _MAX_COST_DIGITS)
+
+
+def _plain(text: str, counts: str) -> bool:
+    """Counts are ASCII digits ("²".isdigit() is True); text holds no COPY control character or backslash."""
+    return (counts.isdigit() and counts.isascii() and "\t" not in text and "\n" not in text
+            and "\\" not in text and "\r" not in text and "\x00" not in text)
+
+
+def _add_delta(deltas: dict[tuple[str, str, str], list[int]], key: tuple[str, str, str],
+               inp: int, out: int, cached: int) -> None:
+    acc = deltas.get(key)
+    if acc is None:
+        acc = deltas[key] = [0, 0, 0, 0, 0]
+    acc[0] += inp + out
+    acc[1] += 1
+    acc[2] += inp
+    acc[3] += out
+    acc[4] += cached
 
 
 def _raw_xrange(response: Any, **_: Any) -> Any:

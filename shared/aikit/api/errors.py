@@ -78,16 +78,25 @@ def field_path(loc: Sequence[Any], body: Any, error_type: str = "", field: objec
     value = body
     steps = list(loc[1:] if loc and loc[0] == "body" else loc)
     for i, step in enumerate(steps):
-        if isinstance(step, int) and isinstance(value, list) and 0 <= step < len(value):
-            path, value = f"{path}[{step}]", value[step]
-        elif isinstance(step, str) and isinstance(value, dict) and step in value:
-            path, value = f"{path}.{step}" if path else step, value[step]
-        elif isinstance(step, str) and error_type == "missing" and i == len(steps) - 1:
-            path, value = f"{path}.{step}" if path else step, None
-        # anything else names a branch or a validator of ours, not a field of the client's JSON
+        path, value = _walk(path, value, step, missing=error_type == "missing" and i == len(steps) - 1)
     if isinstance(field, str):  # an error about a field of the object at its location
-        path = f"{path}.{field}" if path else field
+        path = _join(path, field)
     return path or "body"
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _walk(path: str, value: Any, step: Any, *, missing: bool) -> tuple[str, Any]:
+    """One step of a pydantic location along the client's body. `missing`: the last step of a missing field."""
+    if isinstance(step, int) and isinstance(value, list) and 0 <= step < len(value):
+        return f"{path}[{step}]", value[step]
+    if isinstance(step, str) and isinstance(value, dict) and step in value:
+        return _join(path, step), value[step]
+    if isinstance(step, str) and missing:
+        return _join(path, step), None
+    return path, value  # a branch or a validator of ours, not a field of the client's JSON
 
 
 def validation_message(exc: RequestValidationError) -> tuple[str, str]:
