@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
+import httpx
 import redis
 import uvicorn
 from fastapi import FastAPI
@@ -23,6 +27,41 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+AIKIT = str(Path(sys.executable).with_name("aikit"))
+
+
+@contextlib.contextmanager
+def aikit_serve(env: dict[str, str], *, cwd: Path | None = None, stop: int = signal.SIGTERM) -> Iterator[str]:
+    """`aikit serve` as a user starts it, in its own process; yields its base URL. Stopped with `stop` at the
+    end; its output must hold no traceback."""
+    port = free_port()
+    proc = subprocess.Popen([AIKIT, "serve", "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(base + "/healthz", timeout=1)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+                assert time.monotonic() < deadline, "aikit serve did not come up"
+                time.sleep(0.1)
+        yield base
+    finally:
+        proc.send_signal(stop)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        output = proc.stdout.read() if proc.stdout else ""
+        if proc.stdout:
+            proc.stdout.close()
+        assert "Traceback" not in output, output
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import sys
@@ -19,7 +20,9 @@ def _print(data: object) -> None:
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from aikit.server import serve
 
-    serve(settings, args.host, args.port)
+    # uvicorn re-raises the Ctrl-C it caught after its clean shutdown: that is the asked-for stop.
+    with contextlib.suppress(KeyboardInterrupt):
+        serve(settings, args.host, args.port)
     return 0
 
 

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -22,9 +21,7 @@ from aikit.api.app import create_app
 from aikit.db.engine import get_engine
 from aikit.runtime import Runtime
 from tests.conftest import make_settings
-from tests.servers import free_port
-
-AIKIT = str(Path(sys.executable).with_name("aikit"))
+from tests.servers import AIKIT, free_port
 
 
 def aikit(*args: str, env: dict[str, str], cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -8,8 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -31,9 +29,7 @@ from aikit.redis_client import make_sync_redis
 from aikit.runtime import Runtime
 from aikit.server import create_server_app
 from aikit.settings import Settings, load_settings
-from tests.servers import free_port, serve_app
-
-AIKIT = str(Path(sys.executable).with_name("aikit"))
+from tests.servers import AIKIT, aikit_serve, serve_app
 
 
 @pytest.fixture
@@ -140,22 +136,6 @@ def test_the_served_app_has_stored_each_call_when_it_answers(embedded: Settings)
         assert stored(settings, key.api_key_id) == (1, 5, 1, 5)
 
 
-def serve(tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
-    port = free_port()
-    proc = subprocess.Popen([AIKIT, "serve", "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            httpx.get(base + "/healthz", timeout=1)
-            return proc, base
-        except httpx.TransportError:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            assert time.monotonic() < deadline, "aikit serve did not come up"
-            time.sleep(0.1)
-
-
 def cli(tmp_path: Path, env: dict[str, str], *args: str) -> Any:
     result = subprocess.run([AIKIT, *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -174,32 +154,20 @@ def test_stopping_make_run_loses_nothing_and_a_flush_from_another_shell_agrees(t
     key = cli(tmp_path, env, "keys", "create", "--email", "first@example.com", "--monthly-tokens", "40")
     headers = {"Authorization": f"Bearer {key['api_key']}"}
     body = {"messages": [{"role": "user", "content": "one two three four five"}]}  # 5 in + 6 out
-    proc, base = serve(tmp_path, env)
-    try:
+    with aikit_serve(env, cwd=tmp_path, stop=stop) as base:
         told = [httpx.post(base + "/v1/chat/completions", headers=headers, json=body, timeout=10) for _ in range(3)]
         assert [r.status_code for r in told] == [200, 200, 200]
-    finally:
-        proc.send_signal(stop)
-        proc.wait(timeout=15)
-        if proc.stdout:
-            proc.stdout.close()
 
     flushed = cli(tmp_path, env, "flush")
     assert flushed["ok"] is True and flushed["rows_inserted"] == 0  # every row was already in SQLite
     assert stored_in(env, key["api_key_id"]) == (3, 33, 3, 33)
 
-    proc, base = serve(tmp_path, env)
-    try:
+    with aikit_serve(env, cwd=tmp_path) as base:
         usage = httpx.get(base + "/v1/usage", headers=headers, timeout=10).json()
         assert (usage["tokens_used"], usage["requests"]) == (33, 3)
         # 33 of 40 used: the next call is admitted, the one after it is refused from the remembered quota.
         assert httpx.post(base + "/v1/chat/completions", headers=headers, json=body, timeout=10).status_code == 200
         assert httpx.post(base + "/v1/chat/completions", headers=headers, json=body, timeout=10).status_code == 429
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=15)
-        if proc.stdout:
-            proc.stdout.close()
     assert stored_in(env, key["api_key_id"]) == (4, 44, 4, 44)
 
 

@@ -6,14 +6,11 @@ holds; its limits refuse with 429."""
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import importlib.util
 import json
 import os
-import signal
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,9 +33,8 @@ from aikit.stripe_gateway import StripeGateway
 from tests.conftest import issue_key
 from tests.fakes.stripe_server import FakeStripe
 from tests.functional.test_api_handler import HANDLER_FILE, body_of, header, http_event, invoke
-from tests.functional.test_cli import AIKIT
 from tests.functional.test_flush import EVENT, WINDOW, billing_settings, settings_env
-from tests.servers import free_port
+from tests.servers import AIKIT, aikit_serve, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 ROUTERS = "examples.summarize:router"
@@ -94,37 +90,6 @@ def serve_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-@contextlib.contextmanager
-def aikit_serve(env: dict[str, str]) -> Iterator[str]:
-    """`aikit serve` in the project directory, as `make run` starts it; yields its base URL."""
-    port = free_port()
-    proc = subprocess.Popen([AIKIT, "serve", "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(base + "/healthz", timeout=1)
-                break
-            except httpx.TransportError:
-                assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-                assert time.monotonic() < deadline, "aikit serve did not come up"
-                time.sleep(0.1)
-        yield base
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        output = proc.stdout.read() if proc.stdout else ""
-        if proc.stdout:
-            proc.stdout.close()
-        assert "Traceback" not in output, output
-
-
 def summarize(http: httpx.Client, key: IssuedKey | None, text_: str = TEXT) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key.api_key}"} if key else {}
     return http.post("/v1/summarize", json={"text": text_}, headers=headers)
@@ -139,7 +104,7 @@ def test_the_example_through_aikit_serve_is_metered_billed_and_limited(
     per_request = expected_tokens(TEXT)
     env = serve_env(settings)
 
-    with aikit_serve(env) as base, httpx.Client(base_url=base, timeout=10) as http:
+    with aikit_serve(env, cwd=ROOT) as base, httpx.Client(base_url=base, timeout=10) as http:
         replies = [summarize(http, key) for _ in range(3)]
         for r in replies:
             assert r.status_code == 200, r.text

@@ -39,8 +39,9 @@ from aikit.stripe_gateway import StripeGateway, setup_spec
 from tests.conftest import ADMIN_TOKEN, issue_key
 from tests.fakes.llm_servers import FakeOpenAI, openai_server
 from tests.fakes.stripe_server import FakeStripe
-from tests.functional.test_cli import AIKIT, base_env
+from tests.functional.test_cli import base_env
 from tests.functional.test_flush import WINDOW, billing_settings, empty_database, settings_env
+from tests.servers import AIKIT
 
 COST_EVENT = "aikit_cost"
 # USD per million tokens. gpt-4o-mini is exact (beats gpt-4o*), gpt-4o-2024* is longer than gpt-4o* (wins).

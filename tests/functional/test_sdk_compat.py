@@ -11,9 +11,6 @@ import base64
 import contextlib
 import json
 import os
-import signal
-import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,8 +29,7 @@ from aikit.settings import Settings
 from tests.conftest import REDIS_URL, issue_key, make_settings
 from tests.fakes import llm_servers
 from tests.fakes.llm_servers import IMAGE_TOKENS, TOOL_TOKENS, FakeLLMServer
-from tests.functional.test_cli import AIKIT
-from tests.servers import free_port
+from tests.servers import aikit_serve
 
 PROVIDERS = ("openai", "anthropic", "bedrock", "echo")
 MODELS = {"openai": "gpt-4o-mini", "anthropic": "claude-sonnet-4-5", "bedrock": "anthropic.claude-3-haiku-v1:0",
@@ -146,36 +142,6 @@ def serve_env(settings: Settings, name: str, upstream: FakeLLMServer | None) -> 
         "AWS_ACCESS_KEY_ID": "AKIAFAKE", "AWS_SECRET_ACCESS_KEY": "fake-secret", "AWS_EC2_METADATA_DISABLED": "true",
     })
     return env
-
-
-@contextlib.contextmanager
-def aikit_serve(env: dict[str, str]) -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen([AIKIT, "serve", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(base + "/healthz", timeout=1)
-                break
-            except httpx.TransportError:
-                assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-                assert time.monotonic() < deadline, "aikit serve did not come up"
-                time.sleep(0.1)
-        yield base
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        output = proc.stdout.read() if proc.stdout else ""
-        if proc.stdout:
-            proc.stdout.close()
-        assert "Traceback" not in output, output
 
 
 @pytest.fixture(scope="module")
