@@ -108,7 +108,7 @@ def cmd_flush(_: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_requeue(args: argparse.Namespace, settings: Settings) -> int:
-    from aikit.flush import requeue_parked
+    from aikit.outbox import requeue_parked
 
     count = requeue_parked(settings, customer_id=args.customer, report_ids=args.report_id or None)
     _print({"requeued": count})

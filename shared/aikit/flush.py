@@ -11,14 +11,15 @@ Money rules, in order:
 - The event timestamp lies inside the usage's window (so it lands in the invoice of that period) and never in
   the future; windows are cut where one of the customer's billing periods begins or ends (aikit.periods), so
   usage just before a period end or a cancellation is stamped, and invoiced, in that period (at the store; an
-  edge learned after the usage was stored splits the report when it is sealed, `cut_at_period_edges`).
+  edge learned after the usage was stored splits the report when it is sealed, aikit.outbox).
 - Late usage: when the period a report's timestamp falls in has finalized its invoice (its end plus
   STRIPE_FINALIZATION_GRACE_SECONDS, less CARRY_MARGIN_SECONDS), Stripe would accept the event and never
   invoice it. Such a report is carried forward: stamped now, inside the customer's current period, recorded
   in `carried_forward_from`/`carried_forward_to` before the send (retries stamp the same), listed by
   `aikit reconcile`. Without known periods for the customer the timestamp is kept.
   Stripe refuses timestamps older than 35 days: such a backlog is parked with Stripe's reason
-  (`timestamp_too_far_in_past`); it needs a human (see `requeue_parked` after a fix, or bill it by other means).
+  (`timestamp_too_far_in_past`); it needs a human (see `aikit.outbox.requeue_parked` after a fix, or bill it by
+  other means).
 - A 401/403 (key wrong, revoked or restricted) is no verdict on a report: the run stops sending, every report
   stays pending (none parked), one `stripe_sending_stopped` log line, STRIPE_AUTH_FAILURES (alarmed).
 - A permanent refusal (unknown customer, no active meter, too old) parks that report (status `parked`,
@@ -28,7 +29,7 @@ Money rules, in order:
 - Stripe keeps identifiers unique for "at least 24 hours". A report first tried more than
   IDENTIFIER_SAFE_HOURS ago and still unconfirmed is parked instead of resent (a first send that landed unseen
   would otherwise be billed twice). `aikit requeue-parked` settles it against Stripe's totals first (held:
-  marked sent; not held: sent again; unclear: left parked), see `settle_unconfirmed`.
+  marked sent; not held: sent again; unclear: left parked), see `aikit.outbox.settle_unconfirmed`.
 
 Throughput: shards are stored by STORE_WORKERS parallel lanes, each reading ahead while it stores (COPY into
 a temp table, one merge statement, REPORT_LOCK only for the outbox upsert), and a stored batch leaves Redis
@@ -59,24 +60,15 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, func, insert, or_, select, text, update
+from sqlalchemy import Engine, text
 
 from aikit.db.engine import get_engine
-from aikit.db.models import ApiKeyUsage, BillingPeriod, MeterReport, as_utc
 from aikit.metering.base import UsageEvent
 from aikit.metering.layout import RedisLayout
 from aikit.metering.scripts import ACK_FAST, ACK_THROUGH
-from aikit.metering.sql_sink import (
-    METER_COST,
-    lock_reports,
-    new_report_id,
-    report_meter,
-    store_copy,
-    store_events,
-)
+from aikit.metering.sql_sink import report_meter, store_copy, store_events
 from aikit.observability import (
     EVENTS_FLUSHED,
     FLUSH_DURATION,
@@ -87,7 +79,17 @@ from aikit.observability import (
     emit,
     logger,
 )
-from aikit.periods import Period, carry_forward, cut_window, period_edges, periods_for
+from aikit.outbox import (
+    UNCONFIRMED_REASON,
+    ReportState,
+    customer_periods,
+    event_timestamp,
+    mark,
+    pending_by_customer,
+    stamp_carried_forward,
+    unsafe_to_resend,
+)
+from aikit.outbox import seal as seal_reports
 from aikit.pricing import PriceBook
 from aikit.redis_client import make_sync_redis
 from aikit.settings import Settings
@@ -104,14 +106,6 @@ SEND_RESERVE_MAX_SECONDS = 30.0
 CRASH_ENV = "AIKIT_CRASH_AT"
 CRASH_EXIT_CODE = 70
 CRASH_POINTS = ("after_read", "after_store", "after_ack", "after_seal", "after_send")
-
-
-# Stripe remembers identifiers for at least 24 hours; a report first tried longer ago than this is not resent.
-IDENTIFIER_SAFE_HOURS = 23
-UNCONFIRMED_PREFIX = "unconfirmed for over"  # last_error of a report parked past Stripe's identifier memory
-# Carry a report forward this long before its period's invoice finalizes: one arriving a little early on the next
-# invoice is still billed, one arriving just after finalization (clock skew, a slow send) never is.
-CARRY_MARGIN_SECONDS = 300
 
 
 def crash_point(name: str) -> None:
@@ -498,36 +492,14 @@ class Flusher:
     # -- Postgres -> Stripe -----------------------------------------------------------------------------
 
     def seal(self, summary: FlushSummary, now: dt.datetime) -> None:
-        """Fix the value of every report whose window has ended; its identifier was fixed at creation."""
-        with self.engine.begin() as conn:
-            lock_reports(conn)  # the store adds to open reports under the same lock
-            sealed = list(conn.execute(
-                update(MeterReport)
-                .where(MeterReport.status == "open", MeterReport.window_end <= now)
-                .values(status="pending")
-                .returning(MeterReport.id, MeterReport.customer_id, MeterReport.window_start,
-                           MeterReport.window_end, MeterReport.value)
-            ))
-            summary.reports_sealed += len(sealed)
-            for report in straddling(conn, [r.id for r in sealed]):
-                summary.reports_sealed += cut_at_period_edges(conn, report)
-            summary.reports_sealed += split_oversized_reports(conn)
+        """Fix the value of every report whose window has ended (aikit.outbox.seal)."""
+        summary.reports_sealed += seal_reports(self.engine, now)
         crash_point("after_seal")
 
     def send(self, summary: FlushSummary, deadline: float) -> None:
         if not self.billable:
             return  # metering off: sealed reports wait until it is on again
-        with self.engine.connect() as conn:
-            pending = list(conn.execute(
-                select(MeterReport.id, MeterReport.customer_id, MeterReport.value, MeterReport.window_start,
-                       MeterReport.window_end, MeterReport.last_usage_ts, MeterReport.first_attempt_at,
-                       MeterReport.carried_forward_from, MeterReport.carried_forward_to, MeterReport.meter)
-                .where(MeterReport.status == "pending")
-                .order_by(MeterReport.customer_id, MeterReport.window_start, MeterReport.id)
-            ))
-        by_customer: dict[str, list[Any]] = defaultdict(list)
-        for row in pending:
-            by_customer[row.customer_id].append(SimpleNamespace(**row._asdict()))  # _stamp may move it
+        by_customer = pending_by_customer(self.engine)
         if not by_customer:
             return
         workers = min(self.send_workers, len(by_customer))
@@ -557,51 +529,24 @@ class Flusher:
                 "reason": "Stripe refused the API key (check STRIPE_SECRET_KEY and its permissions); "
                           "reports stay pending and go out once the key works", "detail": outcome.message})
 
-    def _stamp(self, row: SimpleNamespace, periods: list[Period]) -> None:
-        """The row to send: moved into the current billing period when its own period's invoice finalized
-        (STRIPE_FINALIZATION_GRACE_SECONDS past its end), recorded before the send so retries stamp the same."""
-        if not periods:
-            return
-        now = dt.datetime.now(dt.UTC)
-        stamped = dt.datetime.fromtimestamp(event_timestamp(row, now), dt.UTC)
-        grace = max(0, self.settings.stripe_finalization_grace_seconds - CARRY_MARGIN_SECONDS)
-        to = carry_forward(stamped, periods, now, grace)
-        if to is None:
-            return
-        origin = row.carried_forward_from or stamped
-        with self.engine.begin() as conn:
-            conn.execute(update(MeterReport).where(MeterReport.id == row.id, MeterReport.status == "pending")
-                         .values(carried_forward_from=origin, carried_forward_to=to))
-        logger.warning("meter_report_carried_forward", extra={
-            "report_id": row.id, "customer_id": row.customer_id, "value": int(row.value),
-            "from": as_utc(origin).isoformat(), "to": to.isoformat()})
-        row.carried_forward_from, row.carried_forward_to = origin, to
-
-    def _customer_periods(self, rows: list[Any]) -> list[Period]:
-        start = min(as_utc(r.window_start) for r in rows)
-        with self.engine.connect() as conn:
-            return periods_for(conn, rows[0].customer_id, start, dt.datetime.max.replace(tzinfo=dt.UTC))
-
     def _send_customer(self, rows: list[Any], deadline: float) -> dict[str, int]:
         assert self.gateway is not None
         counts = {"stripe_calls": 0, "reports_sent": 0, "reports_already_recorded": 0, "reports_parked": 0,
                   "reports_left_pending": 0, "reports_carried_forward": 0}
-        periods = self._customer_periods(rows)
+        periods = customer_periods(self.engine, rows)
         for i, row in enumerate(rows):
             if self._refused is not None:
                 counts["reports_left_pending"] += len(rows) - i
                 break
             if unsafe_to_resend(row, dt.datetime.now(dt.UTC)):
                 # Stripe may have forgotten the identifier of an unseen first send: a resend could bill twice.
-                reason = (f"{UNCONFIRMED_PREFIX} {IDENTIFIER_SAFE_HOURS} h, past Stripe's identifier memory: "
-                          "check `aikit reconcile`, then `aikit requeue-parked` if Stripe does not have it")
                 emit(PARKED_BATCHES)
                 logger.error("meter_report_parked", extra={"report_id": row.id, "customer_id": row.customer_id,
-                                                            "value": int(row.value), "reason": reason})
-                self._mark(row.id, status="parked", error=reason)
+                                                            "value": int(row.value), "reason": UNCONFIRMED_REASON})
+                mark(self.engine, row.id, state=ReportState.PARKED, error=UNCONFIRMED_REASON)
                 counts["reports_parked"] += 1
                 continue
-            self._stamp(row, periods)
+            stamp_carried_forward(self.engine, row, periods, self.settings.stripe_finalization_grace_seconds)
             outcome: ReportOutcome | None = None
             calls = 0
             for delay in (0.0, *RETRY_DELAYS):
@@ -620,13 +565,13 @@ class Flusher:
                 emit(STRIPE_ERRORS, kind=outcome.error_code or "retryable")
             if outcome is not None and outcome.status is ReportStatus.UNAUTHORIZED:
                 # Not an attempt Stripe could have recorded: the identifier-memory clock does not start.
-                self._mark(row.id, attempts=calls - 1, error=_describe(outcome))
+                mark(self.engine, row.id, attempts=calls - 1, error=_describe(outcome))
                 self._stop_sending(outcome)
                 counts["reports_left_pending"] += len(rows) - i
                 break
             if outcome is None or outcome.status is ReportStatus.RETRYABLE:
                 # Same identifier next run. Stop this customer here: keeps its reports in order.
-                self._mark(row.id, attempts=calls, error=_describe(outcome))
+                mark(self.engine, row.id, attempts=calls, error=_describe(outcome))
                 counts["reports_left_pending"] += len(rows) - i
                 break
             if outcome.status is ReportStatus.PERMANENT:
@@ -634,35 +579,15 @@ class Flusher:
                 emit(PARKED_BATCHES)
                 logger.error("meter_report_parked", extra={"report_id": row.id, "customer_id": row.customer_id,
                                                             "value": int(row.value), "reason": _describe(outcome)})
-                self._mark(row.id, status="parked", attempts=calls, error=_describe(outcome))
+                mark(self.engine, row.id, state=ReportState.PARKED, attempts=calls, error=_describe(outcome))
                 counts["reports_parked"] += 1
                 continue
             crash_point("after_send")
-            self._mark(row.id, status="sent", attempts=calls, sent=True)
+            mark(self.engine, row.id, state=ReportState.SENT, attempts=calls, sent=True)
             key = "reports_sent" if outcome.status is ReportStatus.ACCEPTED else "reports_already_recorded"
             counts[key] += 1
             counts["reports_carried_forward"] += row.carried_forward_to is not None
         return counts
-
-    def _mark(self, report_id: str, *, status: str | None = None, attempts: int = 0,
-              error: str | None = None, sent: bool = False) -> None:
-        """attempts: Stripe calls made for it in this run (MeterReport.attempts counts them all)."""
-        values: dict[str, Any] = {}
-        if status:
-            values["status"] = status
-        if attempts:
-            values["attempts"] = MeterReport.attempts + attempts
-            values["first_attempt_at"] = func.coalesce(MeterReport.first_attempt_at, dt.datetime.now(dt.UTC))
-        if error is not None:
-            values["last_error"] = error[:2000]
-        if sent:
-            values["sent_at"] = dt.datetime.now(dt.UTC)
-        if not values:
-            return
-        with self.engine.begin() as conn:
-            # Never move a report backwards (a concurrent flush may have finished it already).
-            conn.execute(update(MeterReport).where(MeterReport.id == report_id,
-                                                   MeterReport.status == "pending").values(**values))
 
     # -- one run ----------------------------------------------------------------------------------------
 
@@ -707,106 +632,6 @@ class Flusher:
             yield acquired
 
 
-def straddling(conn: Connection, report_ids: list[str]) -> list[Any]:
-    """Those of the reports whose window has one of its customer's period edges strictly inside (one query)."""
-    if not report_ids:
-        return []
-    r, p = MeterReport, BillingPeriod
-    inside = or_(and_(p.period_start > r.window_start, p.period_start < r.window_end),
-                 and_(p.period_end > r.window_start, p.period_end < r.window_end))
-    edge = select(p.subscription_id).where(p.customer_id == r.customer_id, inside).exists()
-    found: list[Any] = []
-    for i in range(0, len(report_ids), 1000):  # bounded bind parameters (drivers and SQLite cap them)
-        found += conn.execute(select(r.id, r.customer_id, r.window_start, r.window_end, r.value, r.meter)
-                              .where(r.id.in_(report_ids[i:i + 1000]), edge))
-    return found
-
-
-def cut_at_period_edges(conn: Connection, report: Any) -> int:
-    """Split a report just sealed (never sent) at the customer's period edges inside its window, learned after
-    its usage was stored (a cancellation's webhook arriving after the last calls): each part gets its own
-    report, identifier and stamp, so usage before the edge is invoiced in its period. Only a report that is
-    the only one of its customer in the window and equals its rows exactly; returns how many reports it added."""
-    start, end = as_utc(report.window_start), as_utc(report.window_end)
-    edges = period_edges(conn, report.customer_id, start, end)
-    if not edges:
-        return 0
-    overlapping = conn.execute(select(func.count()).select_from(MeterReport).where(
-        MeterReport.customer_id == report.customer_id, MeterReport.id != report.id, MeterReport.meter == report.meter,
-        MeterReport.window_start < end, MeterReport.window_end > start)).scalar_one()
-    # The report's unit: tokens, or their cost for the cost meter (aikit.pricing).
-    amount = ApiKeyUsage.cost if report.meter == METER_COST else ApiKeyUsage.tokens
-    usage = conn.execute(select(ApiKeyUsage.ts, amount).where(
-        ApiKeyUsage.customer_id == report.customer_id, ApiKeyUsage.billable.is_(True),
-        ApiKeyUsage.ts >= start, ApiKeyUsage.ts < end)).all()
-    if overlapping or sum(int(t) for _, t in usage) != int(report.value):
-        return 0  # rows and reports do not map one to one here: leave it whole
-    parts: dict[tuple[dt.datetime, dt.datetime], list[Any]] = defaultdict(lambda: [0, None])
-    for ts, tokens in usage:
-        part = parts[cut_window(start, end, as_utc(ts), edges)]
-        part[0] += int(tokens)
-        part[1] = max(part[1] or as_utc(ts), as_utc(ts))
-    if len(parts) < 2:
-        return 0
-    (first, (value, last)), *rest = sorted(parts.items())
-    conn.execute(update(MeterReport).where(MeterReport.id == report.id).values(
-        window_start=first[0], window_end=first[1], value=value, last_usage_ts=last))
-    for (lo, hi), (value, last) in rest:
-        conn.execute(insert(MeterReport).values(
-            id=new_report_id(), customer_id=report.customer_id, window_start=lo, window_end=hi, value=value,
-            last_usage_ts=last, status="pending", attempts=0, created_at=dt.datetime.now(dt.UTC),
-            meter=report.meter))
-    return len(rest)
-
-
-# Stripe refuses meter event values of more than 15 significant digits (API 2026-04-22.dahlia: it aggregates in
-# double precision). Cost-meter reports are in 1e-12 USD, so a customer's window above $999.99 is one.
-MAX_EVENT_VALUE = 10**15 - 1
-
-
-def split_oversized_reports(conn: Any) -> int:
-    """Split every sealed, never-tried report above MAX_EVENT_VALUE into reports of at most that value, in the
-    sealing transaction (under REPORT_LOCK): the parts' identifiers (`<id>-<n>`) are fixed before any of them
-    is sent, and they sum to the sealed value. Returns how many reports were added."""
-    oversized = list(conn.execute(
-        select(MeterReport.id, MeterReport.customer_id, MeterReport.window_start, MeterReport.window_end,
-               MeterReport.value, MeterReport.last_usage_ts, MeterReport.meter)
-        .where(MeterReport.status == "pending", MeterReport.value > MAX_EVENT_VALUE,
-               MeterReport.first_attempt_at.is_(None))))
-    added = 0
-    for row in oversized:
-        rest = int(row.value) - MAX_EVENT_VALUE
-        conn.execute(update(MeterReport).where(MeterReport.id == row.id).values(value=MAX_EVENT_VALUE))
-        part = 0
-        while rest > 0:
-            part += 1
-            value = min(rest, MAX_EVENT_VALUE)
-            conn.execute(insert(MeterReport).values(
-                id=f"{row.id}-{part}", customer_id=row.customer_id, window_start=row.window_start,
-                window_end=row.window_end, value=value, last_usage_ts=row.last_usage_ts, status="pending",
-                attempts=0, created_at=dt.datetime.now(dt.UTC), meter=row.meter))
-            rest -= value
-            added += 1
-    return added
-
-
-def unsafe_to_resend(row: Any, now: dt.datetime) -> bool:
-    first = row.first_attempt_at
-    return first is not None and now - as_utc(first) >= dt.timedelta(hours=IDENTIFIER_SAFE_HOURS)
-
-
-def event_timestamp(row: Any, now: dt.datetime) -> int:
-    """Inside the usage's own window (so it lands in the right invoice), never in the future; a report carried
-    forward (its period's invoice had finalized) keeps the timestamp chosen for it in a later period."""
-    carried = getattr(row, "carried_forward_to", None)
-    if carried is not None:
-        return int(as_utc(carried).timestamp())
-    last = as_utc(row.last_usage_ts).timestamp()
-    start = as_utc(row.window_start).timestamp()
-    end = as_utc(row.window_end).timestamp() - 1
-    return int(min(max(last, start), end, now.timestamp()))
-
-
 def _describe(outcome: ReportOutcome | None) -> str:
     if outcome is None:
         return "out of time before the first attempt"
@@ -829,91 +654,6 @@ def flush_lock(engine: Engine) -> Iterator[bool]:
             if got:
                 conn.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": FLUSH_LOCK_ID})
                 conn.commit()
-
-
-def requeue_parked(settings: Settings, *, customer_id: str | None = None,
-                   report_ids: list[str] | None = None, gateway: BillingGateway | None = None) -> int:
-    """Put parked reports back in the queue after the cause was fixed (customer created, meter reactivated).
-    They keep their identifiers, so one that Stripe did record after all is still counted once. Returns
-    how many were requeued; the next flush sends them.
-
-    Reports parked past Stripe's identifier memory are the exception: Stripe may have recorded their first
-    send and forgotten the identifier since, so a resend could bill twice. They are checked first against
-    Stripe's totals (see `settle_unconfirmed`): held -> marked sent, not held -> requeued, unclear -> left
-    parked (logged)."""
-    engine = get_engine(settings.database_url)
-    keep = settle_unconfirmed(settings, engine, customer_id=customer_id, report_ids=report_ids, gateway=gateway)
-    stmt = update(MeterReport).where(MeterReport.status.in_(("parked", "rejected")))  # rejected: by Stripe, later
-    if customer_id is not None:
-        stmt = stmt.where(MeterReport.customer_id == customer_id)
-    if report_ids is not None:
-        stmt = stmt.where(MeterReport.id.in_(report_ids))
-    if keep:
-        stmt = stmt.where(MeterReport.id.not_in(keep))
-    with engine.begin() as conn:
-        # A fresh first attempt: Stripe does not hold it (checked above, or the refusal said so).
-        return conn.execute(stmt.values(status="pending", first_attempt_at=None)).rowcount or 0
-
-
-def settle_unconfirmed(settings: Settings, engine: Engine, *, customer_id: str | None = None,
-                       report_ids: list[str] | None = None, gateway: BillingGateway | None = None) -> set[str]:
-    """Decide, from Stripe's own totals, the reports parked past Stripe's identifier memory; returns the ids
-    that must stay parked (marked sent because Stripe holds them, or unclear).
-
-    Per customer and day (of the timestamp they carry): Stripe's total minus what aikit sent (`aikit
-    reconcile`'s stripe_vs_sent) is what Stripe holds beyond the sent reports. 0: Stripe holds none of them,
-    resend. Exactly their sum: it holds all of them, mark them sent. Anything else: left for a human."""
-    stmt = select(MeterReport.id, MeterReport.customer_id, MeterReport.value, MeterReport.window_start,
-                  MeterReport.window_end, MeterReport.last_usage_ts, MeterReport.carried_forward_to,
-                  MeterReport.meter).where(
-        MeterReport.status == "parked", MeterReport.last_error.startswith(UNCONFIRMED_PREFIX))
-    if customer_id is not None:
-        stmt = stmt.where(MeterReport.customer_id == customer_id)
-    if report_ids is not None:
-        stmt = stmt.where(MeterReport.id.in_(report_ids))
-    with engine.connect() as conn:
-        rows = list(conn.execute(stmt))
-    own = gateway is None and bool(rows)
-    gateway = gateway if gateway is not None else (gateway_from_settings(settings) if rows else None)
-    if gateway is None:
-        return set()  # no Stripe to ask, and none to send to either
-    try:
-        return _settle(settings, engine, gateway, rows)
-    finally:
-        if own:
-            gateway.close()
-
-
-def _settle(settings: Settings, engine: Engine, gateway: BillingGateway, rows: list[Any]) -> set[str]:
-    from aikit.reconcile import reconcile  # reconcile imports this module
-
-    groups: dict[tuple[str, dt.date, str], list[Any]] = defaultdict(list)  # per customer, day and meter
-    now = dt.datetime.now(dt.UTC)
-    for row in rows:
-        day_of = dt.datetime.fromtimestamp(event_timestamp(row, now), dt.UTC).date()
-        groups[(row.customer_id, day_of, row.meter)].append(row)
-    keep: set[str] = set()
-    for (customer, day, meter), group in groups.items():
-        check = reconcile(settings, since=day, until=day, gateway=gateway, engine=engine)
-        held = next((d.stripe - d.sent for d in check.days
-                     if d.customer_id == customer and d.day == day and d.meter == meter and d.stripe is not None),
-                    None)
-        ids = [r.id for r in group]
-        if held == 0 and not check.errors:
-            continue  # Stripe holds none of them: resend
-        keep.update(ids)
-        if held == sum(int(r.value) for r in group) and not check.errors:
-            with engine.begin() as conn:
-                conn.execute(update(MeterReport).where(MeterReport.id.in_(ids), MeterReport.status == "parked")
-                             .values(status="sent", sent_at=now,
-                                     last_error="Stripe holds it (checked at requeue against its totals)"))
-            logger.warning("meter_reports_confirmed_at_requeue", extra={"customer_id": customer,
-                                                                         "day": day.isoformat(), "report_ids": ids})
-        else:
-            logger.error("meter_reports_left_parked", extra={
-                "customer_id": customer, "day": day.isoformat(), "report_ids": ids, "stripe_beyond_sent": held,
-                "errors": check.errors, "reason": "Stripe's totals do not tell whether it holds them"})
-    return keep
 
 
 def run_flush(settings: Settings, **kwargs: Any) -> FlushSummary:

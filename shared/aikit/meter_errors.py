@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from aikit.db.models import REPORT_REJECTED, MeterEventError, MeterReport
+from aikit.db.models import MeterEventError, MeterReport
 from aikit.observability import METER_EVENTS_REJECTED, emit, logger
+from aikit.outbox import ReportState
 
 if TYPE_CHECKING:  # the Stripe SDK loads when an event is fetched, not on the API function's cold start
     from aikit.stripe_gateway import BillingGateway
@@ -42,7 +43,7 @@ EVENT_TYPES = frozenset({ERROR_REPORT_TRIGGERED, NO_METER_FOUND})
 # Errors of the meter itself: every event sent in the window was refused, whoever it was for.
 METER_LEVEL_CODES = frozenset({"archived_meter", "no_meter"})
 # Reports that Stripe was (or may have been) sent; open reports were not.
-_SENT_STATUSES = ("sent", "pending", "parked")
+_SENT_STATUSES = (ReportState.SENT, ReportState.PENDING, ReportState.PARKED)
 WINDOW_SLACK = dt.timedelta(minutes=5)
 MAX_ERROR_TYPES = 100  # more error types or samples than this in one event is not Stripe
 MAX_SAMPLES = 1000
@@ -195,8 +196,8 @@ def _reject(session: Session, report_id: str | None, code: str, message: str, *,
     error = f"rejected by Stripe after acceptance: {code}: {message}{how}"[:2000]
     result = session.execute(
         update(MeterReport)
-        .where(MeterReport.id == report_id, MeterReport.status.in_((*_SENT_STATUSES, REPORT_REJECTED)))
-        .values(status=REPORT_REJECTED, last_error=error)
+        .where(MeterReport.id == report_id, MeterReport.status.in_((*_SENT_STATUSES, ReportState.REJECTED)))
+        .values(status=ReportState.REJECTED, last_error=error)
     )
     return report_id if result.rowcount else None  # type: ignore[attr-defined]
 
@@ -210,7 +211,7 @@ def _window_candidates(session: Session, report: ErrorReport, error_type: ErrorT
     if not customers and error_type.code not in METER_LEVEL_CODES:
         return []
     stmt = select(MeterReport.id).where(
-        MeterReport.status == "sent",
+        MeterReport.status == ReportState.SENT,
         MeterReport.sent_at >= report.validation_start - WINDOW_SLACK,
         MeterReport.sent_at <= report.validation_end + WINDOW_SLACK,
     )

@@ -12,7 +12,7 @@ billable tokens beside it):
 Drift, which makes `.ok` false: stripe != sent (double billing, events sent by something else, or events Stripe
 refused after accepting them, such as an unknown customer that live Stripe reports asynchronously), and
 usage != reported (a billable row outside the outbox). Usage not sent yet (open/pending reports) or parked
-(refused for good, see aikit.flush) is listed under `unsent`, not as drift: it is known and alarmed on.
+(refused for good, see aikit.outbox) is listed under `unsent`, not as drift: it is known and alarmed on.
 It also checks the usage_daily rollups against the api_key_usage rows (same key, day, model: requests and
 token sums) over the range.
 
@@ -34,8 +34,8 @@ from sqlalchemy import Engine, func, select
 
 from aikit.db.engine import get_engine
 from aikit.db.models import ApiKeyUsage, MeterReport, UsageDaily, as_utc
-from aikit.flush import event_timestamp
 from aikit.metering.sql_sink import METER_COST, METER_TOKENS, report_meter
+from aikit.outbox import ReportState, event_timestamp
 from aikit.pricing import format_money
 from aikit.settings import Settings
 from aikit.stripe_gateway import BillingError, BillingGateway, gateway_from_settings
@@ -222,9 +222,9 @@ def _postgres_days(engine: Engine, since: dt.date, until: dt.date, billed_on: st
             if since <= day <= until:
                 entry = day_of(row.customer_id, day, row.meter)
                 entry.reported += value
-                if row.status != "sent":
+                if row.status != ReportState.SENT:
                     entry.unsent[row.status] = entry.unsent.get(row.status, 0) + value
-            if row.status == "sent" and since <= sent_day <= until:
+            if row.status == ReportState.SENT and since <= sent_day <= until:
                 day_of(row.customer_id, sent_day, row.meter).sent += value
     return days
 

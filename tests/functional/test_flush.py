@@ -32,10 +32,11 @@ from aikit.api.app import create_app
 from aikit.db.engine import get_engine
 from aikit.db.migrate import upgrade
 from aikit.db.models import ApiKeyUsage, MeterReport, Subscription, UsageDaily
-from aikit.flush import Flusher, FlushSummary, requeue_parked
+from aikit.flush import Flusher, FlushSummary
 from aikit.keys import IssuedKey
 from aikit.metering.layout import RedisLayout
 from aikit.observability import PARKED_BATCHES, flush_metrics
+from aikit.outbox import requeue_parked
 from aikit.runtime import Runtime
 from aikit.settings import Settings
 from aikit.stripe_gateway import StripeGateway

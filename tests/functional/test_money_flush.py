@@ -26,8 +26,9 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from aikit.db.models import MeterReport
-from aikit.flush import Flusher, requeue_parked
+from aikit.flush import Flusher
 from aikit.observability import STRIPE_AUTH_FAILURES, flush_metrics
+from aikit.outbox import requeue_parked
 from aikit.periods import SOURCE_SUBSCRIPTION, record_period
 from aikit.reconcile import reconcile
 from aikit.stripe_gateway import StripeGateway

@@ -28,8 +28,8 @@ from aikit.api.app import create_app
 from aikit.api.routes.webhooks import create_webhook_app
 from aikit.db.engine import get_engine
 from aikit.db.models import MeterEventError, StripeEvent, Subscription, User
-from aikit.flush import requeue_parked
 from aikit.keys import IssuedKey, KeyInfo, hash_key, load_key_info
+from aikit.outbox import requeue_parked
 from aikit.runtime import Runtime
 from aikit.settings import Settings
 from aikit.webhooks import MAX_BODY_BYTES, Outcome, parse_event, process_event

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import enum
 from typing import overload
 
 from sqlalchemy import (
@@ -148,16 +149,30 @@ class UsageDaily(Base):
     cost: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # Σ api_key_usage.cost
 
 
-# MeterReport.status set when Stripe rejected a report it had answered 200 for (an asynchronous error report).
-REPORT_REJECTED = "rejected"
+class ReportState(enum.StrEnum):
+    """MeterReport.status (a String column: SQL compares with the members, which are str). The outbox's own
+    vocabulary lives here, beside its column, because the store (aikit.metering.sql_sink) opens reports and
+    aikit.outbox builds on the store; aikit.outbox re-exports it as its public name.
+
+    open (still accumulating) -> pending (sealed, value fixed) -> sent | parked; parked -> pending again on
+    requeue; sent (or pending, parked) -> rejected when Stripe reports it invalid after accepting it (an
+    asynchronous error report, aikit.meter_errors)."""
+
+    OPEN = "open"
+    PENDING = "pending"
+    SENT = "sent"
+    PARKED = "parked"
+    REJECTED = "rejected"
+
+
+_OPEN_ONLY = text(f"status = '{ReportState.OPEN.value}'")
 
 
 class MeterReport(Base):
     """Outbox of Stripe meter events: one per customer per reporting window.
 
     `id` is the Stripe `identifier`, fixed when the row is created, so every retry re-sends the same event.
-    Status: open (still accumulating) -> pending (sealed, value fixed) -> sent | parked; sent -> rejected when
-    Stripe reports it invalid later (see aikit.meter_errors).
+    Status: a ReportState (its rules: aikit.outbox).
     """
 
     __tablename__ = "meter_reports"
@@ -168,8 +183,8 @@ class MeterReport(Base):
             "window_start",
             "meter",
             unique=True,
-            postgresql_where=text("status = 'open'"),
-            sqlite_where=text("status = 'open'"),
+            postgresql_where=_OPEN_ONLY,
+            sqlite_where=_OPEN_ONLY,
         ),
         Index("ix_meter_reports_status", "status"),
     )
@@ -180,7 +195,7 @@ class MeterReport(Base):
     window_end: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     value: Mapped[int] = mapped_column(BigInteger, default=0)
     last_usage_ts: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
-    status: Mapped[str] = mapped_column(String(16), default="open")
+    status: Mapped[str] = mapped_column(String(16), default=ReportState.OPEN.value)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

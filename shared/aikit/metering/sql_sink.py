@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import Connection, func, insert, select, text, update
 from sqlalchemy.dialects import sqlite
 
-from aikit.db.models import ApiKeyUsage, MeterReport, UsageDaily, as_utc
+from aikit.db.models import ApiKeyUsage, MeterReport, ReportState, UsageDaily, as_utc
 from aikit.metering.base import UsageEvent
 from aikit.periods import cut_window, period_edges
 from aikit.settings import Settings
@@ -146,13 +146,13 @@ SELECT (SELECT count(*) FROM new), (SELECT count(*) FROM rep)
 
 # Under REPORT_LOCK, held to commit: adds to the open report of each (customer, window), or opens one with
 # its identifier fixed now. A window sealed meanwhile gets a new open report (sent as its own event).
-_PG_REPORTS = """
+_PG_REPORTS = f"""
 INSERT INTO meter_reports AS r (id, customer_id, window_start, window_end, value, last_usage_ts,
                                 status, attempts, created_at, meter)
 SELECT 'aikit-' || replace(gen_random_uuid()::text, '-', ''), customer_id, window_start,
-       window_end, value, last_usage_ts, 'open', 0, now(), :meter
+       window_end, value, last_usage_ts, '{ReportState.OPEN.value}', 0, now(), :meter
 FROM aikit_report_in ORDER BY customer_id, window_start
-ON CONFLICT (customer_id, window_start, meter) WHERE status = 'open' DO UPDATE SET
+ON CONFLICT (customer_id, window_start, meter) WHERE status = '{ReportState.OPEN.value}' DO UPDATE SET
   value = r.value + EXCLUDED.value,
   last_usage_ts = greatest(r.last_usage_ts, EXCLUDED.last_usage_ts)
 """
@@ -238,13 +238,13 @@ def _store_generic(
         existing = conn.execute(
             select(MeterReport.id, MeterReport.last_usage_ts).where(
                 MeterReport.customer_id == customer, MeterReport.window_start == start,
-                MeterReport.meter == meter, MeterReport.status == "open")
+                MeterReport.meter == meter, MeterReport.status == ReportState.OPEN)
         ).first()
         if existing is None:
             conn.execute(insert(MeterReport).values(
                 id=new_report_id(), customer_id=customer, window_start=start,
                 window_end=end, value=value, last_usage_ts=last,
-                status="open", attempts=0, created_at=dt.datetime.now(dt.UTC), meter=meter))
+                status=ReportState.OPEN, attempts=0, created_at=dt.datetime.now(dt.UTC), meter=meter))
         else:
             conn.execute(update(MeterReport).where(MeterReport.id == existing.id).values(
                 value=MeterReport.value + value,
