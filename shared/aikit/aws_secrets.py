@@ -29,7 +29,8 @@ from typing import Any
 from urllib.parse import quote
 
 from aikit.db.engine import use_credentials
-from aikit.settings import SettingsError, get_settings
+from aikit.errors import SecretResolutionError
+from aikit.settings import get_settings
 
 MAX_AGE_SECONDS = 300
 DEFAULT_DATABASE_NAME = "aikit"
@@ -41,10 +42,6 @@ _STRIPE_FIELDS = {"secret_key": "STRIPE_SECRET_KEY", "webhook_secret": "STRIPE_W
                   "event_destination_secret": "STRIPE_EVENT_DESTINATION_SECRET"}
 _LLM_FIELDS = {"openai_api_key": "OPENAI_API_KEY", "anthropic_api_key": "ANTHROPIC_API_KEY"}
 _ADMIN_FIELDS = ("token", "admin_token")
-
-
-class SecretResolutionError(SettingsError):
-    """A secret could not be read or lacks a field; the message names the variable, never a value."""
 
 
 def resolve_secret_settings(

@@ -1,4 +1,6 @@
-"""Self-service billing: a Stripe Checkout session to subscribe, a Billing Portal session to manage it."""
+"""Self-service billing: a Stripe Checkout session to subscribe, a Billing Portal session to manage it.
+
+A failed Stripe call raises the gateway's `BillingError` unchanged (Stripe's status and code on it)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from aikit.db.models import User
+from aikit.errors import AlreadySubscribed, BillingUnavailable, NoCustomer, UnknownUser
 from aikit.settings import Settings
 
 if TYPE_CHECKING:  # the Stripe SDK is imported when billing is used, not on the API's cold start
@@ -17,31 +20,6 @@ if TYPE_CHECKING:  # the Stripe SDK is imported when billing is used, not on the
 
 # Checkout URLs carry the session id in their path (https://checkout.stripe.com/c/pay/cs_test_...#...).
 _SESSION_ID = re.compile(r"/(cs_(?:test|live)_[A-Za-z0-9]+)")
-
-
-class BillingUnavailable(Exception):
-    """Stripe (or the price) is not configured here."""
-
-
-class UnknownUser(Exception):
-    pass
-
-
-class NoCustomer(Exception):
-    """The user has no Stripe customer yet, so there is nothing to manage."""
-
-
-class StripeFailed(Exception):
-    """A Stripe call failed; the message says which."""
-
-
-class AlreadySubscribed(Exception):
-    """The customer already pays for the metered price: a second subscription would bill the meter twice."""
-
-    def __init__(self, message: str, portal_url: str) -> None:
-        super().__init__(message)
-        self.portal_url = portal_url
-
 
 # Subscriptions that still bill (or will again): a second one on the same price would double the invoice.
 BILLING_STATUSES = frozenset({"active", "trialing", "past_due"})
@@ -73,18 +51,13 @@ def ensure_customer(engine: Engine, gateway: BillingGateway, user_id: str) -> tu
     The user row stays locked while Stripe is called, so two concurrent checkouts cannot create two
     customers for one user.
     """
-    from aikit.stripe_gateway import BillingError
-
     with Session(engine) as session, session.begin():
         user = session.scalars(select(User).where(User.id == user_id).with_for_update()).first()
         if user is None:
             raise UnknownUser(f"no user {user_id}")
         if user.stripe_customer_id:
             return user.stripe_customer_id, False
-        try:
-            customer_id = gateway.create_customer(email=user.email, metadata={"aikit_user_id": user.id})
-        except BillingError as exc:
-            raise StripeFailed(str(exc)) from exc
+        customer_id = gateway.create_customer(email=user.email, metadata={"aikit_user_id": user.id})
         user.stripe_customer_id = customer_id
     return customer_id, True
 
@@ -93,8 +66,6 @@ def start_checkout(
     engine: Engine, settings: Settings, gateway: BillingGateway | None, user_id: str
 ) -> tuple[CheckoutSession, bool]:
     """A subscription Checkout session for the metered price; True when a customer was created for it."""
-    from aikit.stripe_gateway import BillingError
-
     gateway = _require_gateway(gateway)
     price_id = settings.stripe_metered_price_id
     if not price_id:
@@ -104,15 +75,12 @@ def start_checkout(
     customer_id, created = ensure_customer(engine, gateway, user_id)
     if not created:
         _refuse_second_subscription(settings, gateway, customer_id, price_id)
-    try:
-        url = gateway.create_checkout_session(
-            customer_id=customer_id,
-            price_id=price_id,
-            success_url=settings.stripe_success_url,
-            cancel_url=settings.stripe_cancel_url,
-        )
-    except BillingError as exc:
-        raise StripeFailed(str(exc)) from exc
+    url = gateway.create_checkout_session(
+        customer_id=customer_id,
+        price_id=price_id,
+        success_url=settings.stripe_success_url,
+        cancel_url=settings.stripe_cancel_url,
+    )
     match = _SESSION_ID.search(url)
     return CheckoutSession(url=url, id=match.group(1) if match else None), created
 
@@ -122,16 +90,11 @@ def _refuse_second_subscription(settings: Settings, gateway: BillingGateway, cus
     """AlreadySubscribed (with a Billing Portal link to manage it) when the customer has a subscription on the
     metered price that bills. Stripe is asked, not our table: a subscription whose webhook has not arrived
     yet counts too."""
-    from aikit.stripe_gateway import BillingError
-
-    try:
-        subscriptions = gateway.list_subscriptions(customer_id, price_id=price_id)
-        billing = [s for s in subscriptions if s.get("status") in BILLING_STATUSES]
-        if not billing:
-            return
-        portal = gateway.create_portal_session(customer_id=customer_id, return_url=settings.stripe_portal_return_url)
-    except BillingError as exc:
-        raise StripeFailed(str(exc)) from exc
+    subscriptions = gateway.list_subscriptions(customer_id, price_id=price_id)
+    billing = [s for s in subscriptions if s.get("status") in BILLING_STATUSES]
+    if not billing:
+        return
+    portal = gateway.create_portal_session(customer_id=customer_id, return_url=settings.stripe_portal_return_url)
     raise AlreadySubscribed(
         f"already subscribed (subscription {billing[0].get('id')} is {billing[0].get('status')}): manage it in "
         f"the billing portal instead: {portal}",
@@ -140,8 +103,6 @@ def _refuse_second_subscription(settings: Settings, gateway: BillingGateway, cus
 
 
 def open_portal(engine: Engine, settings: Settings, gateway: BillingGateway | None, user_id: str) -> str:
-    from aikit.stripe_gateway import BillingError
-
     gateway = _require_gateway(gateway)
     with Session(engine) as session:
         user = session.get(User, user_id)
@@ -150,9 +111,4 @@ def open_portal(engine: Engine, settings: Settings, gateway: BillingGateway | No
         customer_id = user.stripe_customer_id
     if not customer_id:
         raise NoCustomer("no Stripe customer yet: subscribe first (POST /v1/billing/checkout)")
-    try:
-        return gateway.create_portal_session(
-            customer_id=customer_id, return_url=settings.stripe_portal_return_url
-        )
-    except BillingError as exc:
-        raise StripeFailed(str(exc)) from exc
+    return gateway.create_portal_session(customer_id=customer_id, return_url=settings.stripe_portal_return_url)

@@ -10,7 +10,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from aikit.settings import Settings, SettingsError, get_settings
+from aikit.errors import AikitError, ClientError, SettingsError
+from aikit.settings import Settings, get_settings
 
 
 def _print(data: object) -> None:
@@ -36,6 +37,17 @@ def cmd_migrate(_: argparse.Namespace, settings: Settings) -> int:
 
 def _error(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)  # noqa: T201
+    return 2
+
+
+# The operator's own input is wrong (a setting, a refused key): the message is the whole story, one line per
+# problem (a price table names each bad entry). Any other failure is named with its type (describe_failure).
+INPUT_ERRORS = (SettingsError, ClientError)
+
+
+def _input_error(exc: AikitError) -> int:
+    for line in exc.message.splitlines():
+        _error(line)
     return 2
 
 
@@ -68,7 +80,7 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
 
     from aikit.db.engine import get_engine
     from aikit.db.models import ApiKey, User
-    from aikit.keys import KeyRefused, create_key, revoke_key
+    from aikit.keys import create_key, revoke_key
 
     if args.keys_command == "create":
         try:
@@ -77,12 +89,9 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
             return _error(str(exc))
     with Session(get_engine(settings.database_url)) as session:
         if args.keys_command == "create":
-            try:
-                issued = create_key(session, settings, email=str(body.email), customer_id=body.customer_id,
-                                    name=body.name, rpm=body.rpm, rpd=body.rpd, monthly_tokens=body.monthly_tokens,
-                                    allowed_models=body.allowed_models)
-            except KeyRefused as exc:
-                return _error(str(exc))
+            issued = create_key(session, settings, email=str(body.email), customer_id=body.customer_id,
+                                name=body.name, rpm=body.rpm, rpd=body.rpd, monthly_tokens=body.monthly_tokens,
+                                allowed_models=body.allowed_models)  # KeyRefused: an input error (main)
             session.commit()
             _print({"api_key": issued.api_key, "api_key_id": issued.api_key_id, "prefix": issued.prefix})
             return 0
@@ -242,14 +251,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         apply_secret_settings()  # DATABASE_SECRET_ARN etc., when run against a deployed stack
         settings = get_settings()
     except SettingsError as exc:
-        for line in str(exc).splitlines():  # one line per problem (a price table names each bad entry)
-            print(f"error: {line}", file=sys.stderr)  # noqa: T201
-        return 2
+        return _input_error(exc)
     try:
         code: int = args.func(args, settings)
-    except SettingsError as exc:  # e.g. AIKIT_ROUTERS naming a module that cannot be imported
-        print(f"error: {exc}", file=sys.stderr)  # noqa: T201
-        return 2
+    except INPUT_ERRORS as exc:  # e.g. AIKIT_ROUTERS naming a module that cannot be imported
+        return _input_error(exc)
     except Exception as exc:  # no traceback for an operator's mistake: one line naming it
         return _error(describe_failure(exc, settings))
     return code

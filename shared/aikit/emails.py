@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
+from aikit.errors import MailerError
 from aikit.observability import logger
 from aikit.settings import Settings
 
@@ -15,10 +16,6 @@ class Email:
     to: str
     subject: str
     body: str  # plain text
-
-
-class MailerError(RuntimeError):
-    """The message was not handed over to the mail service."""
 
 
 class Mailer(ABC):

@@ -20,15 +20,12 @@ from sqlalchemy.orm import Session
 
 from aikit.access import Access, access_for_customer
 from aikit.db.models import ApiKey, User, as_utc
+from aikit.errors import AikitError, KeyRefused
 from aikit.observability import logger
 from aikit.settings import Settings
 
 KEY_PREFIX = "ak_"
 _PREFIX_LEN = 11  # "ak_" + 8 characters: enough to tell keys apart in a list, useless to an attacker
-
-
-class KeyRefused(Exception):
-    """A key operation was refused; the message says why."""
 
 
 def hash_key(secret: str) -> str:
@@ -206,8 +203,9 @@ class _Entry:
     info: KeyInfo | None
 
 
-class _StillRunning(Exception):
-    """A shared lookup did not finish within FLIGHT_WAIT_SECONDS."""
+class _StillRunning(AikitError):
+    """A shared lookup did not finish within FLIGHT_WAIT_SECONDS. Control flow inside KeyCache (the waiter
+    queries on its own), never raised out of it; an AikitError only so that everything aikit raises is one."""
 
 
 class _Flight:

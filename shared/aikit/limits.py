@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from aikit.errors import LimiterUnavailable
 from aikit.keys import KeyInfo
 from aikit.metering.layout import QUOTA_TTL_SECONDS, RedisLayout
 from aikit.metering.scripts import ADMIT, AUTH_FAILURES, PEEK, RELEASE, SEED_QUOTA
@@ -24,24 +25,16 @@ CATCHUP_TTL_SECONDS = 600  # longer than any seeding takes (one database query)
 LIMIT_NAMES = {"minute": "requests per minute", "day": "requests per day", "tokens": "monthly token quota"}
 
 
-class LimiterUnavailable(Exception):
-    """Redis cannot be reached and the limiter is set to fail closed."""
-
-
 @dataclass(frozen=True, slots=True)
 class LimitDecision:
     allowed: bool
     limit_hit: str | None = None  # minute | day | tokens
     headers: dict[str, str] = field(default_factory=dict)
 
-
-class RateLimited(Exception):
-    """A limit refused the call: the API answers 429 with the decision's headers (Retry-After included)."""
-
-    def __init__(self, decision: LimitDecision) -> None:
-        self.decision = decision
-        self.message = f"rate limit exceeded: {LIMIT_NAMES.get(decision.limit_hit or '', 'limit')}"
-        super().__init__(self.message)
+    @property
+    def limit_name(self) -> str:
+        """The refusing limit as a client reads it."""
+        return LIMIT_NAMES.get(self.limit_hit or "", "limit")
 
 
 def seconds_to_midnight(now: float) -> int:

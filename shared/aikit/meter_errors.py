@@ -31,6 +31,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from aikit.db.models import MeterEventError, MeterReport
+from aikit.errors import BillingError, CannotFetch, UnknownEvent
 from aikit.observability import METER_EVENTS_REJECTED, emit, logger
 from aikit.outbox import ReportState
 
@@ -48,14 +49,6 @@ WINDOW_SLACK = dt.timedelta(minutes=5)
 MAX_ERROR_TYPES = 100  # more error types or samples than this in one event is not Stripe
 MAX_SAMPLES = 1000
 _CUSTOMER_ID = re.compile(r"\bcus_\w{1,250}")
-
-
-class CannotFetch(Exception):
-    """The full event could not be read from Stripe (no key, Stripe down): Stripe delivers it again."""
-
-
-class UnknownEvent(Exception):
-    """Stripe has no event with this id (404): nothing to apply, however often it is delivered."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,12 +100,10 @@ def parse_time(value: Any) -> dt.datetime | None:
 def fetch_report(gateway: BillingGateway | None, thin: ThinEvent) -> ErrorReport:
     if gateway is None:
         raise CannotFetch("STRIPE_SECRET_KEY is not set, so the event cannot be fetched")
-    from aikit.stripe_gateway import BillingError
-
     try:
         full = gateway.retrieve_event(thin.id)
     except BillingError as exc:
-        if exc.status == 404:
+        if exc.stripe_status == 404:
             raise UnknownEvent(f"Stripe has no event {thin.id}") from exc
         raise CannotFetch(str(exc)) from exc
     return parse_report(thin, full)

@@ -21,6 +21,8 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
+from aikit.errors import PriceTableError
+
 TOKEN_TYPES = ("input", "cached_input", "output")
 UNITS_PER_MAJOR = 10**12  # the cost unit: 1e-12 of the currency's major unit (a picodollar for USD)
 _RATE_SCALE = UNITS_PER_MAJOR // 10**6  # rates are per million tokens
@@ -29,14 +31,6 @@ MAX_RATE = Decimal(1_000_000)  # per million tokens; keeps every per-event cost 
 ZERO_DECIMAL = frozenset({"bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx", "vnd", "vuv",
                           "xaf", "xof", "xpf"})
 _GLOB = frozenset("*?[")
-
-
-class PriceTableError(ValueError):
-    """Bad price table entries; `lines` holds one line per bad entry."""
-
-    def __init__(self, lines: list[str]) -> None:
-        super().__init__("\n".join(lines))
-        self.lines = lines
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,11 +34,12 @@ from sqlalchemy import Engine, func, select
 
 from aikit.db.engine import get_engine
 from aikit.db.models import ApiKeyUsage, MeterReport, UsageDaily, as_utc
+from aikit.errors import BillingError
 from aikit.metering.sql_sink import METER_COST, METER_TOKENS, report_meter
 from aikit.outbox import ReportState, event_timestamp
 from aikit.pricing import format_money
 from aikit.settings import Settings
-from aikit.stripe_gateway import BillingError, BillingGateway, gateway_from_settings
+from aikit.stripe_gateway import BillingGateway, gateway_from_settings
 
 LOOKBACK_DAYS = 35  # Stripe refuses meter events older than this: nothing older can be there
 DAY = 86400
@@ -238,7 +239,8 @@ def _stripe_days(gateway: BillingGateway, meter: str, event_name: str, days: Day
                 event_name=event_name, customer_id=customer, start_time=int(start.timestamp()),
                 end_time=int(end.timestamp()))
         except BillingError as exc:
-            if exc.code == "resource_missing" and exc.status in (400, 404) and "customer" in str(exc).lower():
+            missing = exc.stripe_code == "resource_missing" and exc.stripe_status in (400, 404)
+            if missing and "customer" in str(exc).lower():
                 summaries = []  # Stripe has no such customer, so it holds nothing for it
             else:
                 raise

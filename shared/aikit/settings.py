@@ -13,7 +13,8 @@ from pydantic import Field, PrivateAttr, ValidationError, field_validator, model
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as SourceError
 
-from aikit.pricing import PriceBook, PriceTableError, build_price_book
+from aikit.errors import PriceTableError, SettingsError
+from aikit.pricing import PriceBook, build_price_book
 
 _ROUTER_SPEC = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
@@ -57,10 +58,6 @@ def _check_port(url: str) -> None:
         raise ValueError("has a port that is not a number from 1 to 65535") from None
     if port == 0:
         raise ValueError("has a port that is not a number from 1 to 65535")
-
-
-class SettingsError(RuntimeError):
-    """A missing or malformed setting; the message is one line naming it."""
 
 
 class Settings(BaseSettings):

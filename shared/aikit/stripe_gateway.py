@@ -18,6 +18,7 @@ from typing import Any, cast
 import httpx
 import stripe
 
+from aikit.errors import BillingError
 from aikit.settings import Settings
 
 DUPLICATE_MESSAGE = "An event already exists with identifier"
@@ -90,18 +91,6 @@ class SetupResult:
     product_id: str
     price_id: str
     created: list[str] = field(default_factory=list)  # which of "meter", "product", "price" this run made
-
-
-class BillingError(RuntimeError):
-    """A failed Stripe call other than a meter event; `status` is the HTTP status when there was one."""
-
-    def __init__(
-        self, message: str, *, status: int | None = None, code: str | None = None, retryable: bool = False
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.retryable = retryable
 
 
 class BillingGateway(ABC):
@@ -193,8 +182,9 @@ def _billing_error(exc: stripe.StripeError, action: str) -> BillingError:
     detail = outcome.message or exc.__class__.__name__
     return BillingError(
         f"Stripe {action} failed: {detail}",
-        status=outcome.http_status,
-        code=outcome.error_code,
+        action=action,
+        stripe_status=outcome.http_status,
+        stripe_code=outcome.error_code,
         retryable=outcome.status is ReportStatus.RETRYABLE,
     )
 
@@ -370,7 +360,7 @@ class StripeGateway(BillingGateway):
         try:
             meter = self._find_meter(event_name)
             if meter is None:
-                raise BillingError(f"no billing meter with event_name {event_name!r}", status=404)
+                raise BillingError(f"no billing meter with event_name {event_name!r}", stripe_status=404)
             page = self._client.v1.billing.meters.event_summaries.list(
                 meter.id,
                 params={

@@ -27,6 +27,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import DBAPIError
 
 from aikit.db.models import ApiKey, UsageDaily, User
+from aikit.errors import UsageNotFound, UsageQueryError, UsageUnavailable
 from aikit.keys import KeyInfo
 from aikit.metering.layout import RedisLayout
 from aikit.pricing import TOKEN_TYPES, PriceBook, format_money, split_tokens
@@ -43,24 +44,6 @@ _PENDING_FIELDS = {"t": "tokens", "r": "requests", "i": "input_tokens", "o": "ou
                    "x": "cached_tokens"}
 COUNT_FIELDS = ("requests", "input_tokens", "output_tokens", "cached_tokens", "tokens")
 CSV_COLUMNS = ("date", "api_key_id", "customer_id", "model", *COUNT_FIELDS, "cost", "currency")
-
-
-class UsageQueryError(ValueError):
-    """A usage query parameter is wrong; `param` names it (the API answers 422)."""
-
-    def __init__(self, message: str, param: str) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-
-
-class UsageNotFound(LookupError):
-    """The admin asked about an API key that does not exist."""
-
-
-class UsageUnavailable(RuntimeError):
-    """The database could not be read (the API answers 503: usage cannot be shown without it)."""
-
 
 # --- periods -------------------------------------------------------------------------------------------
 

@@ -45,6 +45,15 @@ from aikit import meter_errors
 from aikit.access import ACTIVE_STATUSES
 from aikit.db.models import StripeEvent, Subscription, User, as_utc
 from aikit.emails import Email, Mailer
+from aikit.errors import (
+    BillingError,
+    CannotFetch,
+    MalformedObject,
+    UnknownEvent,
+    WebhookFailed,
+    WebhookRejected,
+    WebhooksNotConfigured,
+)
 from aikit.observability import WEBHOOK_EVENTS, WEBHOOK_SIGNATURE_FAILURES, emit, logger
 from aikit.periods import SOURCE_INVOICE, SOURCE_SUBSCRIPTION, record_period
 from aikit.settings import Settings
@@ -79,24 +88,6 @@ class Outcome(StrEnum):
     STALE = "stale"
     IGNORED = "ignored"
     ERROR = "error"
-
-
-class WebhookRejected(Exception):
-    """The request is not a verified Stripe event (answer `status`, change nothing)."""
-
-    def __init__(self, reason: str, *, kind: str, status: int = 400) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.kind = kind  # metric dimension: missing_signature | bad_signature | stale_signature | ...
-        self.status = status
-
-
-class WebhooksNotConfigured(Exception):
-    """No webhook secret: nothing can be verified."""
-
-
-class WebhookFailed(Exception):
-    """Applying a verified event failed; the transaction was rolled back so Stripe's retry starts clean."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,12 +183,6 @@ def parse_event(data: Any) -> WebhookEvent:
     if not isinstance(obj, dict):
         raise bad("data.object must be an object")
     return WebhookEvent(event_id, event_type, created, obj)
-
-
-class MalformedObject(WebhookRejected):
-    def __init__(self, event: WebhookEvent, what: str) -> None:
-        super().__init__(f"malformed {event.type} event {event.id}: {what}", kind="malformed")
-
 
 # --- pure rules ----------------------------------------------------------------------------------------
 
@@ -476,8 +461,6 @@ def _state_from_stripe(ctx: HandlerContext, event: WebhookEvent, fields: Subscri
     if ctx.gateway is None:
         logger.warning("webhook_same_second_without_stripe", extra={"event_id": event.id, "subscription": fields.id})
         return fields
-    from aikit.stripe_gateway import BillingError
-
     try:
         current = ctx.gateway.retrieve_subscription(fields.id)
     except BillingError as exc:
@@ -703,11 +686,11 @@ def _handle_thin_event(data: Mapping[str, Any], *, settings: Settings, engine: E
     event = WebhookEvent(thin.id, thin.type, thin.created, {})
     try:
         outcome, detail, report = _apply_thin_event(engine, gateway, thin)
-    except meter_errors.UnknownEvent as exc:
+    except UnknownEvent as exc:
         raise WebhookRejected(str(exc), kind="unknown_event") from None
     except Exception as exc:
         emit(WEBHOOK_EVENTS, type=thin.type, outcome=Outcome.ERROR.value)
-        if isinstance(exc, meter_errors.CannotFetch):
+        if isinstance(exc, CannotFetch):
             logger.error("webhook_thin_event_not_fetched", extra={"event_id": thin.id, "reason": str(exc)})
             raise WebhookFailed(f"event {thin.id} could not be fetched from Stripe ({exc}); Stripe will retry") \
                 from exc

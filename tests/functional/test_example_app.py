@@ -25,10 +25,11 @@ from sqlalchemy.orm import Session
 import aikit.runtime
 from aikit.db.engine import get_engine
 from aikit.db.models import Subscription
+from aikit.errors import SettingsError
 from aikit.flush import Flusher
 from aikit.keys import IssuedKey
 from aikit.runtime import Runtime
-from aikit.settings import Settings, SettingsError, get_settings
+from aikit.settings import Settings, get_settings
 from aikit.stripe_gateway import StripeGateway
 from tests.conftest import issue_key
 from tests.fakes.stripe_server import FakeStripe

@@ -14,6 +14,7 @@ import anthropic
 import openai
 import pytest
 
+from aikit.errors import UnsupportedError
 from aikit.llm import LLM, Caller, ProviderError, build_provider
 from aikit.llm.base import (
     EmbeddingRequest,
@@ -23,7 +24,6 @@ from aikit.llm.base import (
     TextDelta,
     ToolCall,
     ToolCallDelta,
-    UnsupportedError,
     Usage,
 )
 from aikit.metering.base import Meter, UsageEvent
@@ -274,7 +274,7 @@ async def test_the_upstream_refuses_a_broken_conversation(upstream: Upstream) ->
              {"role": "tool", "tool_call_id": "call_x", "content": "?"}]
     with pytest.raises(ProviderError) as info:
         await upstream.llm.chat(stray, tools=TOOLS, track_tokens=True, caller=CALLER)
-    assert info.value.status_code == 400
+    assert info.value.status == 400
     assert "rejected the request" in info.value.message
     assert upstream.meter.events == []
 
@@ -311,7 +311,7 @@ async def test_json_mode_without_schema_is_refused_by_name(upstream: Upstream) -
     with pytest.raises(UnsupportedError) as streamed:
         await stream.__anext__()
     for error in (info.value, streamed.value):
-        assert (error.status_code, error.param) == (422, "response_format.type")
+        assert (error.status, error.param) == (422, "response_format.type")
         assert f"not supported by the {upstream.name} provider" in error.message
     assert upstream.server.requests == []
     assert upstream.meter.events == []
@@ -345,7 +345,7 @@ async def test_image_by_url(upstream: Upstream) -> None:
     if upstream.name == "bedrock":  # Converse takes image bytes only
         with pytest.raises(UnsupportedError) as info:
             await upstream.llm.chat([message], track_tokens=True, caller=CALLER)
-        assert (info.value.status_code, info.value.param) == (422, "messages[0].content[1].image_url.url")
+        assert (info.value.status, info.value.param) == (422, "messages[0].content[1].image_url.url")
         assert "bedrock" in info.value.message
         assert upstream.server.requests == upstream.meter.events == []
         return
@@ -362,7 +362,7 @@ async def test_a_damaged_image_is_refused_before_any_upstream(upstream: Upstream
     message = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}}]}
     with pytest.raises(ProviderError) as info:
         await upstream.llm.chat([message])
-    assert (info.value.status_code, info.value.param) == (400, "messages[0].content[0].image_url.url")
+    assert (info.value.status, info.value.param) == (400, "messages[0].content[0].image_url.url")
     assert upstream.server.requests == []
 
 
@@ -390,7 +390,7 @@ async def test_what_a_provider_lacks_is_a_422_naming_field_and_provider(
         return
     with pytest.raises(UnsupportedError) as info:
         await upstream.llm.chat([QUESTION], track_tokens=True, caller=CALLER, **params)
-    assert (info.value.status_code, info.value.param) == (422, param)
+    assert (info.value.status, info.value.param) == (422, param)
     assert info.value.message.startswith(f"{param} is not supported by the {upstream.name} provider")
     assert upstream.server.requests == upstream.meter.events == []
 
@@ -430,7 +430,7 @@ async def test_openai_refusing_an_unknown_field_reaches_the_caller(upstream: Ups
     those it does not know, and that refusal comes back as a 400 with its reason."""
     with pytest.raises(ProviderError) as info:
         await upstream.llm.chat([QUESTION], frobnicate=True)
-    assert info.value.status_code == 400
+    assert info.value.status == 400
     assert "Unrecognized request argument supplied: frobnicate" in info.value.message
     assert upstream.bodies()[-1]["frobnicate"] is True
 
@@ -548,7 +548,7 @@ async def test_bedrock_cohere_embeddings_read_the_token_header(upstream: Upstrea
 async def test_anthropic_has_no_embeddings(upstream: Upstream) -> None:
     with pytest.raises(UnsupportedError) as info:
         await upstream.llm.provider.embed(EmbeddingRequest("x", "claude"))
-    assert info.value.status_code == 422
+    assert info.value.status == 422
     assert info.value.message == "embeddings are not supported by the anthropic provider"
 
 

@@ -194,7 +194,7 @@ async def test_chat_faults(upstream: Upstream, llm: LLM, fault: str, status: int
     upstream.server.inject(fault)
     with pytest.raises(ProviderError) as info:
         await llm.chat(MESSAGES, track_tokens=True, caller=CALLER)
-    assert (info.value.status_code, type(info.value)) == (status, ProviderError)
+    assert (info.value.status, type(info.value)) == (status, ProviderError)
     assert fragment in info.value.message
     assert upstream.meter.events == []
 
@@ -206,7 +206,7 @@ async def test_stream_faults_before_output_record_nothing(
     upstream.server.inject(fault)
     with pytest.raises(ProviderError) as info:
         await _stream_all(llm)
-    assert info.value.status_code == status
+    assert info.value.status == status
     assert fragment in info.value.message
     assert upstream.meter.events == []
 
@@ -215,7 +215,7 @@ async def test_invalid_request_carries_the_upstreams_reason(upstream: Upstream, 
     upstream.server.inject("validation" if upstream.name == "bedrock" else "bad_request")
     with pytest.raises(ProviderError) as info:
         await llm.chat(MESSAGES)
-    assert info.value.status_code == 400
+    assert info.value.status == 400
     reason = {"openai": "temperature", "anthropic": "max_tokens", "bedrock": "maxTokens"}[upstream.name]
     assert reason in info.value.message
 
@@ -228,7 +228,7 @@ async def test_wrong_credentials_are_a_gateway_failure(upstream: Upstream) -> No
             await llm.chat(MESSAGES)
     finally:
         await llm.aclose()
-    assert (info.value.status_code, info.value.message) == (
+    assert (info.value.status, info.value.message) == (
         502,
         f"{upstream.name}: provider authentication failed",
     )
@@ -247,7 +247,7 @@ async def test_slow_upstream_times_out_and_bills_the_input(upstream: Upstream, s
             await call
     finally:
         await llm.aclose()
-    assert info.value.status_code == 504
+    assert info.value.status == 504
     assert info.value.cut_off
     assert upstream.meter.figures() == [(10, 0, 0)]  # 40 characters: an estimated 10 input tokens
 
@@ -260,7 +260,7 @@ async def test_unreachable_upstream_is_502(upstream: Upstream) -> None:
             await llm.chat(MESSAGES, track_tokens=True, caller=CALLER)
     finally:
         await llm.aclose()
-    assert (info.value.status_code, type(info.value)) == (502, ProviderError)
+    assert (info.value.status, type(info.value)) == (502, ProviderError)
     assert "connection failed" in info.value.message
     assert upstream.meter.events == []
 
@@ -282,7 +282,7 @@ async def test_upstream_dying_mid_stream_meters_what_was_sent(
 
     with pytest.raises(ProviderError) as info:
         await consume()
-    assert info.value.status_code == 502
+    assert info.value.status == 502
     assert received == REPLY_PIECES[:2]
     assert upstream.meter.figures() == [PARTIAL[upstream.name]]
     assert upstream.meter.events[0].request_id == "req_cut"
@@ -303,7 +303,7 @@ async def test_provider_error_events_mid_stream(upstream: Upstream, llm: LLM) ->
     upstream.server.inject("stream_exception" if upstream.name == "bedrock" else "error_event")
     with pytest.raises(ProviderError) as info:
         await _stream_all(llm)
-    assert info.value.status_code == 502
+    assert info.value.status == 502
     assert upstream.meter.figures() == [PARTIAL[upstream.name]]
 
 
@@ -383,7 +383,7 @@ async def test_anthropic_529_and_error_before_text(servers: dict[str, Any]) -> N
             await _stream_all(llm)
     finally:
         await llm.aclose()
-    assert overloaded.value.status_code == early.value.status_code == 502
+    assert overloaded.value.status == early.value.status == 502
     assert meter.events == []  # message_start reported input, but the provider failed before any output
 
 
@@ -418,7 +418,7 @@ async def test_bedrock_error_codes(servers: dict[str, Any], fault: str, status: 
         call = _stream_all(llm) if streaming else llm.chat(MESSAGES)
         with pytest.raises(ProviderError) as info:
             await call
-        assert info.value.status_code == status
+        assert info.value.status == status
 
 
 async def test_bedrock_request_shape(servers: dict[str, Any]) -> None:

@@ -22,10 +22,10 @@ import aikit.runtime
 from aikit import llm
 from aikit.api.app import create_app
 from aikit.api.deps import BilledDep, MeteredLLM, public
+from aikit.errors import UnknownApiKey
 from aikit.keys import IssuedKey
 from aikit.llm import CallerRequired
 from aikit.llm.context import current_request
-from aikit.metering.redis_meter import UnknownApiKey
 from aikit.runtime import Runtime
 from aikit.settings import Settings
 from tests.conftest import ADMIN_TOKEN, REDIS_URL, issue_key, make_settings

@@ -12,7 +12,8 @@ import pytest
 from moto import mock_aws
 
 from aikit import aws_secrets, observability
-from aikit.aws_secrets import SecretResolutionError, apply_secret_settings, resolve_secret_settings
+from aikit.aws_secrets import apply_secret_settings, resolve_secret_settings
+from aikit.errors import SecretResolutionError
 from aikit.observability import (
     ALL_METRICS,
     EVENTS_FLUSHED,

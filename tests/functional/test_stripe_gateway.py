@@ -8,11 +8,11 @@ from collections.abc import Iterator
 import pytest
 import stripe
 
+from aikit.errors import BillingError
 from aikit.settings import Settings, load_settings
 from aikit.stripe_gateway import (
     DUPLICATE_MESSAGE,
     PRICE_LOOKUP_KEY,
-    BillingError,
     ReportOutcome,
     ReportStatus,
     SetupResult,
@@ -335,8 +335,8 @@ def test_checkout_with_unknown_price_raises_billing_error(gateway: StripeGateway
             success_url="https://a.test",
             cancel_url="https://a.test",
         )
-    assert caught.value.status == 400
-    assert caught.value.code == "resource_missing"
+    assert caught.value.stripe_status == 400
+    assert caught.value.stripe_code == "resource_missing"
     assert not caught.value.retryable
     assert "price_nope" in str(caught.value)
 
@@ -363,7 +363,7 @@ def test_retrieve_subscription_has_item_periods(
     assert item["current_period_end"] > item["current_period_start"]
     with pytest.raises(BillingError) as caught:
         gateway.retrieve_subscription("sub_missing")
-    assert caught.value.status == 404
+    assert caught.value.stripe_status == 404
 
 
 def test_meter_event_summaries_per_day(fake: FakeStripe, gateway: StripeGateway, customer: str) -> None:

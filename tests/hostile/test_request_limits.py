@@ -14,8 +14,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from aikit.api.app import create_app
+from aikit.errors import SettingsError
 from aikit.runtime import Runtime
-from aikit.settings import SettingsError, embedded_sqlite_url, load_settings
+from aikit.settings import embedded_sqlite_url, load_settings
 from tests.conftest import ADMIN_TOKEN, issue_key, make_settings
 from tests.functional.test_api_handler import (  # noqa: F401  (fixtures)
     body_of,

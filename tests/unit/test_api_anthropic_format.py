@@ -16,19 +16,10 @@ from fastapi.testclient import TestClient
 from aikit.api.anthropic_format import MessagesRequest, MessageStream, error_json, message_json
 from aikit.api.errors import install_error_handlers
 from aikit.api.schemas import ChatCompletionRequest
+from aikit.errors import UnsupportedError
 from aikit.llm import anthropic as anthropic_provider
 from aikit.llm import bedrock as bedrock_provider
-from aikit.llm.base import (
-    ChatResult,
-    ExtraDelta,
-    StreamEnd,
-    StreamEvent,
-    TextDelta,
-    ToolCall,
-    ToolCallDelta,
-    UnsupportedError,
-    Usage,
-)
+from aikit.llm.base import ChatResult, ExtraDelta, StreamEnd, StreamEvent, TextDelta, ToolCall, ToolCallDelta, Usage
 
 PNG_DATA = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
 CACHE = {"type": "ephemeral"}
@@ -132,7 +123,7 @@ def test_for_openai_compatible_upstreams_the_request_is_an_openai_request() -> N
 def test_what_this_api_cannot_translate_is_refused_by_name(change: dict[str, Any], param: str) -> None:
     with pytest.raises(UnsupportedError) as info:
         parsed({**BODY, **change}).chat_request("anthropic")
-    assert (info.value.status_code, info.value.param) == (422, param)
+    assert (info.value.status, info.value.param) == (422, param)
 
 
 def test_null_fields_the_sdk_echoes_back_are_fine() -> None:

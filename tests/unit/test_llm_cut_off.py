@@ -106,7 +106,7 @@ async def test_the_deadline_ends_a_call_and_bills_its_input() -> None:
     llm = LLM(SlowProvider(5.0), meter=meter, deadline_seconds=0.1)
     with pytest.raises(ProviderTimeout) as info:
         await llm.chat(MESSAGES, track_tokens=True, caller=CALLER)
-    assert info.value.status_code == 504 and info.value.cut_off
+    assert info.value.status == 504 and info.value.cut_off
     assert "deadline" in info.value.message
     assert figures(meter) == [(10, 0, 1_700_000_000)]
 

@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 import pytest
 
+from aikit.errors import SettingsError
 from aikit.llm import (
     LLM,
     Caller,
@@ -27,7 +28,7 @@ from aikit.llm import (
 from aikit.llm.base import EmbeddingRequest, ToolCallDelta
 from aikit.llm.echo import DIMENSIONS, IMAGE_TOKENS, EchoProvider, count_words
 from aikit.metering.base import Meter, UsageEvent
-from aikit.settings import SettingsError, load_settings
+from aikit.settings import load_settings
 
 pytestmark = pytest.mark.anyio
 
@@ -191,7 +192,7 @@ async def test_bad_requests_are_400_naming_the_field(kwargs: dict[str, object], 
     meter = MemoryMeter()
     with pytest.raises(InvalidRequestError, match=message) as info:
         await echo_llm(meter).chat(track_tokens=True, caller=CALLER, **kwargs)  # type: ignore[arg-type]
-    assert info.value.status_code == 400
+    assert info.value.status == 400
     assert meter.events == []
 
 

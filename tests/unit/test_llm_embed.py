@@ -54,7 +54,7 @@ async def test_bad_input_is_refused_before_anything_runs(value: object, param: s
     meter = MemoryMeter()
     with pytest.raises(InvalidRequestError) as caught:
         await LLM(EchoProvider(), meter=meter).embed(value, track_tokens=True, caller=CALLER)  # type: ignore[arg-type]
-    assert (caught.value.status_code, caught.value.param) == (400, param)
+    assert (caught.value.status, caught.value.param) == (400, param)
     assert meter.events == []
 
 

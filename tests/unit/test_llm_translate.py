@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
+from aikit.errors import InvalidRequestError, ProviderError, UnsupportedError
 from aikit.llm import anthropic as anthropic_mod
 from aikit.llm import bedrock as bedrock_mod
-from aikit.llm.base import ChatRequest, InvalidRequestError, ProviderError, UnsupportedError
+from aikit.llm.base import ChatRequest
 
 PNG = b"\x89PNG\r\n\x1a\n0000"
 PNG_URL = "data:image/png;base64," + base64.b64encode(PNG).decode()
@@ -160,7 +161,7 @@ def test_a_broken_data_url_is_a_400() -> None:
     for build in (anthropic_body, bedrock_kwargs):
         with pytest.raises(ProviderError) as info:
             build([broken])
-        assert (info.value.status_code, info.value.param) == (400, "messages[0].content[0].image_url.url")
+        assert (info.value.status, info.value.param) == (400, "messages[0].content[0].image_url.url")
 
 
 def test_images_and_refusals_in_history() -> None:

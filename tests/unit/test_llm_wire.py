@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 from botocore.eventstream import EventStreamBuffer
 
+from aikit.errors import UnsupportedError
 from aikit.llm import ChatRequest, ProviderTimeout, Usage
 from aikit.llm import anthropic as anthropic_mod
 from aikit.llm import bedrock as bedrock_mod
 from aikit.llm._http import iter_sse, status_error
-from aikit.llm.base import UnsupportedError
 from aikit.llm.openai import _usage as openai_usage
 from tests.fakes.llm_servers import bedrock_event, bedrock_exception
 
@@ -114,7 +114,7 @@ def test_bedrock_kwargs() -> None:
 def test_several_choices_are_refused_where_unsupported() -> None:
     with pytest.raises(UnsupportedError, match=r"^n is not supported by the anthropic provider$") as info:
         anthropic_mod.build_body(ChatRequest(MESSAGES, "m", None, {"n": 2}))
-    assert (info.value.status_code, info.value.param) == (422, "n")
+    assert (info.value.status, info.value.param) == (422, "n")
     with pytest.raises(UnsupportedError, match=r"^n is not supported by the bedrock provider$"):
         bedrock_mod.build_kwargs(ChatRequest(MESSAGES, "m", None, {"n": 3}))
 
@@ -138,7 +138,7 @@ def test_several_choices_are_refused_where_unsupported() -> None:
 )
 def test_status_error_mapping(status: int, body: bytes, expected_status: int, fragment: str) -> None:
     error = status_error("openai", status, body, ("sk-secret",))
-    assert error.status_code == expected_status
+    assert error.status == expected_status
     assert fragment in error.message
     assert isinstance(error, ProviderTimeout) == (expected_status == 504)
 

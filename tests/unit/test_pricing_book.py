@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aikit.pricing import PriceTableError, build_price_book, format_money, split_tokens
+from aikit.errors import PriceTableError
+from aikit.pricing import build_price_book, format_money, split_tokens
 
 TABLE = {"gpt-4o": {"input": 2.5, "output": 10}, "gpt-4o*": {"input": 1, "output": 1},
          "gpt-4o-mini*": {"input": 0.15, "cached_input": 0.075, "output": 0.6}, "*": {"input": 99, "output": 99}}

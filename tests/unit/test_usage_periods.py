@@ -10,12 +10,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from aikit.errors import UsageQueryError
 from aikit.pricing import build_price_book
 from aikit.usage import (
     MAX_RANGE_DAYS,
     Counts,
     Period,
-    UsageQueryError,
     UsageRow,
     combine,
     key_usage_body,

@@ -11,12 +11,12 @@ import pytest
 import stripe
 
 from aikit.emails import LogMailer, SesMailer, mailer_from_settings
+from aikit.errors import WebhookRejected
 from aikit.settings import load_settings
 from aikit.webhooks import (
     MAX_BODY_BYTES,
     PaymentFailedNotice,
     WebhookEvent,
-    WebhookRejected,
     invoice_line_periods,
     invoice_period_start,
     invoice_subscription_id,

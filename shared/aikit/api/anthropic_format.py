@@ -34,6 +34,7 @@ from aikit.api.schemas import (
     by_kind,
     one_of,
 )
+from aikit.errors import UnsupportedError
 from aikit.llm.base import (
     ChatRequest,
     ChatResult,
@@ -42,7 +43,6 @@ from aikit.llm.base import (
     StreamEvent,
     TextDelta,
     ToolCallDelta,
-    UnsupportedError,
     Usage,
 )
 

@@ -14,19 +14,16 @@ import os
 import sys
 from collections.abc import Sequence
 
-from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, FastAPI
 
 from aikit.api.body_limit import BodyLimitMiddleware
 from aikit.api.deps import authenticate, is_public
-from aikit.api.errors import error_body, install_error_handlers
+from aikit.api.errors import install_error_handlers
 from aikit.api.routes import admin, billing, chat, embeddings, health, messages, usage, webhooks
 from aikit.api.scope import RequestScopeMiddleware
-from aikit.limits import LimiterUnavailable, RateLimited
-from aikit.llm.base import ProviderError
-from aikit.metering.redis_meter import MeterUnavailable
+from aikit.errors import SettingsError
 from aikit.runtime import Runtime, get_runtime
-from aikit.settings import Settings, SettingsError
+from aikit.settings import Settings
 
 
 def _bad_routers(spec: str, why: str) -> SettingsError:
@@ -51,29 +48,6 @@ def load_router(spec: str) -> APIRouter:
     return found
 
 
-def install_metered_call_errors(app: FastAPI) -> None:
-    """What a metered LLM call raises, answered in the OpenAI error shape, in built-in and mounted routes."""
-
-    @app.exception_handler(RateLimited)
-    async def _limited(_: Request, exc: RateLimited) -> JSONResponse:
-        return JSONResponse(error_body(429, exc.message, "rate_limit_exceeded"), 429, headers=exc.decision.headers)
-
-    @app.exception_handler(LimiterUnavailable)
-    async def _limiter(_: Request, exc: LimiterUnavailable) -> JSONResponse:
-        return JSONResponse(error_body(503, "rate limiter unavailable, try again shortly", "limiter_unavailable"),
-                            503, headers={"Retry-After": "5"})
-
-    @app.exception_handler(ProviderError)
-    async def _provider(_: Request, exc: ProviderError) -> JSONResponse:
-        return JSONResponse(error_body(exc.status_code, exc.message, "provider_error", exc.param), exc.status_code)
-
-    @app.exception_handler(MeterUnavailable)
-    async def _meter(_: Request, exc: MeterUnavailable) -> JSONResponse:
-        # X-Request-Id (added for every billed request) lets support match the rare write that did commit.
-        return JSONResponse(error_body(503, "usage could not be recorded, retry shortly", "metering_unavailable"),
-                            503)
-
-
 def create_app(settings: Settings | None = None, runtime: Runtime | None = None,
                routers: Sequence[APIRouter] = ()) -> FastAPI:
     """The API: built-in routes, then `routers` and those AIKIT_ROUTERS names (a bad one raises SettingsError)."""
@@ -82,7 +56,6 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None,
     app = FastAPI(title="aikit", version="0.1.0", docs_url="/docs", redoc_url=None)
     app.state.runtime = runtime
     install_error_handlers(app)
-    install_metered_call_errors(app)
     for module in (health, chat, embeddings, messages, admin, billing, usage, webhooks):
         app.include_router(module.router)
     for router in mounted:

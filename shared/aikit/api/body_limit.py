@@ -21,14 +21,9 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from aikit.api.errors import REQUEST_ID_SCOPE_KEY, error_body, request_id_var
+from aikit.errors import ApiError
 from aikit.metering.base import new_request_id
 from aikit.observability import logger
-
-
-class _Refused(Exception):
-    def __init__(self, status: int, message: str, code: str) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code = status, message, code
 
 
 def declared_length(scope: Scope) -> int | None:
@@ -61,7 +56,7 @@ class BodyLimitMiddleware:
         send = self._guarded_send(send, request_id, stalled)
         try:
             message = await self._read_body(scope, receive)
-        except _Refused as exc:
+        except ApiError as exc:
             await self._refuse(send, exc)
             return
         if message is None:  # the client went away while sending
@@ -87,11 +82,11 @@ class BodyLimitMiddleware:
                 if not message.get("more_body", False):
                     return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
         assert waited.cancel_called
-        raise _Refused(408, f"the request body did not arrive within {self.body_timeout:g}s", "request_timeout")
+        raise ApiError(408, f"the request body did not arrive within {self.body_timeout:g}s", code="request_timeout")
 
-    def _too_large(self) -> _Refused:
-        return _Refused(413, f"request body is larger than {self.max_body_bytes} bytes (MAX_REQUEST_BODY_BYTES)",
-                        "request_too_large")
+    def _too_large(self) -> ApiError:
+        return ApiError(413, f"request body is larger than {self.max_body_bytes} bytes (MAX_REQUEST_BODY_BYTES)",
+                        code="request_too_large")
 
     @staticmethod
     def _replay(message: Message, receive: Receive, stalled: anyio.Event) -> Receive:
@@ -141,8 +136,8 @@ class BodyLimitMiddleware:
         return guarded
 
     @staticmethod
-    async def _refuse(send: Send, exc: _Refused) -> None:
-        body = json.dumps(error_body(exc.status, exc.message, exc.code)).encode()
+    async def _refuse(send: Send, exc: ApiError) -> None:
+        body = json.dumps(error_body(exc.status, exc.client_message(), exc.code)).encode()
         # The rest of the body is never read: the connection cannot carry another request.
         await send({"type": "http.response.start", "status": exc.status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),

@@ -9,7 +9,8 @@ import anyio
 from fastapi import APIRouter, Depends, Request
 
 from aikit.access import Access
-from aikit.api.errors import REQUEST_ID_SCOPE_KEY, ApiError
+from aikit.api.errors import REQUEST_ID_SCOPE_KEY
+from aikit.errors import ApiError
 from aikit.keys import _PREFIX_LEN, KEY_PREFIX, KeyInfo
 from aikit.llm import BoundLLM
 from aikit.llm.admission import MeteredRequest

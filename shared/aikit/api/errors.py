@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any
 
@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from aikit.errors import INTERNAL_ERROR_MESSAGE, UNHANDLED_ERROR_EVENT, AikitError
 from aikit.observability import logger
 
 ERROR_TYPES = {
@@ -31,36 +32,29 @@ ERROR_TYPES = {
 }
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code
-        self.param = param
-        self.headers = headers or {}
-
-
 # The id of the request being answered (set by api.body_limit for every HTTP request; a billed request's
 # usage events carry the same id), so support can find the request's log lines from what a client reports.
 REQUEST_ID_SCOPE_KEY = "aikit.request_id"
 request_id_var: ContextVar[str | None] = ContextVar("aikit_request_id", default=None)
 
 
-def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+def error_body(status: int, message: str, code: str | None = None, param: str | None = None,
+               details: Mapping[str, object] | None = None) -> dict[str, Any]:
+    """OpenAI's error object (`type` follows the status), the request id, then any `details` of the error."""
     error: dict[str, Any] = {"message": message, "type": ERROR_TYPES.get(status, "api_error"), "param": param,
                              "code": code}
     request_id = request_id_var.get()
     if request_id is not None:
         error["request_id"] = request_id
+    error.update(details or {})
     return {"error": error}
 
 
 def error_response(status: int, message: str, code: str | None = None, param: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+                   headers: dict[str, str] | None = None,
+                   details: Mapping[str, object] | None = None) -> JSONResponse:
     """An error answer carrying the request id in its body and its X-Request-Id header."""
-    body = error_body(status, message, code, param)
+    body = error_body(status, message, code, param, details)
     request_id = body["error"].get("request_id")
     all_headers = {**({"X-Request-Id": request_id} if request_id else {}), **(headers or {})}
     return JSONResponse(body, status, headers=all_headers)
@@ -130,10 +124,22 @@ def sqlstate(exc: DBAPIError) -> str:
     return str(detail.get("C", "")) if isinstance(detail, dict) else ""
 
 
+def aikit_error_response(exc: AikitError, path: str) -> JSONResponse:
+    """The answer to any of aikit's errors, from what the error carries (see aikit.errors)."""
+    if exc.log_event == UNHANDLED_ERROR_EVENT:
+        logger.exception(UNHANDLED_ERROR_EVENT, extra={"path": path})
+    elif exc.log_event is not None:  # what Stripe or the database said: for the operator, not the client
+        logger.warning(exc.log_event, extra={"error": str(exc)})
+    return error_response(exc.status, exc.client_message(), exc.code, exc.param, exc.headers(), exc.details())
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.code, exc.param, exc.headers)
+    """aikit's errors rendered from what they carry; foreign ones (validation, HTTP, database, connection,
+    anything else) in the same shape."""
+
+    @app.exception_handler(AikitError)
+    async def _aikit_error(request: Request, exc: AikitError) -> JSONResponse:
+        return aikit_error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -155,8 +161,8 @@ def install_error_handlers(app: FastAPI) -> None:
             logger.warning("database_unavailable", extra={"path": request.url.path, "sqlstate": state})
             return error_response(503, "the database is unavailable, retry shortly", "database_unavailable",
                                   headers={"Retry-After": "5"})
-        logger.exception("unhandled_error", extra={"path": request.url.path})
-        return error_response(500, "internal error: report the request id to the operator")
+        logger.exception(UNHANDLED_ERROR_EVENT, extra={"path": request.url.path})
+        return error_response(500, INTERNAL_ERROR_MESSAGE)
 
     @app.exception_handler(ConnectionError)
     async def _connection(request: Request, exc: ConnectionError) -> JSONResponse:
@@ -167,5 +173,5 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled_error", extra={"path": request.url.path})
-        return error_response(500, "internal error: report the request id to the operator")
+        logger.exception(UNHANDLED_ERROR_EVENT, extra={"path": request.url.path})
+        return error_response(500, INTERNAL_ERROR_MESSAGE)

@@ -124,7 +124,7 @@ class ChunkStream:
         return "data: [DONE]\n\n"
 
     @staticmethod
-    def error(status: int, message: str, code: str) -> str:
+    def error(status: int, message: str, code: str | None) -> str:
         """A failure after the headers were sent, in-band as OpenAI reports it."""
         return sse(error_body(status, message, code))
 

@@ -16,10 +16,9 @@ from fastapi.responses import StreamingResponse
 
 from aikit.api.anthropic_format import MessageStream
 from aikit.api.openai_format import ChunkStream
-from aikit.llm.base import ProviderError, StreamEnd, StreamEvent
-from aikit.metering.redis_meter import MeterUnavailable
+from aikit.errors import MeterUnavailable, ProviderError
+from aikit.llm.base import StreamEnd, StreamEvent
 
-UNRECORDED = "usage could not be recorded, retry shortly"
 # Proxies must pass events on as they come.
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -35,7 +34,7 @@ class EventFormat(Protocol):
         """The closing events: stop reason and the (metered) usage."""
         ...
 
-    def error(self, status: int, message: str, code: str) -> str: ...
+    def error(self, status: int, message: str, code: str | None) -> str: ...
 
 
 class OpenAIEvents:
@@ -54,7 +53,7 @@ class OpenAIEvents:
     def finish(self, end: StreamEnd) -> list[str]:
         return [*self.chunks.finish(end), self.chunks.done()]
 
-    def error(self, status: int, message: str, code: str) -> str:
+    def error(self, status: int, message: str, code: str | None) -> str:
         return self.chunks.error(status, message, code)
 
 
@@ -73,7 +72,7 @@ class AnthropicEvents:
     def finish(self, end: StreamEnd) -> list[str]:
         return self.messages.finish(end)
 
-    def error(self, status: int, message: str, code: str) -> str:
+    def error(self, status: int, message: str, code: str | None) -> str:
         return self.messages.error(status, message)
 
 
@@ -92,12 +91,10 @@ async def _events(stream: AsyncGenerator[StreamEvent, None], first: StreamEvent 
             for line in lines:
                 yield line
             event = following if isinstance(event, StreamEnd) else await anext(stream, None)
-    except ProviderError as exc:
+    except (ProviderError, MeterUnavailable) as exc:
         # Headers are gone: the failure (the deadline included: 504) goes in-band, after metering what was
-        # produced.
-        yield fmt.error(exc.status_code, exc.message, "provider_error")
-    except MeterUnavailable:
-        yield fmt.error(503, UNRECORDED, "metering_unavailable")
+        # produced; a usage that could not be recorded is reported instead of shown.
+        yield fmt.error(exc.status, exc.client_message(), exc.code)
     finally:
         await stream.aclose()
 

@@ -30,17 +30,15 @@ from typing import Any, TypeVar
 
 import anyio
 
+from aikit.errors import CallerRequired, InvalidRequestError, ProviderError, ProviderTimeout, SettingsError
 from aikit.llm.base import (
     ChatRequest,
     ChatResult,
     EmbeddingRequest,
     EmbeddingResult,
     InputUsage,
-    InvalidRequestError,
     Provider,
-    ProviderError,
     ProviderEvent,
-    ProviderTimeout,
     StreamEnd,
     StreamEvent,
     TextDelta,
@@ -50,18 +48,9 @@ from aikit.llm.base import (
     validate_max_tokens,
     validate_messages,
 )
-from aikit.llm.context import (
-    Admitted,
-    Caller,
-    CallerRequired,
-    CallGate,
-    RequestScope,
-    current_caller,
-    current_request,
-    use_caller,
-)
+from aikit.llm.context import Admitted, Caller, CallGate, RequestScope, current_caller, current_request, use_caller
 from aikit.metering.base import Meter
-from aikit.settings import Settings, SettingsError, get_settings
+from aikit.settings import Settings, get_settings
 
 __all__ = [
     "LLM",
@@ -243,8 +232,8 @@ class LLM:
         max_tokens: int | None = None,
         **params: Any,
     ) -> ChatResult:
-        """One completion. Raises ProviderError (status_code tells the API what to answer) on failure, and
-        the gate's refusal (e.g. `aikit.limits.RateLimited`) when a limit refuses the call."""
+        """One completion. Raises ProviderError (its status is what the API answers) on failure, and
+        the gate's refusal (e.g. `aikit.errors.RateLimited`) when a limit refuses the call."""
         billing = self._billing(track_tokens, caller)
         req = self._request(messages, model, max_tokens, params)
         return await self._chat(req, await self._resolved(billing), request_id)

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from aikit.llm.base import ProviderError, ProviderTimeout
+from aikit.errors import ProviderError, ProviderTimeout
 
 log = logging.getLogger("aikit.llm")
 

@@ -13,9 +13,9 @@ import asyncio
 import dataclasses
 import fnmatch
 
-from aikit.api.errors import ApiError
+from aikit.errors import ApiError, RateLimited
 from aikit.keys import KeyInfo
-from aikit.limits import RateLimited, RateLimiter
+from aikit.limits import RateLimiter
 from aikit.llm import LLM, BoundLLM
 from aikit.llm.base import ChatRequest, Provider
 from aikit.llm.context import Admitted, Caller

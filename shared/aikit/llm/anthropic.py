@@ -20,6 +20,7 @@ import json
 from collections.abc import AsyncGenerator
 from typing import Any
 
+from aikit.errors import InvalidRequestError, ProviderError
 from aikit.llm._http import (
     as_int,
     iter_sse,
@@ -32,9 +33,7 @@ from aikit.llm.base import (
     ChatRequest,
     ChatResult,
     InputUsage,
-    InvalidRequestError,
     Provider,
-    ProviderError,
     ProviderEvent,
     StreamEnd,
     TextDelta,

@@ -19,6 +19,8 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from aikit.errors import InvalidRequestError, UnsupportedError
+
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 # Rough input-token estimate of one image, for when a provider reports nothing (OpenAI's 512px-tile figure).
 IMAGE_TOKEN_ESTIMATE = 765
@@ -183,44 +185,6 @@ class EmbeddingResult:
     model: str
     embeddings: list[list[float]]  # one vector per input, in input order
     usage: Usage  # input tokens as the provider reported them; output 0
-
-
-class ProviderError(Exception):
-    """The provider could not answer. `status_code` is what our API should answer with.
-
-    502: the upstream failed or answered nonsense; 400: the upstream refused the request as invalid
-    (the message carries its reason); 422: the provider cannot express a field of the request (`param` names
-    it); 504: the upstream timed out. Messages never carry secrets.
-    """
-
-    def __init__(self, message: str, status_code: int = 502, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status_code = status_code
-        self.param = param
-
-
-class ProviderTimeout(ProviderError):
-    """`cut_off`: we stopped waiting while the upstream was working on the request (a read timeout, the call's
-    deadline), so the upstream bills it; false when it never got the request or answered with a timeout."""
-
-    def __init__(self, message: str = "provider timed out", status_code: int = 504, *, cut_off: bool = False) -> None:
-        super().__init__(message, status_code)
-        self.cut_off = cut_off
-
-
-class InvalidRequestError(ProviderError):
-    """The request is malformed before any provider sees it."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message, 400, param)
-
-
-class UnsupportedError(ProviderError):
-    """The configured provider has no equivalent for a field of the request (or for a whole endpoint)."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message, 422, param)
 
 
 def unsupported(provider: str, param: str, reason: str = "") -> UnsupportedError:

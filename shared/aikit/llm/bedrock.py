@@ -33,17 +33,15 @@ import botocore.exceptions
 import botocore.parsers
 import urllib3.exceptions
 
+from aikit.errors import InvalidRequestError, ProviderError, ProviderTimeout
 from aikit.llm._http import as_int, log
 from aikit.llm.base import (
     ChatRequest,
     ChatResult,
     EmbeddingRequest,
     EmbeddingResult,
-    InvalidRequestError,
     Provider,
-    ProviderError,
     ProviderEvent,
-    ProviderTimeout,
     StreamEnd,
     TextDelta,
     ToolCall,

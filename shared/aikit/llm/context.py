@@ -34,10 +34,6 @@ class Caller:
 Admitted = TypeVar("Admitted", ChatRequest, EmbeddingRequest)
 
 
-class CallerRequired(RuntimeError):
-    """`track_tokens=True` with nobody to bill: a programming error, raised before any provider call."""
-
-
 class CallGate(Protocol):
     """A request's billing state, as the `LLM` facade uses it around each metered call."""
 

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
+from aikit.errors import ProviderError
 from aikit.llm._http import (
     as_int,
     iter_sse,
@@ -29,7 +30,6 @@ from aikit.llm.base import (
     EmbeddingResult,
     ExtraDelta,
     Provider,
-    ProviderError,
     ProviderEvent,
     RefusalDelta,
     StreamEnd,

@@ -11,7 +11,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from aikit.llm.base import ChatRequest, InvalidRequestError, content_parts, unsupported
+from aikit.errors import InvalidRequestError
+from aikit.llm.base import ChatRequest, content_parts, unsupported
 
 # Values of OpenAI parameters that ask for nothing (OpenAI's defaults): a provider without the feature can
 # still honour them. None always means "not given".

@@ -17,6 +17,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from aikit.errors import MeterUnavailable, UnknownApiKey
 from aikit.keys import load_quota_period, month_start
 from aikit.metering.base import Meter, UsageEvent
 from aikit.metering.layout import RedisLayout
@@ -26,14 +27,6 @@ from aikit.observability import METER_FALLBACKS, TOKENS_METERED, emit, logger
 from aikit.pricing import PriceBook
 from aikit.redis_client import REDIS_DOWN_ERRORS
 from aikit.settings import Settings
-
-
-class MeterUnavailable(Exception):
-    """Neither Redis nor the database took the event (it was logged as `usage_unrecorded`)."""
-
-
-class UnknownApiKey(ValueError):
-    """Usage for an API key id the database does not know: it would be billed to nobody."""
 
 
 def record_args(event: UsageEvent) -> list[Any]:

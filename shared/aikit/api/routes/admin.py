@@ -12,9 +12,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from aikit.api.deps import AdminDep, RuntimeDep
-from aikit.api.errors import ApiError
 from aikit.db.models import ApiKey, User
-from aikit.keys import KeyRefused, create_key, parse_allowed_models, revoke_key
+from aikit.errors import ApiError
+from aikit.keys import create_key, parse_allowed_models, revoke_key
 
 router = APIRouter(prefix="/v1/admin")
 ModelName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f,]+$")]
@@ -55,12 +55,9 @@ def key_json(key: ApiKey, user: User) -> dict[str, object]:
 async def create(body: CreateKeyBody, _: AdminDep, runtime: RuntimeDep) -> dict[str, object]:
     def work() -> dict[str, object]:
         with Session(runtime.engine) as session:
-            try:
-                issued = create_key(session, runtime.settings, email=str(body.email), customer_id=body.customer_id,
-                                    name=body.name, rpm=body.rpm, rpd=body.rpd, monthly_tokens=body.monthly_tokens,
-                                    allowed_models=body.allowed_models)
-            except KeyRefused as exc:
-                raise ApiError(409, str(exc), code="conflict") from None
+            issued = create_key(session, runtime.settings, email=str(body.email), customer_id=body.customer_id,
+                                name=body.name, rpm=body.rpm, rpd=body.rpd, monthly_tokens=body.monthly_tokens,
+                                allowed_models=body.allowed_models)  # KeyRefused: 409
             session.commit()
             return {"api_key": issued.api_key, "api_key_id": issued.api_key_id, "prefix": issued.prefix}
 

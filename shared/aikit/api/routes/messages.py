@@ -20,8 +20,8 @@ from fastapi.routing import APIRoute
 
 from aikit.api.anthropic_format import MessagesRequest, MessageStream, error_json, message_json
 from aikit.api.deps import bearer_token, billed_request
-from aikit.api.errors import ApiError
 from aikit.api.streaming import AnthropicEvents, respond
+from aikit.errors import ApiError
 from aikit.llm.admission import MeteredRequest
 
 

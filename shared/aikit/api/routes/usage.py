@@ -9,13 +9,9 @@ from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
 from aikit.api.deps import AdminDep, KeyDep, RuntimeDep
-from aikit.api.errors import ApiError
 from aikit.usage import (
     Period,
-    UsageNotFound,
-    UsageQueryError,
     UsageRow,
-    UsageUnavailable,
     admin_filter,
     admin_rows,
     admin_usage_body,
@@ -32,41 +28,25 @@ CustomerQ = Annotated[str | None, Query(max_length=255)]
 KeyIdQ = Annotated[str | None, Query(max_length=40)]
 
 
+# A wrong parameter (UsageQueryError, 422), an unknown key (UsageNotFound, 404) or an unreadable database
+# (UsageUnavailable, 503) propagate: the app answers each from what it carries (aikit.errors).
+
+
 def _period(period: str | None, start: str | None, end: str | None) -> Period:
-    try:
-        return resolve_period(period, start, end, dt.datetime.now(dt.UTC).date())
-    except UsageQueryError as exc:
-        raise ApiError(422, exc.message, code="invalid_value", param=exc.param) from None
-
-
-def _unavailable() -> ApiError:
-    return ApiError(503, "usage cannot be read right now, retry shortly", code="usage_unavailable",
-                    headers={"Retry-After": "5"})
+    return resolve_period(period, start, end, dt.datetime.now(dt.UTC).date())
 
 
 @router.get("/v1/usage")
 async def get_usage(key: KeyDep, runtime: RuntimeDep, period: PeriodQ = None, start: DateQ = None,
                     end: DateQ = None) -> dict[str, Any]:
-    span = _period(period, start, end)
-    try:
-        return await key_usage(runtime, key, span)
-    except UsageUnavailable:
-        raise _unavailable() from None
+    return await key_usage(runtime, key, _period(period, start, end))
 
 
 async def _admin(runtime: RuntimeDep, customer_id: str | None, api_key_id: str | None, period: str | None,
                  start: str | None, end: str | None) -> tuple[Period, list[UsageRow], bool]:
-    try:
-        admin_filter(customer_id, api_key_id)
-    except UsageQueryError as exc:
-        raise ApiError(422, exc.message, code="invalid_value", param=exc.param) from None
+    admin_filter(customer_id, api_key_id)
     span = _period(period, start, end)
-    try:
-        rows, partial = await admin_rows(runtime, span, customer_id=customer_id, api_key_id=api_key_id)
-    except UsageNotFound as exc:
-        raise ApiError(404, str(exc), code="not_found", param="api_key_id") from None
-    except UsageUnavailable:
-        raise _unavailable() from None
+    rows, partial = await admin_rows(runtime, span, customer_id=customer_id, api_key_id=api_key_id)
     return span, rows, partial
 
 

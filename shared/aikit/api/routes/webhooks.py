@@ -5,7 +5,6 @@ events of an event destination (STRIPE_EVENT_DESTINATION_SECRET), such as meter-
 
 from __future__ import annotations
 
-import re
 from functools import partial
 
 import anyio
@@ -13,20 +12,12 @@ from fastapi import APIRouter, FastAPI, Request
 
 from aikit.api.body_limit import BodyLimitMiddleware
 from aikit.api.deps import RuntimeDep
-from aikit.api.errors import ApiError, install_error_handlers
-from aikit.observability import logger
+from aikit.api.errors import install_error_handlers
 from aikit.runtime import Runtime, get_runtime
-from aikit.webhooks import (
-    MAX_BODY_BYTES,
-    Outcome,
-    WebhookFailed,
-    WebhookRejected,
-    WebhooksNotConfigured,
-    handle_webhook,
-)
+from aikit.webhooks import MAX_BODY_BYTES, Outcome, handle_webhook
 
 router = APIRouter()
-_MISSING_SETTING = re.compile(r"\b[A-Z][A-Z_]{3,} is not set\b")
+
 
 async def read_at_most(request: Request, limit: int) -> bytes:
     """The raw body, but no more than `limit` bytes of it (a longer one is refused as too large anyway)."""
@@ -52,19 +43,9 @@ async def stripe_webhook(request: Request, runtime: RuntimeDep) -> dict[str, obj
         mailer=runtime.mailer,
         gateway=runtime.billing,
     )
-    try:
-        result = await anyio.to_thread.run_sync(work)
-    except WebhooksNotConfigured as exc:
-        raise ApiError(503, str(exc), code="webhooks_not_configured") from None
-    except WebhookRejected as exc:
-        raise ApiError(exc.status, exc.reason, code=f"webhook_{exc.kind}") from None
-    except WebhookFailed as exc:
-        # 5xx makes Stripe deliver the event again later; nothing of it was kept. What Stripe or the database
-        # said is for the logs: the answer shows in Stripe's dashboard.
-        logger.warning("webhook_failed", extra={"reason": str(exc)})
-        missing = _MISSING_SETTING.search(str(exc))  # our own configuration: the operator can act on it
-        message = "the event could not be applied now; Stripe will retry" + (f" ({missing[0]})" if missing else "")
-        raise ApiError(500, message, code="webhook_failed") from None
+    # Not configured (503), not a verified event (4xx) or not applied now (500: Stripe delivers it again)
+    # propagate: the app answers each from what it carries (aikit.errors).
+    result = await anyio.to_thread.run_sync(work)
     if result.outcome is Outcome.APPLIED:
         # This process sees the new access state at once; other instances within KEY_CACHE_TTL_SECONDS.
         runtime.keys.clear()
