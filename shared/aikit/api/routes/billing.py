@@ -41,7 +41,7 @@ async def caller_user_id(request: Request, runtime: Runtime, body: BillingBody |
 # a failed Stripe call 502 naming only its step) propagates: the app answers it from what it carries.
 
 
-@router.post("/checkout")
+@router.post("/checkout", response_model=None)
 async def checkout(request: Request, runtime: RuntimeDep, body: BillingBody | None = None) -> dict[str, object]:
     user_id = await caller_user_id(request, runtime, body)
     work = partial(start_checkout, runtime.engine, runtime.settings, runtime.billing, user_id)
