@@ -345,6 +345,7 @@ class CannotFetch(UpstreamError):
     """The full event could not be read from Stripe (no key, Stripe down): Stripe delivers it again."""
 
     code = "stripe_error"
+    client_text = "the event could not be fetched from Stripe; Stripe will retry"  # what Stripe said: logged
 
 
 class UnknownEvent(ClientError):

@@ -163,7 +163,7 @@ ANSWERS: list[tuple[Callable[[], AikitError], int, str | None, str | None, str, 
      "webhook_failed", None, "the event could not be applied now; Stripe will retry (STRIPE_SECRET_KEY is not set)",
      {}),
     (lambda: CannotFetch("Stripe event retrieval failed: down"), 502, "stripe_error", None,
-     "Stripe event retrieval failed: down", {}),
+     "the event could not be fetched from Stripe; Stripe will retry", {}),
     (lambda: UnknownEvent("Stripe has no event evt_1"), 400, "webhook_unknown_event", None,
      "Stripe has no event evt_1", {}),
 ]
