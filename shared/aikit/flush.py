@@ -65,8 +65,8 @@ from typing import Any
 from sqlalchemy import Engine, text
 
 from aikit.db.engine import get_engine
-from aikit.metering.base import UsageEvent
 from aikit.metering.layout import RedisLayout
+from aikit.metering.record import PENDING_COUNTERS, Batch, decode_batch
 from aikit.metering.scripts import ACK_FAST, ACK_THROUGH
 from aikit.metering.sql_sink import report_meter, store_copy, store_events
 from aikit.observability import (
@@ -90,7 +90,6 @@ from aikit.outbox import (
     unsafe_to_resend,
 )
 from aikit.outbox import seal as seal_reports
-from aikit.pricing import PriceBook
 from aikit.redis_client import make_sync_redis
 from aikit.settings import Settings
 from aikit.stripe_gateway import BillingGateway, ReportOutcome, ReportStatus, gateway_from_settings
@@ -143,154 +142,12 @@ class FlushSummary:
         return {**asdict(self), "ok": self.ok}
 
 
-def parse_entry(fields: dict[str, str]) -> UsageEvent:
-    return UsageEvent(
-        request_id=fields["r"],
-        api_key_id=fields["k"],
-        customer_id=fields["c"] or None,
-        model=fields["m"],
-        input_tokens=int(fields["i"]),
-        output_tokens=int(fields["o"]),
-        cached_tokens=int(fields["x"]),
-        ts=float(fields["t"]),
-        cost=int(fields.get("p") or 0),
-    )
-
-
 def next_stream_id(entry_id: str) -> str:
     """The smallest stream id greater than `entry_id` (XTRIM MINID removes ids below it)."""
     ms, _, seq = entry_id.partition("-")
     if int(seq) >= 2**64 - 1:
         return f"{int(ms) + 1}-0"
     return f"{ms}-{int(seq) + 1}"
-
-
-# Field order of an entry as RECORD writes it; anything else takes the slower, general path.
-FIELD_ORDER = ["r", "k", "c", "m", "i", "o", "x", "t", "d", "p"]
-_MAX_COST_DIGITS = 18  # cost (1e-12 currency units) is a BIGINT column
-_MAX_DIGITS = 9  # token counts are int4 columns, and input + output must fit one too
-_TS_RANGE = (946684800.0, 4102444800.0)  # 2000-01-01 .. 2100-01-01: anything else is not a real event time
-_NULL = "\\N"
-
-
-def _fields(raw: Any) -> tuple[str, ...] | None:
-    """(r, k, c, m, i, o, x, t, d, p) of an entry given as a flat [name, value, ...] list (no client-side
-    parsing) or a dict; None when a field is missing. An entry recorded before costs existed has no `p`:
-    "" (priced at the flush)."""
-    if isinstance(raw, list) and raw[0::2] == FIELD_ORDER:
-        return tuple(raw[1::2])
-    f = raw if isinstance(raw, dict) else dict(zip(raw[0::2], raw[1::2], strict=False))
-    try:
-        return (*(f[name] for name in FIELD_ORDER[:-1]), f.get("p", ""))
-    except KeyError:
-        return None
-
-
-def _missing_cost(model: str, counts: tuple[int, int, int], book: PriceBook | None) -> str:
-    """The cost of an entry recorded without one: at today's rates (0 without a price book or for an unpriced
-    model)."""
-    cost = book.cost(model, *counts) if book is not None else None
-    return str(cost or 0)
-
-
-@dataclass
-class Batch:
-    """One contiguous run of a shard's stream, ready to store: COPY rows (Postgres) or events (others),
-    plus what the pending counters lose when it leaves Redis."""
-
-    shard: int
-    first_id: str
-    last_id: str
-    size: int  # entries read, malformed ones included
-    full: bool  # as long as a batch may be: more may follow in this shard
-    copy_rows: bytes = b""
-    events: list[UsageEvent] = field(default_factory=list)
-    valid: int = 0
-    malformed_ids: list[str] = field(default_factory=list)
-    key_ids: set[str] = field(default_factory=set)  # api keys of all entries, malformed ones included
-    # (api_key_id, date, model) -> [tokens, requests, input, output, cached], valid entries only
-    deltas: dict[tuple[str, str, str], list[int]] = field(default_factory=dict)
-
-
-def prepare_batch(shard: int, entries: list[Any], *, billable: bool, copy: bool, full: bool,
-                  book: PriceBook | None = None) -> Batch:
-    """Stream entries -> a Batch. The flush's hot path: per entry one slice, a few C-level checks and one
-    f-string (COPY text, no objects per row). An entry is malformed when a field is missing, a count is not a
-    plain number, the time is not a real one, a string is longer than its column (it would fail the whole
-    batch) or holds a control character or backslash (ids, keys and model names never do)."""
-    batch = Batch(shard=shard, first_id=entries[0][0], last_id=entries[-1][0], size=len(entries), full=full)
-    rows: list[str] = []
-    for entry in entries:
-        values = _fields(entry[1])
-        if values is None:
-            _set_aside(batch, entry)
-            continue
-        r, k, c, m, i, o, x, t, d, p = values
-        batch.key_ids.add(k)
-        ts = _timestamp(t)
-        if not _well_formed(values, ts):
-            batch.malformed_ids.append(entry[0])
-            continue
-        inp, out, cached = int(i), int(o), int(x)
-        if not p:  # the cost may be "" (recorded before costs): priced here
-            p = _missing_cost(m, (inp, out, cached), book)
-        if copy:
-            rows.append(f"{r}\t{k}\t{c or _NULL}\t{ts!r}\t{m}\t{i}\t{o}\t{x}\t{'t' if billable and c else 'f'}"
-                        f"\t{p}\n")
-        else:
-            batch.events.append(UsageEvent(r, k, c or None, m, inp, out, cached, ts, cost=int(p)))
-        _add_delta(batch.deltas, (k, d, m), inp, out, cached)
-    batch.valid = batch.size - len(batch.malformed_ids)
-    batch.copy_rows = "".join(rows).encode()
-    return batch
-
-
-def _set_aside(batch: Batch, entry: Any) -> None:
-    """An entry missing fields: malformed, but its key's pending counters still move when it is removed."""
-    raw = entry[1]
-    k = raw.get("k") if isinstance(raw, dict) else dict(zip(raw[0::2], raw[1::2], strict=False)).get("k")
-    if isinstance(k, str) and k:
-        batch.key_ids.add(k)
-    batch.malformed_ids.append(entry[0])
-
-
-def _timestamp(t: str) -> float:
-    try:
-        return float(t)
-    except ValueError:
-        return 0.0  # outside _TS_RANGE: malformed
-
-
-def _well_formed(values: tuple[str, ...], ts: float) -> bool:
-    r, k, c, m, i, o, x, _, d, p = values
-    lo, hi = _TS_RANGE
-    return bool(k and r and m and d and lo <= ts <= hi and "|" not in d
-                and _fits_columns(values) and _plain(f"{r}{k}{c}{m}{d}", f"{i}{o}{x}{p}"))
-
-
-def _fits_columns(values: tuple[str, ...]) -> bool:
-    r, k, c, m, i, o, x, _, _, p = values
-    return (len(r) <= 64 and len(k) <= 40 and len(c) <= 255 and len(m) <= 128
-            and 0 < len(i) <= _MAX_DIGITS and 0 < len(o) <= _MAX_DIGITS and 0 < len(x) <= _MAX_DIGITS
-            and len(p) <= _MAX_COST_DIGITS)
-
-
-def _plain(text: str, counts: str) -> bool:
-    """Counts are ASCII digits ("²".isdigit() is True); text holds no COPY control character or backslash."""
-    return (counts.isdigit() and counts.isascii() and "\t" not in text and "\n" not in text
-            and "\\" not in text and "\r" not in text and "\x00" not in text)
-
-
-def _add_delta(deltas: dict[tuple[str, str, str], list[int]], key: tuple[str, str, str],
-               inp: int, out: int, cached: int) -> None:
-    acc = deltas.get(key)
-    if acc is None:
-        acc = deltas[key] = [0, 0, 0, 0, 0]
-    acc[0] += inp + out
-    acc[1] += 1
-    acc[2] += inp
-    acc[3] += out
-    acc[4] += cached
 
 
 def _raw_xrange(response: Any, **_: Any) -> Any:
@@ -437,8 +294,8 @@ class Flusher:
                 entries = self.redis.xrange(stream, min=start, count=size)
                 if not entries:
                     break
-                batch = prepare_batch(shard, entries, billable=self.billable, copy=self._postgres,
-                                      full=len(entries) >= size, book=self.settings.price_book)
+                batch = decode_batch(shard, entries, metering_on=self.billable, copy=self._postgres,
+                                     full=len(entries) >= size, book=self.settings.price_book)
                 del entries  # the raw entries are the bulk of a batch's memory: not kept while it waits
                 yield batch
                 if not batch.full:
@@ -470,7 +327,7 @@ class Flusher:
             by_key: dict[str, list[str]] = defaultdict(list)
             for (k, d, m), amounts in batch.deltas.items():
                 fields = by_key[prefix + k]
-                for suffix, amount in zip(("t", "r", "i", "o", "x"), amounts, strict=True):
+                for suffix, amount in zip(PENDING_COUNTERS, amounts, strict=True):
                     fields += (f"{d}|{m}|{suffix}", str(amount))
             keys, args = [stream], [batch.first_id, next_stream_id(batch.last_id)]
             for key in sorted(by_key):
