@@ -1,39 +1,26 @@
 """The flush: Redis buffer -> Postgres (rows, rollups, Stripe outbox) -> Stripe billing meter events.
 
-Money rules, in order:
-- An entry leaves Redis only after the transaction that stored it committed (store, then ACK).
-- Rows are idempotent on request_id, so a replayed batch (crash before ACK, two flushes at once) adds nothing.
-- A Stripe report's identifier is its outbox row id, fixed before the first attempt; every retry, in this run
-  or a later one, re-sends it. Stripe's "An event already exists with identifier" means an earlier send
-  landed: success. So a crash anywhere, two flushes at once, or an answer lost on the wire bills once.
+One run holds the advisory lock (one flush at a time saves work; correctness does not depend on it), then:
+1. drain (aikit.drain): the buffer into Postgres, store then ACK, idempotent on request_id;
+2. seal (aikit.outbox.seal): fix the value of every report whose window has ended;
+3. send (aikit.send): sealed reports to Stripe, each under its fixed identifier, so it bills once.
+A drain that fails (Redis down, a bad batch) does not stop 2 and 3: what already reached Postgres (the request
+path's fallback writes included) still gets sealed and sent. Part of the time budget is kept for sending, so a
+big backlog cannot starve Stripe reports.
+
+Money rules (each module states its own in full):
+- An entry leaves Redis only after the transaction that stored it committed; rows are idempotent on request_id.
+- A Stripe report's identifier is its outbox row id, fixed before the first attempt: every retry, in this run or
+  a later one, re-sends it, so a crash anywhere, two flushes at once, or an answer lost on the wire bills once.
 - One meter event per customer per reporting window (STRIPE_REPORT_WINDOW_SECONDS): Stripe calls grow with
   customers, not requests. At most one call per customer at a time (Stripe's per-customer concurrency rule).
 - The event timestamp lies inside the usage's window (so it lands in the invoice of that period) and never in
   the future; windows are cut where one of the customer's billing periods begins or ends (aikit.periods), so
   usage just before a period end or a cancellation is stamped, and invoiced, in that period (at the store; an
-  edge learned after the usage was stored splits the report when it is sealed, aikit.outbox).
-- Late usage: when the period a report's timestamp falls in has finalized its invoice (its end plus
-  STRIPE_FINALIZATION_GRACE_SECONDS, less CARRY_MARGIN_SECONDS), Stripe would accept the event and never
-  invoice it. Such a report is carried forward: stamped now, inside the customer's current period, recorded
-  in `carried_forward_from`/`carried_forward_to` before the send (retries stamp the same), listed by
-  `aikit reconcile`. Without known periods for the customer the timestamp is kept.
-  Stripe refuses timestamps older than 35 days: such a backlog is parked with Stripe's reason
-  (`timestamp_too_far_in_past`); it needs a human (see `aikit.outbox.requeue_parked` after a fix, or bill it by
-  other means).
-- A 401/403 (key wrong, revoked or restricted) is no verdict on a report: the run stops sending, every report
-  stays pending (none parked), one `stripe_sending_stopped` log line, STRIPE_AUTH_FAILURES (alarmed).
-- A permanent refusal (unknown customer, no active meter, too old) parks that report (status `parked`,
-  `last_error` = Stripe's reason) and emits PARKED_BATCHES; other customers are still billed.
-  Note that live Stripe validates some things asynchronously (an unknown customer may be accepted and
-  reported later as `meter_event_customer_not_found`); `aikit reconcile` shows that as drift.
-- Stripe keeps identifiers unique for "at least 24 hours". A report first tried more than
-  IDENTIFIER_SAFE_HOURS ago and still unconfirmed is parked instead of resent (a first send that landed unseen
-  would otherwise be billed twice). `aikit requeue-parked` settles it against Stripe's totals first (held:
-  marked sent; not held: sent again; unclear: left parked), see `aikit.outbox.settle_unconfirmed`.
-
-Throughput: shards are stored by STORE_WORKERS parallel lanes, each reading ahead while it stores (COPY into
-a temp table, one merge statement, REPORT_LOCK only for the outbox upsert), and a stored batch leaves Redis
-with ACK_FAST (the pending-counter deltas computed while reading). Memory stays at a few batches per lane.
+  edge learned after the usage was stored splits the report when it is sealed, aikit.outbox). Late usage, whose
+  period's invoice has finalized, is carried forward into the current period (aikit.send, aikit.outbox).
+- A 401/403 stops sending and parks nothing; a permanent refusal or a report unconfirmed past Stripe's
+  identifier memory is parked for a human (aikit.send).
 
 Metering switched off (STRIPE_METERING_ENABLED=false) or no STRIPE_SECRET_KEY: usage still reaches Postgres
 (api_key_usage, usage_daily) with billable=false and no outbox rows, and nothing is sent; keys without a Stripe
@@ -41,78 +28,36 @@ customer are always stored that way. Switching metering on later bills only usag
 stored while it was off stay billable=false and are never back-billed (usage still waiting in Redis at the switch
 is billed by the next flush). Reports sealed before metering was switched off wait, unsent, until it is on again.
 
-Fault injection (tests only): `crash_point(name)` hard-exits the process (os._exit(70): no cleanup, no commit,
-no finally) when the environment variable AIKIT_CRASH_AT equals `name`. Points: after_read (a batch read from
-Redis, not stored), after_store (committed to Postgres, not yet removed from Redis), after_ack, after_seal
-(reports sealed, nothing sent) and after_send (Stripe accepted an event, the flush has not recorded it).
+Fault injection for tests: aikit.faults (AIKIT_CRASH_AT).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import os
-import queue
-import random
-import threading
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sqlalchemy import Engine, text
 
 from aikit.db.engine import get_engine
-from aikit.metering.base import UsageEvent
+from aikit.drain import STORE_WORKERS, Drain, DrainTally, read_raw_entries
+from aikit.faults import crash_point
 from aikit.metering.layout import RedisLayout
-from aikit.metering.scripts import ACK_FAST, ACK_THROUGH
-from aikit.metering.sql_sink import report_meter, store_copy, store_events
-from aikit.observability import (
-    EVENTS_FLUSHED,
-    FLUSH_DURATION,
-    FLUSH_LAG,
-    PARKED_BATCHES,
-    STRIPE_AUTH_FAILURES,
-    STRIPE_ERRORS,
-    emit,
-    logger,
-)
-from aikit.outbox import (
-    UNCONFIRMED_REASON,
-    ReportState,
-    customer_periods,
-    event_timestamp,
-    mark,
-    pending_by_customer,
-    stamp_carried_forward,
-    unsafe_to_resend,
-)
+from aikit.metering.record import Batch
+from aikit.observability import EVENTS_FLUSHED, FLUSH_DURATION, emit, logger
 from aikit.outbox import seal as seal_reports
-from aikit.pricing import PriceBook
 from aikit.redis_client import make_sync_redis
+from aikit.send import SEND_WORKERS, RetryPolicy, Sender
 from aikit.settings import Settings
-from aikit.stripe_gateway import BillingGateway, ReportOutcome, ReportStatus, gateway_from_settings
+from aikit.stripe_gateway import BillingGateway, gateway_from_settings
 
 FLUSH_LOCK_ID = 7_214_002
-RETRY_DELAYS = (0.5, 1.0, 2.0)  # backoff within one run; what still fails waits for the next run
-SEND_WORKERS = 8  # reports go out in parallel across customers, one at a time per customer
-STORE_WORKERS = 2  # shards stored in parallel, each lane on its own connection
 # Part of the time budget kept for sending (a big backlog must not starve Stripe reports).
 SEND_RESERVE_SHARE = 0.25
 SEND_RESERVE_MAX_SECONDS = 30.0
-
-CRASH_ENV = "AIKIT_CRASH_AT"
-CRASH_EXIT_CODE = 70
-CRASH_POINTS = ("after_read", "after_store", "after_ack", "after_seal", "after_send")
-
-
-def crash_point(name: str) -> None:
-    """Fault-injection hook: hard-exit here when AIKIT_CRASH_AT names this point (tests run the flush in a
-    subprocess with it set). Unset in production: one environment lookup per batch or report."""
-    if os.environ.get(CRASH_ENV) == name:
-        os._exit(CRASH_EXIT_CODE)
 
 
 @dataclass
@@ -143,160 +88,6 @@ class FlushSummary:
         return {**asdict(self), "ok": self.ok}
 
 
-def parse_entry(fields: dict[str, str]) -> UsageEvent:
-    return UsageEvent(
-        request_id=fields["r"],
-        api_key_id=fields["k"],
-        customer_id=fields["c"] or None,
-        model=fields["m"],
-        input_tokens=int(fields["i"]),
-        output_tokens=int(fields["o"]),
-        cached_tokens=int(fields["x"]),
-        ts=float(fields["t"]),
-        cost=int(fields.get("p") or 0),
-    )
-
-
-def next_stream_id(entry_id: str) -> str:
-    """The smallest stream id greater than `entry_id` (XTRIM MINID removes ids below it)."""
-    ms, _, seq = entry_id.partition("-")
-    if int(seq) >= 2**64 - 1:
-        return f"{int(ms) + 1}-0"
-    return f"{ms}-{int(seq) + 1}"
-
-
-# Field order of an entry as RECORD writes it; anything else takes the slower, general path.
-FIELD_ORDER = ["r", "k", "c", "m", "i", "o", "x", "t", "d", "p"]
-_MAX_COST_DIGITS = 18  # cost (1e-12 currency units) is a BIGINT column
-_MAX_DIGITS = 9  # token counts are int4 columns, and input + output must fit one too
-_TS_RANGE = (946684800.0, 4102444800.0)  # 2000-01-01 .. 2100-01-01: anything else is not a real event time
-_NULL = "\\N"
-
-
-def _fields(raw: Any) -> tuple[str, ...] | None:
-    """(r, k, c, m, i, o, x, t, d, p) of an entry given as a flat [name, value, ...] list (no client-side
-    parsing) or a dict; None when a field is missing. An entry recorded before costs existed has no `p`:
-    "" (priced at the flush)."""
-    if isinstance(raw, list) and raw[0::2] == FIELD_ORDER:
-        return tuple(raw[1::2])
-    f = raw if isinstance(raw, dict) else dict(zip(raw[0::2], raw[1::2], strict=False))
-    try:
-        return (*(f[name] for name in FIELD_ORDER[:-1]), f.get("p", ""))
-    except KeyError:
-        return None
-
-
-def _missing_cost(model: str, counts: tuple[int, int, int], book: PriceBook | None) -> str:
-    """The cost of an entry recorded without one: at today's rates (0 without a price book or for an unpriced
-    model)."""
-    cost = book.cost(model, *counts) if book is not None else None
-    return str(cost or 0)
-
-
-@dataclass
-class Batch:
-    """One contiguous run of a shard's stream, ready to store: COPY rows (Postgres) or events (others),
-    plus what the pending counters lose when it leaves Redis."""
-
-    shard: int
-    first_id: str
-    last_id: str
-    size: int  # entries read, malformed ones included
-    full: bool  # as long as a batch may be: more may follow in this shard
-    copy_rows: bytes = b""
-    events: list[UsageEvent] = field(default_factory=list)
-    valid: int = 0
-    malformed_ids: list[str] = field(default_factory=list)
-    key_ids: set[str] = field(default_factory=set)  # api keys of all entries, malformed ones included
-    # (api_key_id, date, model) -> [tokens, requests, input, output, cached], valid entries only
-    deltas: dict[tuple[str, str, str], list[int]] = field(default_factory=dict)
-
-
-def prepare_batch(shard: int, entries: list[Any], *, billable: bool, copy: bool, full: bool,
-                  book: PriceBook | None = None) -> Batch:
-    """Stream entries -> a Batch. The flush's hot path: per entry one slice, a few C-level checks and one
-    f-string (COPY text, no objects per row). An entry is malformed when a field is missing, a count is not a
-    plain number, the time is not a real one, a string is longer than its column (it would fail the whole
-    batch) or holds a control character or backslash (ids, keys and model names never do)."""
-    batch = Batch(shard=shard, first_id=entries[0][0], last_id=entries[-1][0], size=len(entries), full=full)
-    rows: list[str] = []
-    for entry in entries:
-        values = _fields(entry[1])
-        if values is None:
-            _set_aside(batch, entry)
-            continue
-        r, k, c, m, i, o, x, t, d, p = values
-        batch.key_ids.add(k)
-        ts = _timestamp(t)
-        if not _well_formed(values, ts):
-            batch.malformed_ids.append(entry[0])
-            continue
-        inp, out, cached = int(i), int(o), int(x)
-        if not p:  # the cost may be "" (recorded before costs): priced here
-            p = _missing_cost(m, (inp, out, cached), book)
-        if copy:
-            rows.append(f"{r}\t{k}\t{c or _NULL}\t{ts!r}\t{m}\t{i}\t{o}\t{x}\t{'t' if billable and c else 'f'}"
-                        f"\t{p}\n")
-        else:
-            batch.events.append(UsageEvent(r, k, c or None, m, inp, out, cached, ts, cost=int(p)))
-        _add_delta(batch.deltas, (k, d, m), inp, out, cached)
-    batch.valid = batch.size - len(batch.malformed_ids)
-    batch.copy_rows = "".join(rows).encode()
-    return batch
-
-
-def _set_aside(batch: Batch, entry: Any) -> None:
-    """An entry missing fields: malformed, but its key's pending counters still move when it is removed."""
-    raw = entry[1]
-    k = raw.get("k") if isinstance(raw, dict) else dict(zip(raw[0::2], raw[1::2], strict=False)).get("k")
-    if isinstance(k, str) and k:
-        batch.key_ids.add(k)
-    batch.malformed_ids.append(entry[0])
-
-
-def _timestamp(t: str) -> float:
-    try:
-        return float(t)
-    except ValueError:
-        return 0.0  # outside _TS_RANGE: malformed
-
-
-def _well_formed(values: tuple[str, ...], ts: float) -> bool:
-    r, k, c, m, i, o, x, _, d, p = values
-    lo, hi = _TS_RANGE
-    return bool(k and r and m and d and lo <= ts <= hi and "|" not in d
-                and _fits_columns(values) and _plain(f"{r}{k}{c}{m}{d}", f"{i}{o}{x}{p}"))
-
-
-def _fits_columns(values: tuple[str, ...]) -> bool:
-    r, k, c, m, i, o, x, _, _, p = values
-    return (len(r) <= 64 and len(k) <= 40 and len(c) <= 255 and len(m) <= 128
-            and 0 < len(i) <= _MAX_DIGITS and 0 < len(o) <= _MAX_DIGITS and 0 < len(x) <= _MAX_DIGITS
-            and len(p) <= _MAX_COST_DIGITS)
-
-
-def _plain(text: str, counts: str) -> bool:
-    """Counts are ASCII digits ("²".isdigit() is True); text holds no COPY control character or backslash."""
-    return (counts.isdigit() and counts.isascii() and "\t" not in text and "\n" not in text
-            and "\\" not in text and "\r" not in text and "\x00" not in text)
-
-
-def _add_delta(deltas: dict[tuple[str, str, str], list[int]], key: tuple[str, str, str],
-               inp: int, out: int, cached: int) -> None:
-    acc = deltas.get(key)
-    if acc is None:
-        acc = deltas[key] = [0, 0, 0, 0, 0]
-    acc[0] += inp + out
-    acc[1] += 1
-    acc[2] += inp
-    acc[3] += out
-    acc[4] += cached
-
-
-def _raw_xrange(response: Any, **_: Any) -> Any:
-    return response
-
-
 class Flusher:
     def __init__(self, settings: Settings, *, redis: Any = None, engine: Engine | None = None,
                  gateway: BillingGateway | None = None, sleep: Callable[[float], None] = time.sleep,
@@ -308,25 +99,25 @@ class Flusher:
         self._owns_redis = redis is None
         self.redis = redis if redis is not None else make_sync_redis(settings)
         if self._owns_redis and hasattr(self.redis, "set_response_callback") and not settings.redis_cluster:
-            # Entries as redis sends them ([id, [name, value, ...]]): no dict per entry on the hot path.
-            self.redis.set_response_callback("XRANGE", _raw_xrange)
+            read_raw_entries(self.redis)
         self.engine = engine or get_engine(settings.database_url)
         self._owns_gateway = gateway is None
         self.gateway = gateway if gateway is not None else gateway_from_settings(settings)
         self.layout = RedisLayout(settings.redis_key_prefix, settings.redis_usage_shards)
-        self.sleep = sleep
         self.clock = clock
         self.use_lock = use_lock
-        self.send_workers = max(1, send_workers)
-        self._refused: ReportOutcome | None = None  # the 401/403 that stopped this run's sending
-        self._refused_lock = threading.Lock()
-        self._postgres = self.engine.dialect.name == "postgresql"
-        # SQLite has one writer at a time: no point in storing shards in parallel there.
-        self.store_workers = max(1, min(store_workers if self._postgres else 1, self.layout.shards))
+        self.drainer = Drain(settings, self.redis, self.engine, self.layout, metering_on=self.billable,
+                             clock=clock, store_workers=store_workers)
+        self.sender = Sender(settings, self.engine, self.gateway, metering_on=self.billable,
+                             retry=RetryPolicy(sleep=sleep, clock=clock), workers=send_workers)
 
     @property
     def billable(self) -> bool:
         return self.gateway is not None and self.settings.stripe_metering_enabled
+
+    @property
+    def store_workers(self) -> int:
+        return self.drainer.store_workers
 
     def close(self) -> None:
         """Close the clients this Flusher created (not the ones passed in)."""
@@ -335,161 +126,15 @@ class Flusher:
         if self._owns_redis:
             self.redis.close()
 
-    # -- Redis -> Postgres ------------------------------------------------------------------------------
-
     def drain(self, summary: FlushSummary, deadline: float) -> None:
-        """Move the buffer into Postgres. Shards are split over `store_workers` lanes that store in parallel
-        (each on its own connection); within a lane a helper thread reads the next batch while the current
-        one is stored, so Redis, Python and Postgres work at the same time. A shard's batches are stored and
-        removed strictly in order. Memory: at most three batches per lane."""
-        started = self.clock()
-        self._measure_lag(summary)
-        lanes = self.store_workers
-        stop = threading.Event()
-        parts = [FlushSummary() for _ in range(lanes)]
-        failures: list[BaseException] = []
+        self.drainer.run(summary, deadline)
 
-        def lane(j: int) -> None:
-            try:
-                self._drain_lane(list(range(j, self.layout.shards, lanes)), parts[j], deadline, stop)
-            except BaseException as exc:
-                failures.append(exc)
-                stop.set()
-
-        if lanes == 1:
-            lane(0)
-        else:
-            threads = [threading.Thread(target=lane, args=(j,), name=f"flush-lane-{j}", daemon=True)
-                       for j in range(lanes)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-        for part in parts:
-            summary.events_read += part.events_read
-            summary.rows_inserted += part.rows_inserted
-            summary.malformed += part.malformed
-            summary.stopped_early = summary.stopped_early or part.stopped_early
-        summary.drain_seconds = round(self.clock() - started, 3)
-        if failures:
-            raise failures[0]
-
-    def _drain_lane(self, shards: list[int], part: FlushSummary, deadline: float, stop: threading.Event) -> None:
-        ahead: queue.Queue[Batch | BaseException | None] = queue.Queue(maxsize=1)
-        halt = threading.Event()
-        reader = threading.Thread(target=self._read_ahead, args=(shards, ahead, halt), daemon=True,
-                                  name="flush-reader")
-        reader.start()
-        try:
-            while not stop.is_set():
-                item = ahead.get()
-                if item is None:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                crash_point("after_read")
-                if self.clock() >= deadline:
-                    part.stopped_early = True
-                    break
-                self._store_batch(item, part)
-        finally:
-            halt.set()
-            while reader.is_alive():  # unblock a reader waiting to hand over a batch
-                with suppress(queue.Empty):
-                    ahead.get(timeout=0.05)
-            reader.join()
-
-    def _measure_lag(self, summary: FlushSummary) -> None:
-        oldest: float | None = None
-        for shard in range(self.layout.shards):
-            first = self.redis.xrange(self.layout.stream(shard), count=1)
-            if first:
-                ms = int(first[0][0].split("-")[0]) / 1000
-                oldest = ms if oldest is None else min(oldest, ms)
-        summary.flush_lag_seconds = round(max(0.0, time.time() - oldest), 3) if oldest else 0.0
-        emit(FLUSH_LAG, summary.flush_lag_seconds, unit="Seconds")
-
-    def _read_ahead(self, shards: list[int], out: queue.Queue[Batch | BaseException | None],
-                    halt: threading.Event) -> None:
-        try:
-            for batch in self._batches(shards):
-                while not halt.is_set():
-                    try:
-                        out.put(batch, timeout=0.05)
-                        break
-                    except queue.Full:
-                        continue
-                if halt.is_set():
-                    return
-            out.put(None)
-        except BaseException as exc:  # handed to the storing thread, which raises it
-            out.put(exc)
-
+    # The drain's steps, for tests that store a batch twice or out of order by hand.
     def _batches(self, shards: list[int]) -> Iterator[Batch]:
-        """Each shard's stream from its head, in contiguous batches: each read starts right after the previous
-        batch (exclusive), never at an acknowledgement, so reading ahead cannot skip an entry. A shard ends at
-        its first short batch: entries arriving meanwhile wait for the next run."""
-        size = self.settings.flush_batch_size
-        for shard in shards:
-            stream = self.layout.stream(shard)
-            start = "-"
-            while True:
-                entries = self.redis.xrange(stream, min=start, count=size)
-                if not entries:
-                    break
-                batch = prepare_batch(shard, entries, billable=self.billable, copy=self._postgres,
-                                      full=len(entries) >= size, book=self.settings.price_book)
-                del entries  # the raw entries are the bulk of a batch's memory: not kept while it waits
-                yield batch
-                if not batch.full:
-                    break
-                start = "(" + batch.last_id
+        return self.drainer.batches(shards)
 
-    def _store_batch(self, batch: Batch, part: FlushSummary) -> None:
-        window = self.settings.stripe_report_window_seconds
-        meter = report_meter(self.settings)
-        if batch.valid:
-            with self.engine.begin() as conn:
-                if self._postgres:
-                    inserted = store_copy(conn, batch.copy_rows, window_seconds=window, meter=meter)
-                else:
-                    inserted = store_events(conn, batch.events, billable=self.billable, window_seconds=window,
-                                            meter=meter)
-            part.rows_inserted += inserted
-        crash_point("after_store")
-        # Only now, with the rows committed, may the entries leave Redis.
-        self._ack(batch)
-        crash_point("after_ack")
-        part.events_read += batch.size
-        part.malformed += len(batch.malformed_ids)
-
-    def _ack(self, batch: Batch) -> None:
-        stream = self.layout.stream(batch.shard)
-        prefix = self.layout.pending_prefix(batch.shard)
-        if not batch.malformed_ids:
-            by_key: dict[str, list[str]] = defaultdict(list)
-            for (k, d, m), amounts in batch.deltas.items():
-                fields = by_key[prefix + k]
-                for suffix, amount in zip(("t", "r", "i", "o", "x"), amounts, strict=True):
-                    fields += (f"{d}|{m}|{suffix}", str(amount))
-            keys, args = [stream], [batch.first_id, next_stream_id(batch.last_id)]
-            for key in sorted(by_key):
-                keys.append(key)
-                args += (str(len(by_key[key]) // 2), *by_key[key])
-            if int(ACK_FAST.run(self.redis, keys, args)) >= 0:
-                return
-        # Malformed entries to keep aside, or a concurrent flush removed part of the batch already.
-        if batch.malformed_ids:
-            logger.error("malformed_usage_entries", extra={
-                "shard": batch.shard, "count": len(batch.malformed_ids),
-                "kept_in": self.layout.tag(batch.shard) + ":malformed"})
-        ACK_THROUGH.run(
-            self.redis,
-            [stream, self.layout.tag(batch.shard) + ":malformed", *sorted(prefix + k for k in batch.key_ids)],
-            [prefix, batch.last_id, next_stream_id(batch.last_id), *batch.malformed_ids],
-        )
-
-    # -- Postgres -> Stripe -----------------------------------------------------------------------------
+    def _store_batch(self, batch: Batch, part: DrainTally) -> None:
+        self.drainer.store_batch(batch, part)
 
     def seal(self, summary: FlushSummary, now: dt.datetime) -> None:
         """Fix the value of every report whose window has ended (aikit.outbox.seal)."""
@@ -497,99 +142,7 @@ class Flusher:
         crash_point("after_seal")
 
     def send(self, summary: FlushSummary, deadline: float) -> None:
-        if not self.billable:
-            return  # metering off: sealed reports wait until it is on again
-        by_customer = pending_by_customer(self.engine)
-        if not by_customer:
-            return
-        workers = min(self.send_workers, len(by_customer))
-        self._refused = None
-        # One thread per customer at a time: never two calls for the same customer in flight.
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flush-send") as pool:
-            results = list(pool.map(lambda rows: self._send_customer(rows, deadline), by_customer.values()))
-        for part in results:
-            for name, value in part.items():
-                setattr(summary, name, getattr(summary, name) + value)
-        if self._refused is not None:
-            summary.sending_stopped = True
-            summary.errors.append(f"stripe refused the API key, sending stopped: {_describe(self._refused)}")
-        if summary.reports_left_pending and self.clock() >= deadline:
-            summary.stopped_early = True
-
-    def _stop_sending(self, outcome: ReportOutcome) -> None:
-        """A 401/403 says the key is wrong, revoked or lacks permissions, not that a report is: every report
-        stays pending (none parked, no first attempt recorded), the run sends nothing more, and it alarms."""
-        with self._refused_lock:
-            first = self._refused is None
-            self._refused = self._refused or outcome
-        if first:
-            emit(STRIPE_AUTH_FAILURES)
-            logger.error("stripe_sending_stopped", extra={
-                "http_status": outcome.http_status, "code": outcome.error_code,
-                "reason": "Stripe refused the API key (check STRIPE_SECRET_KEY and its permissions); "
-                          "reports stay pending and go out once the key works", "detail": outcome.message})
-
-    def _send_customer(self, rows: list[Any], deadline: float) -> dict[str, int]:
-        assert self.gateway is not None
-        counts = {"stripe_calls": 0, "reports_sent": 0, "reports_already_recorded": 0, "reports_parked": 0,
-                  "reports_left_pending": 0, "reports_carried_forward": 0}
-        periods = customer_periods(self.engine, rows)
-        for i, row in enumerate(rows):
-            if self._refused is not None:
-                counts["reports_left_pending"] += len(rows) - i
-                break
-            if unsafe_to_resend(row, dt.datetime.now(dt.UTC)):
-                # Stripe may have forgotten the identifier of an unseen first send: a resend could bill twice.
-                emit(PARKED_BATCHES)
-                logger.error("meter_report_parked", extra={"report_id": row.id, "customer_id": row.customer_id,
-                                                            "value": int(row.value), "reason": UNCONFIRMED_REASON})
-                mark(self.engine, row.id, state=ReportState.PARKED, error=UNCONFIRMED_REASON)
-                counts["reports_parked"] += 1
-                continue
-            stamp_carried_forward(self.engine, row, periods, self.settings.stripe_finalization_grace_seconds)
-            outcome: ReportOutcome | None = None
-            calls = 0
-            for delay in (0.0, *RETRY_DELAYS):
-                wait = delay * random.uniform(0.8, 1.2)  # jitter: runs do not retry in lockstep
-                if self.clock() + wait >= deadline:
-                    break
-                if wait:
-                    self.sleep(wait)
-                calls += 1
-                counts["stripe_calls"] += 1
-                outcome = self.gateway.report_meter_event(
-                    identifier=row.id, customer_id=row.customer_id, value=int(row.value),
-                    timestamp=event_timestamp(row, dt.datetime.now(dt.UTC)), meter=row.meter)
-                if outcome.status is not ReportStatus.RETRYABLE:
-                    break
-                emit(STRIPE_ERRORS, kind=outcome.error_code or "retryable")
-            if outcome is not None and outcome.status is ReportStatus.UNAUTHORIZED:
-                # Not an attempt Stripe could have recorded: the identifier-memory clock does not start.
-                mark(self.engine, row.id, attempts=calls - 1, error=_describe(outcome))
-                self._stop_sending(outcome)
-                counts["reports_left_pending"] += len(rows) - i
-                break
-            if outcome is None or outcome.status is ReportStatus.RETRYABLE:
-                # Same identifier next run. Stop this customer here: keeps its reports in order.
-                mark(self.engine, row.id, attempts=calls, error=_describe(outcome))
-                counts["reports_left_pending"] += len(rows) - i
-                break
-            if outcome.status is ReportStatus.PERMANENT:
-                emit(STRIPE_ERRORS, kind=outcome.error_code or "permanent")
-                emit(PARKED_BATCHES)
-                logger.error("meter_report_parked", extra={"report_id": row.id, "customer_id": row.customer_id,
-                                                            "value": int(row.value), "reason": _describe(outcome)})
-                mark(self.engine, row.id, state=ReportState.PARKED, attempts=calls, error=_describe(outcome))
-                counts["reports_parked"] += 1
-                continue
-            crash_point("after_send")
-            mark(self.engine, row.id, state=ReportState.SENT, attempts=calls, sent=True)
-            key = "reports_sent" if outcome.status is ReportStatus.ACCEPTED else "reports_already_recorded"
-            counts[key] += 1
-            counts["reports_carried_forward"] += row.carried_forward_to is not None
-        return counts
-
-    # -- one run ----------------------------------------------------------------------------------------
+        self.sender.send(summary, deadline)
 
     def run(self, *, now: dt.datetime | None = None, time_budget: float | None = None) -> FlushSummary:
         """One flush. `now` only decides which windows are sealed (tests pass a later time to seal the current
@@ -630,12 +183,6 @@ class Flusher:
             return
         with flush_lock(self.engine) as acquired:
             yield acquired
-
-
-def _describe(outcome: ReportOutcome | None) -> str:
-    if outcome is None:
-        return "out of time before the first attempt"
-    return f"{outcome.status.name.lower()}: {outcome.error_code or ''} {outcome.message or ''}".strip()
 
 
 @contextmanager

@@ -70,7 +70,7 @@ class ReconcileReport:
     days: list[CustomerDay] = field(default_factory=list)
     drift: list[dict[str, Any]] = field(default_factory=list)
     rollup_drift: list[dict[str, Any]] = field(default_factory=list)
-    # Reports sent into a later billing period because their own period's invoice had finalized (aikit.flush):
+    # Reports sent into a later billing period because their own period's invoice had finalized (aikit.send):
     # billed, but on a later invoice than the usage. Listed, not drift.
     carried_forward: list[dict[str, Any]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)

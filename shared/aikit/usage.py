@@ -30,6 +30,7 @@ from aikit.db.models import ApiKey, UsageDaily, User
 from aikit.errors import UsageNotFound, UsageQueryError, UsageUnavailable
 from aikit.keys import KeyInfo
 from aikit.metering.layout import RedisLayout
+from aikit.metering.record import PENDING_COUNTERS
 from aikit.pricing import TOKEN_TYPES, PriceBook, format_money, split_tokens
 from aikit.redis_client import REDIS_DOWN_ERRORS
 from aikit.runtime import Runtime
@@ -39,9 +40,8 @@ _T = TypeVar("_T")
 PERIODS = ("current_month", "last_30_days")
 MAX_RANGE_DAYS = 366
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")  # not \d: it matches non-ASCII digits too
-# Pending hash field suffix -> counter name (see metering/scripts.py RECORD).
-_PENDING_FIELDS = {"t": "tokens", "r": "requests", "i": "input_tokens", "o": "output_tokens",
-                   "x": "cached_tokens"}
+# Pending hash field suffix -> counter name (aikit.metering.record).
+_PENDING_FIELDS = {suffix: counter for suffix, (counter, _) in PENDING_COUNTERS.items()}
 COUNT_FIELDS = ("requests", "input_tokens", "output_tokens", "cached_tokens", "tokens")
 CSV_COLUMNS = ("date", "api_key_id", "customer_id", "model", *COUNT_FIELDS, "cost", "currency")
 

@@ -461,10 +461,10 @@ print(json.dumps(summary.as_dict(), default=str), flush=True)
 
 
 def crash_points() -> list[str]:
-    """The flush's crash hook points (os._exit when AIKIT_CRASH_AT names one), if flush.py has the hook."""
-    import aikit.flush
+    """The flush's crash hook points (os._exit when AIKIT_CRASH_AT names one), if aikit.faults has the hook."""
+    import aikit.faults
 
-    return list(getattr(aikit.flush, "CRASH_POINTS", ()))
+    return list(getattr(aikit.faults, "CRASH_POINTS", ()))
 
 
 def crashing_flushes(settings: Settings, plans: list[tuple[str | None, float]]) -> list[str]:

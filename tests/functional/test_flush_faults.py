@@ -18,7 +18,9 @@ import redis
 from fastapi.testclient import TestClient
 
 from aikit.api.app import create_app
-from aikit.flush import CRASH_ENV, CRASH_EXIT_CODE, CRASH_POINTS, RETRY_DELAYS, FlushSummary
+from aikit.faults import CRASH_ENV, CRASH_EXIT_CODE, CRASH_POINTS
+from aikit.flush import FlushSummary
+from aikit.send import RETRY_DELAYS
 from tests.fakes.stripe_server import METER_EVENT_PATH, FakeStripe
 from tests.functional.test_flush import (
     Billing,

@@ -21,18 +21,13 @@ from aikit.errors import MeterUnavailable, UnknownApiKey
 from aikit.keys import load_quota_period, month_start
 from aikit.metering.base import Meter, UsageEvent
 from aikit.metering.layout import RedisLayout
+from aikit.metering.record import encode
 from aikit.metering.scripts import RECORD
 from aikit.metering.sql_sink import report_meter, store_events
 from aikit.observability import METER_FALLBACKS, TOKENS_METERED, emit, logger
 from aikit.pricing import PriceBook
 from aikit.redis_client import REDIS_DOWN_ERRORS
 from aikit.settings import Settings
-
-
-def record_args(event: UsageEvent) -> list[Any]:
-    return [event.request_id, event.api_key_id, event.customer_id or "", event.model, event.input_tokens,
-            event.output_tokens, event.cached_tokens, repr(event.ts),
-            time.strftime("%Y-%m-%d", time.gmtime(event.ts)), event.cost]
 
 
 def priced_event(event: UsageEvent, book: PriceBook | None) -> UsageEvent:
@@ -104,7 +99,7 @@ class RedisMeter(Meter):
         if period is None:
             period = await self._periods.of(event.api_key_id)
         try:
-            await RECORD.run_async(self._redis, self.keys_for(event, period), record_args(event))
+            await RECORD.run_async(self._redis, self.keys_for(event, period), encode(event))
         except REDIS_DOWN_ERRORS as exc:
             logger.warning("meter_fallback", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
             await anyio.to_thread.run_sync(self._fallback, event)

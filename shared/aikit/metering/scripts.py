@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from string import Template
 from typing import Any
 
 from redis.exceptions import NoScriptError
+
+from aikit.metering.record import COST, FIELD_ORDER, FIELDS, PENDING_COUNTERS
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,27 @@ class LuaScript:
             return client.eval(self.source, len(keys), *keys, *args)
 
 
+# The usage record's wire schema (aikit.metering.record) is written into the scripts, not copied: `$name` in a
+# script's text is the stream field holding `name` ('$api_key_id' -> 'k'), and the lists below are built from it
+# (a Lua `$` is written `$$` there).
+_FIELD = {name: letter for letter, name in FIELDS.items()}
+_ARGV_DEFAULTS = {COST: "'0'"}  # RECORD's trailing arguments a caller may leave out
+
+
+def _usage_script(source: str, **parts: str) -> LuaScript:
+    return LuaScript(Template(source).substitute(_FIELD, **parts))
+
+
+def _pending_updates(line: str, value_of: Callable[[str], str], number_of: Callable[[str], str]) -> str:
+    """One `line` per pending counter, {suffix} and {amount} filled in: the amount is one field's value, the
+    sum of several (as numbers), or 1 (a request)."""
+    lines = []
+    for suffix, (_, fields) in PENDING_COUNTERS.items():
+        amount = value_of(fields[0]) if len(fields) == 1 else " + ".join(map(number_of, fields)) or "1"
+        lines.append(line.format(suffix=suffix, amount=amount))
+    return "\n".join(lines)
+
+
 # Every limit decision uses Redis' own clock (TIME), so instances whose clocks disagree share one minute, one
 # day and one expiry time for reservations.
 
@@ -45,14 +70,14 @@ class LuaScript:
 # catch-up counter was started, and quota_used is the key's unflushed usage since the period start (its
 # entries in the shard's stream from that time on), which the caller adds to what the database holds for
 # the period to seed the counter (SEED_QUOTA).
-ADMIT = LuaScript(
+ADMIT = _usage_script(
     """
 local now = tonumber(redis.call('TIME')[1])
 local minute, day = math.floor(now / 60), math.floor(now / 86400)
 local rpm, rpd, qlim = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local reserve, count = tonumber(ARGV[4]), ARGV[6] == '1'
 local function current(key, bucket)
-  local b, c = string.match(redis.call('GET', key) or '', '^(%d+):(%d+)$')
+  local b, c = string.match(redis.call('GET', key) or '', '^(%d+):(%d+)$$')
   if b and tonumber(b) == bucket then return tonumber(c) end
   return 0
 end
@@ -62,7 +87,7 @@ local held = 0
 if qlim >= 0 then
   local all = redis.call('HGETALL', KEYS[4])
   for i = 1, #all, 2 do
-    local amount, expires = string.match(all[i + 1], '^(%d+):(%d+)$')
+    local amount, expires = string.match(all[i + 1], '^(%d+):(%d+)$$')
     if amount == nil or tonumber(expires) < now then
       redis.call('HDEL', KEYS[4], all[i])
     else
@@ -79,7 +104,9 @@ if qlim >= 0 and used < 0 then
     local f = entry[2]
     local k, i, o = nil, nil, nil
     for j = 1, #f, 2 do
-      if f[j] == 'k' then k = f[j + 1] elseif f[j] == 'i' then i = f[j + 1] elseif f[j] == 'o' then o = f[j + 1] end
+      if f[j] == '$api_key_id' then k = f[j + 1]
+      elseif f[j] == '$input_tokens' then i = f[j + 1]
+      elseif f[j] == '$output_tokens' then o = f[j + 1] end
     end
     if k == ARGV[8] and tonumber(i) and tonumber(o) then unflushed = unflushed + tonumber(i) + tonumber(o) end
   end
@@ -153,26 +180,28 @@ return n
 # KEYS: stream, pending, quota, inflight[, quota_catchup].
 # ARGV: request_id, api_key_id, customer_id, model, input, output, cached, ts, date, cost (1e-12 currency units,
 #       aikit.pricing; "0" when absent).
-RECORD = LuaScript(
+RECORD = _usage_script(
     """
-local tokens = tonumber(ARGV[5]) + tonumber(ARGV[6])
-local id = redis.call('XADD', KEYS[1], '*', 'r', ARGV[1], 'k', ARGV[2], 'c', ARGV[3], 'm', ARGV[4],
-  'i', ARGV[5], 'o', ARGV[6], 'x', ARGV[7], 't', ARGV[8], 'd', ARGV[9], 'p', ARGV[10] or '0')
-local f = ARGV[9] .. '|' .. ARGV[4] .. '|'
-redis.call('HINCRBY', KEYS[2], f .. 't', tokens)
-redis.call('HINCRBY', KEYS[2], f .. 'r', 1)
-redis.call('HINCRBY', KEYS[2], f .. 'i', ARGV[5])
-redis.call('HINCRBY', KEYS[2], f .. 'o', ARGV[6])
-redis.call('HINCRBY', KEYS[2], f .. 'x', ARGV[7])
+local $locals = unpack(ARGV, 1, $count)
+local tokens = tonumber(input_tokens) + tonumber(output_tokens)
+local id = redis.call('XADD', KEYS[1], '*', $xadd)
+local f = date .. '|' .. model .. '|'
+$pending
 local q = -1
 if redis.call('EXISTS', KEYS[3]) == 1 then
   q = redis.call('INCRBY', KEYS[3], tokens)  -- keeps the TTL SEED_QUOTA gave it
 elseif KEYS[5] and redis.call('EXISTS', KEYS[5]) == 1 then
   redis.call('INCRBY', KEYS[5], tokens)
 end
-redis.call('HDEL', KEYS[4], ARGV[1])
+redis.call('HDEL', KEYS[4], request_id)
 return {id, q}
-"""
+""",
+    locals=", ".join(FIELDS.values()),
+    count=str(len(FIELDS)),
+    xadd=", ".join(f"'{letter}', {FIELDS[letter]}" + (f" or {_ARGV_DEFAULTS[letter]}" if letter in _ARGV_DEFAULTS
+                                                     else "") for letter in FIELD_ORDER),
+    pending=_pending_updates("redis.call('HINCRBY', KEYS[2], f .. '{suffix}', {amount})",
+                             lambda f: FIELDS[f], lambda f: f"tonumber({FIELDS[f]})"),
 )
 
 # Removes a stored batch from the buffer: every entry up to and including the batch's last id, and exactly
@@ -182,7 +211,7 @@ return {id, q}
 # One XRANGE + one XTRIM instead of a lookup and XDEL per id. Validates everything before the first write
 # (a Lua error does not roll back). KEYS: stream, malformed stream, every pending hash the batch may touch.
 # ARGV: pending prefix, last id, first id after it, malformed ids...
-ACK_THROUGH = LuaScript(
+ACK_THROUGH = _usage_script(
     """
 local allowed = {}
 for i = 3, #KEYS do allowed[KEYS[i]] = true end
@@ -195,20 +224,15 @@ for n = 1, #entries do
   local h = {}
   for j = 1, #raw, 2 do h[raw[j]] = raw[j + 1] end
   if bad[id] then moved[#moved + 1] = entries[n] end
-  local k, inp, out, cx = h['k'], h['i'], h['o'], h['x']
-  if k and h['d'] and h['m'] and inp and out and cx and string.match(inp, '^%d+$')
-      and string.match(out, '^%d+$') and string.match(cx, '^%d+$') then
+  local k, inp, out, cx = h['$api_key_id'], h['$input_tokens'], h['$output_tokens'], h['$cached_tokens']
+  if k and h['$date'] and h['$model'] and inp and out and cx and string.match(inp, '^%d+$$')
+      and string.match(out, '^%d+$$') and string.match(cx, '^%d+$$') then
     local key = ARGV[1] .. k
     if not allowed[key] then return redis.error_reply('ACK_THROUGH: ' .. key .. ' not in KEYS') end
     local fields = deltas[key]
     if fields == nil then fields = {}; deltas[key] = fields end
-    local base = h['d'] .. '|' .. h['m'] .. '|'
-    inp, out = tonumber(inp), tonumber(out)
-    fields[base .. 't'] = (fields[base .. 't'] or 0) + inp + out
-    fields[base .. 'r'] = (fields[base .. 'r'] or 0) + 1
-    fields[base .. 'i'] = (fields[base .. 'i'] or 0) + inp
-    fields[base .. 'o'] = (fields[base .. 'o'] or 0) + out
-    fields[base .. 'x'] = (fields[base .. 'x'] or 0) + tonumber(cx)
+    local base = h['$date'] .. '|' .. h['$model'] .. '|'
+$pending
   end
 end
 for _, entry in ipairs(moved) do
@@ -227,7 +251,9 @@ for key, fields in pairs(deltas) do
 end
 if #entries > 0 then redis.call('XTRIM', KEYS[1], 'MINID', '=', ARGV[3]) end
 return #entries
-"""
+""",
+    pending=_pending_updates("    fields[base .. '{suffix}'] = (fields[base .. '{suffix}'] or 0) + {amount}",
+                             *[lambda f: f"tonumber(h['{f}'])"] * 2),
 )
 
 

@@ -4,7 +4,6 @@ all in one transaction, idempotent on request_id (a replayed event changes nothi
 from __future__ import annotations
 
 import datetime as dt
-import io
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
@@ -15,6 +14,7 @@ from sqlalchemy.dialects import sqlite
 
 from aikit.db.models import ApiKeyUsage, MeterReport, ReportState, UsageDaily, as_utc
 from aikit.metering.base import UsageEvent
+from aikit.metering.record import COPY_COLUMNS, billable_row, copy_rows
 from aikit.periods import cut_window, period_edges
 from aikit.settings import Settings
 
@@ -66,28 +66,10 @@ def store_events(
     return _store_generic(conn, events, billable=billable, window_seconds=window_seconds, meter=meter)
 
 
-def _copy_value(value: object) -> str:
-    if value is None:
-        return "\\N"
-    return str(value).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
-
-
-def encode_events(events: Sequence[UsageEvent], *, billable: bool) -> bytes:
-    """UsageEvents -> COPY text rows for `store_copy`, escaping whatever they hold."""
-    buf = io.StringIO()
-    for e in events:
-        row = (e.request_id, e.api_key_id, e.customer_id, repr(float(e.ts)), e.model, e.input_tokens,
-               e.output_tokens, e.cached_tokens, "t" if billable and e.customer_id else "f", e.cost)
-        buf.write("\t".join(_copy_value(v) for v in row))
-        buf.write("\n")
-    return buf.getvalue().encode()
-
-
 # Staging for one batch, emptied at commit. Temp tables are per connection, so parallel writers never meet.
 _PG_STAGE = (
-    """CREATE TEMP TABLE IF NOT EXISTS aikit_usage_in (
-  request_id text, api_key_id text, customer_id text, ts double precision, model text,
-  input_tokens int, output_tokens int, cached_tokens int, billable bool, cost bigint
+    f"""CREATE TEMP TABLE IF NOT EXISTS aikit_usage_in (
+  {", ".join(f"{name} {kind}" for name, kind in COPY_COLUMNS)}
 ) ON COMMIT DELETE ROWS""",
     """CREATE TEMP TABLE IF NOT EXISTS aikit_report_in (
   customer_id text, window_start timestamptz, value bigint, last_usage_ts timestamptz, window_end timestamptz
@@ -161,11 +143,11 @@ ON CONFLICT (customer_id, window_start, meter) WHERE status = '{ReportState.OPEN
 def _store_postgres(
     conn: Connection, events: Sequence[UsageEvent], *, billable: bool, window_seconds: int, meter: str
 ) -> int:
-    return store_copy(conn, encode_events(events, billable=billable), window_seconds=window_seconds, meter=meter)
+    return store_copy(conn, copy_rows(events, metering_on=billable), window_seconds=window_seconds, meter=meter)
 
 
 def store_copy(conn: Connection, rows: bytes, *, window_seconds: int, meter: str = METER_TOKENS) -> int:
-    """Postgres: stage COPY text rows (the columns of aikit_usage_in, as `encode_events` writes them) and merge
+    """Postgres: stage COPY text rows (aikit.metering.record: COPY_COLUMNS, as `copy_rows` writes them) and merge
     them into api_key_usage, usage_daily and meter_reports; returns how many rows were new. Caller commits
     (soon: from the report step on, this transaction holds REPORT_LOCK)."""
     if not rows:
@@ -192,7 +174,7 @@ def _store_generic(
             "request_id": e.request_id, "api_key_id": e.api_key_id, "customer_id": e.customer_id,
             "date": utc(e.ts).date(), "ts": utc(e.ts), "model": e.model, "input_tokens": e.input_tokens,
             "output_tokens": e.output_tokens, "cached_tokens": e.cached_tokens, "tokens": e.tokens,
-            "billable": bool(billable and e.customer_id), "cost": e.cost,
+            "billable": billable_row(billable, e.customer_id), "cost": e.cost,
         }
         for e in events
     }
