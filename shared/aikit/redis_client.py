@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
@@ -80,15 +81,16 @@ class PerLoopRedis:
     """An async client per event loop: asyncio connections cannot cross loops (tests run several; a Lambda
     container keeps one, so it gets exactly one client)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, factory: Callable[[Settings], Any] | None = None) -> None:
         self._settings = settings
+        self._factory = factory or make_async_redis
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
 
     def client(self) -> Any:
         loop = asyncio.get_running_loop()
         found = self._clients.get(loop)
         if found is None:
-            found = self._clients[loop] = make_async_redis(self._settings)
+            found = self._clients[loop] = self._factory(self._settings)
         return found
 
     def __getattr__(self, name: str) -> Any:
