@@ -53,23 +53,13 @@ def mux_options(settings: Settings) -> dict[str, Any] | None:
     return options
 
 
-def encode_arg(value: Any) -> bytes:
-    """One command argument as redis-py's encoder writes it (bools and None are refused, as there)."""
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, str):
-        return value.encode()
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise redis.exceptions.DataError(f"Invalid input of type: {type(value).__name__!r}")
-    return repr(value).encode()
-
-
 def pack_command(args: tuple[Any, ...]) -> bytes:
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = encode_arg(arg)
-        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
-    return b"".join(parts)
+    """One command in RESP, as redis-py writes it (hiredis' packer: str as UTF-8, int and float as their repr);
+    anything else (None, bools, containers) is refused with redis-py's DataError before anything is sent."""
+    try:
+        return hiredis.pack_command(args)
+    except TypeError as exc:
+        raise redis.exceptions.DataError(f"invalid command argument: {exc}") from None
 
 
 def _ssl_context(options: dict[str, Any]) -> ssl.SSLContext | None:

@@ -17,7 +17,7 @@ import redis.exceptions
 
 from aikit.metering.scripts import LuaScript
 from aikit.redis_client import REDIS_DOWN_ERRORS
-from aikit.redis_mux import RedisMux, encode_arg, make_script_client, mux_options, pack_command
+from aikit.redis_mux import RedisMux, make_script_client, mux_options, pack_command
 from aikit.settings import Settings
 from tests.conftest import REDIS_URL
 from tests.servers import RedisProcess, free_port, throwaway_redis
@@ -53,10 +53,12 @@ def test_only_single_node_tcp_urls_are_multiplexed() -> None:
 
 
 def test_arguments_are_encoded_as_redis_py_encodes_them() -> None:
-    assert [encode_arg(v) for v in ("é", b"x", 3, 1.5, 0.1)] == [b"\xc3\xa9", b"x", b"3", b"1.5", b"0.1"]
+    values = ("é", b"x", 3, 1.5, 0.1, 1e20, -7)
+    assert pack_command(values) == b"".join([b"*7\r\n", *(b"$%d\r\n%b\r\n" % (len(v), v) for v in (
+        "é".encode(), b"x", b"3", b"1.5", b"0.1", repr(1e20).encode(), b"-7"))])
     for bad in (None, True, [1]):
         with pytest.raises(redis.exceptions.DataError):
-            encode_arg(bad)
+            pack_command(("SET", "k", bad))
     assert pack_command(("GET", "k")) == b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"
 
 
