@@ -57,9 +57,10 @@ def pack_command(args: tuple[Any, ...]) -> bytes:
     """One command in RESP, as redis-py writes it (hiredis' packer: str as UTF-8, int and float as their repr);
     anything else (None, bools, containers) is refused with redis-py's DataError before anything is sent."""
     try:
-        return hiredis.pack_command(args)
+        packed: bytes = hiredis.pack_command(args)
     except TypeError as exc:
         raise redis.exceptions.DataError(f"invalid command argument: {exc}") from None
+    return packed
 
 
 def _ssl_context(options: dict[str, Any]) -> ssl.SSLContext | None:
