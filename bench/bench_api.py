@@ -42,7 +42,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.orm import Session
 
-from aikit import llm
+from aikit import llm, redis_mux
 from aikit.api.app import create_app
 from aikit.api.routes.chat import completion_json
 from aikit.api.schemas import ChatCompletionRequest
@@ -147,6 +147,17 @@ class Counters:
             await original(conn, command, check_health)
 
         redis.asyncio.connection.AbstractConnection.send_packed_command = counted  # type: ignore[method-assign]
+
+        # The request path's scripts go through aikit.redis_mux: each command is one round trip for its
+        # request, however many requests' commands share a write.
+        mux_send = redis_mux._Protocol.send
+
+        def counted_mux(protocol: Any, args: tuple[Any, ...]) -> Any:
+            if counters.on:
+                counters.redis_round_trips += 1
+            return mux_send(protocol, args)
+
+        redis_mux._Protocol.send = counted_mux  # type: ignore[method-assign]
 
         @event.listens_for(engine, "before_cursor_execute")
         def _count(*_: Any) -> None:

@@ -11,7 +11,9 @@ Variants, each running a one-line Lua script `--commands` times from `--concurre
                   taking a connection and marking it in use) and the connect() retry wrapper of a live socket;
   multiplexed:    a prototype: one connection, commands from all callers written together once per loop
                   iteration, replies matched in order (hiredis parser). Not what aikit uses: it shows what
-                  pipelining the scripts of concurrent requests would save.
+                  pipelining the scripts of concurrent requests would save;
+  aikit_mux:      aikit.redis_mux.RedisMux, what the request path's scripts now use (the multiplexed design
+                  with redis-py's error classes, a deadline per command, reconnects).
 Prints one JSON document: client CPU microseconds per command (median of --rounds), on uvloop when installed.
 Uses the Redis at --redis-url (a key under a random prefix, deleted at the end).
 """
@@ -31,6 +33,9 @@ from typing import Any
 import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool, ConnectionPool
+
+from aikit.redis_mux import RedisMux, mux_options
+from aikit.settings import Settings
 
 SCRIPT = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
 
@@ -104,6 +109,7 @@ async def measure(variant: str, url: str, key: str, commands: int, concurrency: 
         "blocking_pool": lambda: BlockingConnectionPool.from_url(url, max_connections=32, timeout=1, **options),
         "lock_free_pool": lambda: LockFreePool.from_url(url, **options),
         "multiplexed": lambda: ConnectionPool.from_url(url, **options),
+        "aikit_mux": lambda: ConnectionPool.from_url(url, **options),
     }
     client = aioredis.Redis(connection_pool=pools[variant]())
     sha = await client.script_load(SCRIPT)
@@ -114,6 +120,13 @@ async def measure(variant: str, url: str, key: str, commands: int, concurrency: 
 
         def call() -> Awaitable[Any]:
             return asyncio.wait_for(protocol.send("EVALSHA", sha, 1, key, 1), 1.0)
+    elif variant == "aikit_mux":
+        options_ = mux_options(Settings.model_construct(redis_url=url, redis_cluster=False))
+        assert options_ is not None
+        mux = RedisMux(options_, 1.0, 1.0)
+
+        def call() -> Awaitable[Any]:
+            return mux.evalsha(sha, 1, key, 1)
     else:
         def call() -> Awaitable[Any]:
             return client.evalsha(sha, 1, key, 1)  # type: ignore[no-any-return]
@@ -135,6 +148,8 @@ async def measure(variant: str, url: str, key: str, commands: int, concurrency: 
     cpu = time.process_time() - started
     if variant == "multiplexed":
         transport.close()
+    if variant == "aikit_mux":
+        await mux.aclose()
     await client.aclose()
     return cpu / commands * 1e6
 
@@ -154,7 +169,7 @@ def main() -> int:
     except ImportError:
         runner, loop_name = asyncio.run, "asyncio"
     key = f"probe{uuid.uuid4().hex[:8]}:{{k}}"
-    variants = ("pool", "blocking_pool", "lock_free_pool", "multiplexed")
+    variants = ("pool", "blocking_pool", "lock_free_pool", "multiplexed", "aikit_mux")
     samples: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(args.rounds):
         for variant in variants:  # interleaved, so machine noise hits all alike

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
@@ -80,15 +81,21 @@ class PerLoopRedis:
     """An async client per event loop: asyncio connections cannot cross loops (tests run several; a Lambda
     container keeps one, so it gets exactly one client)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, factory: Callable[[Settings], Any] | None = None) -> None:
         self._settings = settings
+        self._factory = factory or make_async_redis
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
+        self._last: tuple[weakref.ref[asyncio.AbstractEventLoop], Any] | None = None
 
     def client(self) -> Any:
         loop = asyncio.get_running_loop()
+        last = self._last
+        if last is not None and last[0]() is loop:  # the common case: the loop of the previous call
+            return last[1]
         found = self._clients.get(loop)
         if found is None:
-            found = self._clients[loop] = make_async_redis(self._settings)
+            found = self._clients[loop] = self._factory(self._settings)
+        self._last = (weakref.ref(loop), found)
         return found
 
     def __getattr__(self, name: str) -> Any:
@@ -100,5 +107,6 @@ class PerLoopRedis:
         except RuntimeError:
             return
         found = self._clients.pop(loop, None)
+        self._last = None
         if found is not None:
             await found.aclose()

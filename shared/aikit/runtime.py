@@ -17,6 +17,7 @@ from aikit.limits import AuthGuard, RateLimiter
 from aikit.metering.layout import RedisLayout
 from aikit.metering.redis_meter import RedisMeter
 from aikit.redis_client import PerLoopRedis
+from aikit.redis_mux import make_script_client
 from aikit.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -60,12 +61,17 @@ class Runtime:
         return PerLoopRedis(self.settings)
 
     @cached_property
+    def scripts(self) -> Any:
+        """The request path's scripts (limiter, RECORD): one auto-pipelined connection per loop (redis_mux)."""
+        return PerLoopRedis(self.settings, factory=make_script_client)
+
+    @cached_property
     def keys(self) -> KeyCache:
         return KeyCache(self.engine, self.settings)
 
     @cached_property
     def limiter(self) -> RateLimiter:
-        return RateLimiter(self.redis, self.layout, self.settings, used_since=self.quota_used_since)
+        return RateLimiter(self.scripts, self.layout, self.settings, used_since=self.quota_used_since)
 
     async def quota_used_since(self, key: KeyInfo, period_start: int) -> int:
         return await anyio.to_thread.run_sync(flushed_tokens_since, self.engine, key.api_key_id, period_start)
@@ -85,7 +91,7 @@ class Runtime:
             from aikit.metering.embedded import EmbeddedMeter
 
             return EmbeddedMeter(self.redis, self.layout, self.engine, self.settings)
-        return RedisMeter(self.redis, self.layout, self.engine, self.settings)
+        return RedisMeter(self.scripts, self.layout, self.engine, self.settings)
 
     @cached_property
     def llm(self) -> LLM:
@@ -110,6 +116,8 @@ class Runtime:
     async def aclose(self) -> None:
         if "redis" in self.__dict__:
             await self.redis.aclose()
+        if "scripts" in self.__dict__:
+            await self.scripts.aclose()
 
 
 _runtime: Runtime | None = None

@@ -109,7 +109,8 @@ def uvicorn_config(settings: Settings, host: str, port: int) -> uvicorn.Config:
     protocol = type("AikitH11Protocol", (HeaderTimeoutH11Protocol,),
                     {"header_timeout": settings.header_read_timeout_seconds})
     return uvicorn.Config(create_server_app(settings), host=host, port=port, workers=1,
-                          log_level=settings.log_level.lower(), proxy_headers=False, http=protocol,
+                          log_level=settings.log_level.lower(), access_log=settings.access_log, proxy_headers=False,
+                          http=protocol,
                           timeout_keep_alive=settings.keep_alive_seconds,
                           limit_concurrency=settings.server_concurrency_limit)
 

@@ -167,6 +167,9 @@ class Settings(BaseSettings):
     flush_time_budget_seconds: float = Field(default=240.0, gt=0)
 
     log_level: str = "INFO"
+    # uvicorn's access log (one line per request) for `aikit serve`: off by default (issue 16), as under Lambda
+    # Web Adapter (functions/api/run.sh), where API Gateway logs requests.
+    access_log: bool = False
 
     # Your own endpoints: comma-separated `module:attribute` of FastAPI APIRouters, mounted by `aikit serve`,
     # `make run` and the API Lambda beside the built-in routes (API key required unless the router opts out).

@@ -5,13 +5,25 @@ metered call is counted against requests per minute/day once it is answered."""
 
 from __future__ import annotations
 
-from starlette.datastructures import MutableHeaders
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from aikit.llm.admission import MeteredRequest
 from aikit.llm.context import CallGate, RequestScope, current_request
 from aikit.runtime import Runtime
+
+
+def add_missing_headers(message: Message, billing: MeteredRequest) -> None:
+    """X-Request-Id and the latest admission's rate-limit headers, each unless the response has it already
+    (what MutableHeaders.setdefault does, without its scan of the list per header: this runs per request)."""
+    headers: list[tuple[bytes, bytes]] = list(message["headers"])
+    message["headers"] = headers
+    present = {name for name, _ in headers}
+    for name, value in (("x-request-id", billing.request_id), *billing.headers.items()):
+        key = name.lower().encode("latin-1")
+        if key not in present:
+            present.add(key)
+            headers.append((key, value.encode("latin-1")))
 
 
 class RequestScopeMiddleware:
@@ -33,12 +45,7 @@ class RequestScopeMiddleware:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start" and isinstance(request_scope.gate, MeteredRequest):
-                headers = MutableHeaders(scope=message)
-                billing = request_scope.gate
-                if "x-request-id" not in headers:
-                    headers["X-Request-Id"] = billing.request_id
-                for name, value in billing.headers.items():
-                    headers.setdefault(name, value)
+                add_missing_headers(message, request_scope.gate)
             await send(message)
 
         token = current_request.set(request_scope)

@@ -16,6 +16,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from aikit.api.deps import BilledDep
+from aikit.api.json_response import FastJSONResponse
 from aikit.api.openai_format import ChunkStream, completion_json, usage_json
 from aikit.api.schemas import ChatCompletionRequest
 from aikit.api.streaming import OpenAIEvents, respond
@@ -35,7 +36,7 @@ async def chat_completions(body: ChatCompletionRequest, billing: BilledDep) -> J
     if not body.stream:
         # Limits (429), provider failures and unrecorded usage (503) are answered by the app's error handlers.
         result = await llm.chat(**kwargs)
-        return JSONResponse(completion_json(completion_id, result, created))
+        return FastJSONResponse(completion_json(completion_id, result, created))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     chunks = ChunkStream(completion_id, created, body.model or llm.default_model, include_usage)
     return await respond(llm.stream(**kwargs), OpenAIEvents(chunks))
