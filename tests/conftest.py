@@ -5,56 +5,28 @@ REDIS_URL / TEST_DATABASE_ADMIN_URL override the machine's services (127.0.0.1:6
 
 from __future__ import annotations
 
-import contextlib
-import os
+import importlib.util
+import json
+import subprocess
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, text
-from sqlalchemy.orm import Session
 
+import aikit.runtime
 from aikit.api.app import create_app
-from aikit.db.engine import get_engine
-from aikit.db.migrate import upgrade
-from aikit.keys import IssuedKey, create_key
+from aikit.keys import IssuedKey
 from aikit.runtime import Runtime
-from aikit.settings import Settings, load_settings
-
-ADMIN_URL = os.environ.get("TEST_DATABASE_ADMIN_URL", "postgresql+pg8000://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-ADMIN_TOKEN = "test-admin-token-0123456789abcdef"  # ADMIN_TOKEN must have 32+ characters
-
-
-def _create_database(name: str) -> str:
-    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-
-
-def _drop_database(name: str) -> None:
-    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
-
-
-@contextlib.contextmanager
-def migrated_database(label: str = "test") -> Iterator[str]:
-    """A fresh Postgres database with the schema applied; dropped afterwards."""
-    name = f"aikit_{label}_{uuid.uuid4().hex[:10]}"
-    url = _create_database(name)
-    try:
-        upgrade(url)
-        yield url
-    finally:
-        get_engine(url).dispose()
-        _drop_database(name)
+from aikit.settings import Settings, get_settings
+from tests.support.api import issue_key
+from tests.support.aws_lambda import HANDLER_FILE, SAM, hand_built_event
+from tests.support.db import migrated_database
+from tests.support.settings import REDIS_URL, make_settings
 
 
 @pytest.fixture(scope="session")
@@ -82,21 +54,6 @@ def redis_prefix() -> Iterator[str]:
     client.close()
 
 
-def make_settings(database_url: str, redis_prefix: str, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "database_url": database_url,
-        "redis_url": REDIS_URL,
-        "redis_key_prefix": redis_prefix,
-        "admin_token": ADMIN_TOKEN,
-        "llm_provider": "echo",
-        "stripe_secret_key": None,
-        "flush_interval_seconds": 0,
-        "_env_file": None,
-    }
-    values.update(overrides)
-    return load_settings(**values)
-
-
 @pytest.fixture
 def settings(pg_url: str, redis_prefix: str) -> Settings:
     return make_settings(pg_url, redis_prefix)
@@ -113,25 +70,46 @@ def client(runtime: Runtime) -> Iterator[TestClient]:
         yield c
 
 
-def issue_key(settings: Settings, **kwargs: Any) -> IssuedKey:
-    kwargs.setdefault("email", f"{uuid.uuid4().hex[:8]}@example.com")
-    with Session(get_engine(settings.database_url)) as session:
-        issued = create_key(session, settings, **kwargs)
-        session.commit()
-    return issued
-
-
 @pytest.fixture
 def api_key(settings: Settings) -> IssuedKey:
     return issue_key(settings, rpm=1000, rpd=100_000, monthly_tokens=10_000_000)
 
 
-def read_sdk_stream(stream: Any) -> tuple[str, Any]:
-    """The text and the final usage chunk's usage of an openai SDK chat stream."""
-    text, usage = "", None
-    for chunk in stream:
-        if chunk.choices:
-            text += chunk.choices[0].delta.content or ""
-        if chunk.usage is not None:
-            usage = chunk.usage
-    return text, usage
+
+@pytest.fixture(scope="module")
+def event_template() -> dict[str, Any]:
+    """The HTTP API proxy event the SAM CLI generates (its own venv, when installed), else the same shape
+    built by hand."""
+    if SAM.exists():
+        out = subprocess.run([str(SAM), "local", "generate-event", "apigateway", "http-api-proxy"],
+                             capture_output=True, text=True, timeout=60, env={"SAM_CLI_TELEMETRY": "0",
+                                                                              "PATH": "/usr/bin:/bin"})
+        if out.returncode == 0:
+            event: dict[str, Any] = json.loads(out.stdout[out.stdout.index("{"):])
+            assert event["version"] == "2.0" and event["routeKey"] == "$default"
+            return event
+    return hand_built_event()
+
+
+@pytest.fixture
+def lambda_module(pg_url: str, redis_prefix: str, tmp_path: Path,
+                  monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    """Imports functions/api/app.py like a cold start: configuration only from the environment."""
+    monkeypatch.chdir(tmp_path)  # no .env file
+    for name, value in {"DATABASE_URL": pg_url, "REDIS_URL": REDIS_URL, "REDIS_KEY_PREFIX": redis_prefix,
+                        "LLM_PROVIDER": "echo", "FLUSH_INTERVAL_SECONDS": "0", "POWERTOOLS_TRACE_DISABLED": "true",
+                        "POWERTOOLS_SERVICE_NAME": "aikit"}.items():
+        monkeypatch.setenv(name, value)
+    for name in ("STRIPE_SECRET_KEY", "DATABASE_SECRET_ARN", "STRIPE_SECRET_ARN", "ADMIN_TOKEN_SECRET_ARN",
+                 "LLM_SECRET_ARN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(aikit.runtime, "_runtime", None)
+    get_settings.cache_clear()
+    spec = importlib.util.spec_from_file_location(f"api_lambda_{uuid.uuid4().hex[:8]}", HANDLER_FILE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        yield module
+    finally:
+        get_settings.cache_clear()

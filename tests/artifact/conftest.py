@@ -8,7 +8,8 @@ import pytest
 
 from aikit.keys import IssuedKey
 from tests.artifact import builds
-from tests.conftest import issue_key, make_settings
+from tests.support.api import issue_key
+from tests.support.settings import make_settings
 
 
 @pytest.fixture(scope="session")

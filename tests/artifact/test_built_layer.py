@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 import stripe
-from sqlalchemy import create_engine, func, inspect, select, text
+from sqlalchemy import create_engine, inspect, text
 
-from aikit.db.models import ApiKeyUsage
 from aikit.keys import IssuedKey
 from tests.artifact.builds import FUNCTIONS, ROOT, invoke, lambda_env
-from tests.conftest import ADMIN_URL, REDIS_URL
 from tests.fakes.stripe_server import FakeStripe
+from tests.support.artifact import settings_env, tokens_in_postgres
+from tests.support.db import ADMIN_URL
 
 # The first test builds the artifacts (sam build, venvs) in its setup: minutes on a clean checkout.
 pytestmark = pytest.mark.timeout(1800)
@@ -30,11 +30,6 @@ WEBHOOK_SECRET = "whsec_artifact_test"
 def event(name: str) -> dict[str, Any]:
     data: dict[str, Any] = json.loads((EVENTS / name).read_text())
     return data
-
-
-def settings_env(pg_url: str, redis_prefix: str, **extra: str) -> dict[str, str]:
-    return {"DATABASE_URL": pg_url, "REDIS_URL": REDIS_URL, "REDIS_KEY_PREFIX": redis_prefix, "LLM_PROVIDER": "echo",
-            **extra}
 
 
 # ---------------------------------------------------------------------------------------------- the layer
@@ -95,15 +90,6 @@ def _free_udp_port() -> int:
 
 
 # ---------------------------------------------------------------------------------------------- one request each
-
-
-def tokens_in_postgres(pg_url: str, api_key_id: str) -> int:
-    engine = create_engine(pg_url)
-    with engine.connect() as conn:
-        total = conn.execute(select(func.coalesce(func.sum(ApiKeyUsage.tokens), 0))
-                             .where(ApiKeyUsage.api_key_id == api_key_id)).scalar_one()
-    engine.dispose()
-    return int(total)
 
 
 def test_api_and_flush_handlers_serve_a_metered_chat_and_move_it_to_postgres(

@@ -23,9 +23,9 @@ import pytest
 
 from aikit.keys import IssuedKey
 from tests.artifact.builds import ROOT, invoke, lambda_env
-from tests.artifact.test_built_layer import settings_env, tokens_in_postgres
 from tests.fakes.llm_servers import FakeOpenAI, _Handler
-from tests.servers import free_port
+from tests.support.artifact import settings_env, tokens_in_postgres
+from tests.support.servers import free_port
 
 # The first test builds the artifacts (sam build, venvs) in its setup: minutes on a clean checkout.
 pytestmark = pytest.mark.timeout(1800)

@@ -45,10 +45,10 @@ from aikit.keys import IssuedKey
 from aikit.runtime import Runtime
 from aikit.settings import Settings, load_settings
 from aikit.stripe_gateway import StripeGateway
-from tests.conftest import issue_key
 from tests.fakes.stripe_server import FakeStripe
-from tests.hostile import WEBHOOK_SECRET, full_app, post_webhook, subscription_event
-from tests.servers import RedisProcess, free_port, serve_app
+from tests.support.api import full_app, issue_key
+from tests.support.servers import RedisProcess, free_port, serve_app
+from tests.support.webhooks import WEBHOOK_SECRET, post_webhook, subscription_event
 
 ADMIN_TOKEN = "chaos-admin-" + uuid.uuid4().hex
 

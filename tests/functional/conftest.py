@@ -8,7 +8,8 @@ from collections.abc import Iterator
 import pytest
 
 from tests.fakes.stripe_server import FakeStripe
-from tests.functional.test_flush import Billing, empty_database, module_database, started_fake
+from tests.support.billing import Billing, started_fake
+from tests.support.db import empty_database, module_database
 
 
 @pytest.fixture(scope="module")

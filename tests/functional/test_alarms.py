@@ -19,10 +19,10 @@ from aikit.api.app import create_app
 from aikit.flush import Flusher
 from aikit.observability import NAMESPACE, flush_metrics
 from aikit.runtime import Runtime
-from tests.conftest import make_settings
 from tests.fakes.stripe_server import FakeStripe
-from tests.functional.test_flush import Billing
-from tests.functional.test_template import resources
+from tests.support.billing import Billing
+from tests.support.settings import make_settings
+from tests.support.template import resources
 
 COMPARE = {"GreaterThanThreshold": operator.gt, "GreaterThanOrEqualToThreshold": operator.ge,
            "LessThanThreshold": operator.lt, "LessThanOrEqualToThreshold": operator.le}
@@ -123,6 +123,6 @@ def test_custom_alarms_see_the_metrics_the_code_emits_and_breach_on_faults(
 
 
 def resources_parameter_default(name: str) -> float:
-    from tests.functional.test_template import template
+    from tests.support.template import template
 
     return float(template()["Parameters"][name]["Default"])

@@ -20,9 +20,10 @@ from aikit.api.app import create_app
 from aikit.keys import IssuedKey
 from aikit.runtime import Runtime
 from aikit.settings import Settings
-from tests.conftest import issue_key, make_settings
 from tests.fakes.llm_servers import FakeAnthropic, FakeOpenAI, anthropic_server, openai_server
-from tests.functional.test_llm_streaming_api import entries, held
+from tests.support.api import bearer, issue_key
+from tests.support.redis import entries, held
+from tests.support.settings import make_settings
 
 UPSTREAM_TIMEOUT = 0.5
 TEXTS = ["the quick brown fox", "jumps over the lazy dog"]
@@ -43,10 +44,6 @@ def proxy_settings(pg_url: str, redis_prefix: str, upstream: FakeOpenAI) -> Sett
 @pytest.fixture
 def key(proxy_settings: Settings) -> IssuedKey:
     return issue_key(proxy_settings, rpm=1000, rpd=10_000, monthly_tokens=1_000_000)
-
-
-def bearer(key: IssuedKey) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key.api_key}"}
 
 
 def embed(client: TestClient, key: IssuedKey, **body: Any) -> Any:

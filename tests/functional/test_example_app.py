@@ -30,11 +30,11 @@ from aikit.keys import IssuedKey
 from aikit.runtime import Runtime
 from aikit.settings import Settings, SettingsError, get_settings
 from aikit.stripe_gateway import StripeGateway
-from tests.conftest import issue_key
 from tests.fakes.stripe_server import FakeStripe
-from tests.functional.test_api_handler import HANDLER_FILE, body_of, header, http_event, invoke
-from tests.functional.test_flush import EVENT, WINDOW, billing_settings, settings_env
-from tests.servers import AIKIT, aikit_serve, free_port
+from tests.support.api import issue_key
+from tests.support.aws_lambda import HANDLER_FILE, body_of, header, http_event, invoke
+from tests.support.billing import EVENT, WINDOW, billing_settings, settings_env
+from tests.support.servers import AIKIT, aikit_serve, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 ROUTERS = "examples.summarize:router"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -16,13 +15,10 @@ import pytest
 
 from aikit.settings import get_settings
 from tests.fakes.stripe_server import FakeStripe
-from tests.functional.test_flush import (
-    Billing,
-    empty_database,
-    past_window_start,
-    settings_env,
-)
-from tests.servers import free_port
+from tests.support.aws_lambda import LambdaContext
+from tests.support.billing import Billing, past_window_start, settings_env
+from tests.support.db import empty_database
+from tests.support.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 EVENT_FILE = ROOT / "events" / "flush_scheduled.json"
@@ -37,22 +33,6 @@ SCHEDULED_EVENT: dict[str, Any] = {
     "resources": ["arn:aws:events:us-east-1:123456789012:rule/ExampleRule"],
     "detail": {},
 }
-
-
-class LambdaContext:
-    function_name = "aikit-flush"
-    function_version = "$LATEST"
-    memory_limit_in_mb = 512
-    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:aikit-flush"
-    log_group_name = "/aws/lambda/aikit-flush"
-    log_stream_name = "2026/01/01/[$LATEST]0123456789abcdef"
-
-    def __init__(self, remaining_ms: int) -> None:
-        self.remaining_ms = remaining_ms
-        self.aws_request_id = str(uuid.uuid4())
-
-    def get_remaining_time_in_millis(self) -> int:
-        return self.remaining_ms
 
 
 def scheduled_event() -> dict[str, Any]:

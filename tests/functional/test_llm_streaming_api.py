@@ -10,7 +10,6 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-import redis
 from fastapi.testclient import TestClient
 
 from aikit.api.app import create_app
@@ -19,9 +18,11 @@ from aikit.keys import IssuedKey
 from aikit.llm import ChatRequest
 from aikit.runtime import Runtime
 from aikit.settings import Settings
-from tests.conftest import REDIS_URL, issue_key, make_settings, read_sdk_stream
 from tests.fakes.llm_servers import FakeOpenAI, openai_server
-from tests.servers import serve_app
+from tests.support.api import issue_key, read_sdk_stream
+from tests.support.redis import entries, held, pending_tokens
+from tests.support.servers import serve_app
+from tests.support.settings import make_settings
 
 UPSTREAM_TIMEOUT = 0.5
 
@@ -47,28 +48,6 @@ def runtime(proxy_settings: Settings) -> Runtime:
 def key(proxy_settings: Settings) -> IssuedKey:
     # A token quota, so every admitted call holds a reservation until it is metered or released.
     return issue_key(proxy_settings, rpm=1000, rpd=10_000, monthly_tokens=1_000_000)
-
-
-def entries(runtime: Runtime, api_key_id: str) -> list[dict[str, str]]:
-    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
-    found = client.xrange(runtime.layout.stream(runtime.layout.shard_of(api_key_id)))
-    client.close()
-    return [fields for _, fields in found if fields["k"] == api_key_id]
-
-
-def pending_tokens(runtime: Runtime, api_key_id: str) -> int:
-    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
-    values = client.hgetall(runtime.layout.pending(api_key_id))
-    client.close()
-    return sum(int(v) for k, v in values.items() if k.endswith("|t"))
-
-
-def held(runtime: Runtime, key: IssuedKey) -> dict[str, str]:
-    """Open quota reservations of the key."""
-    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
-    found = client.hgetall(runtime.layout.inflight(key.api_key_id))
-    client.close()
-    return found
 
 
 def wait_for_entries(runtime: Runtime, api_key_id: str, count: int, seconds: float = 5) -> list[dict[str, str]]:

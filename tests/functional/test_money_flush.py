@@ -33,7 +33,8 @@ from aikit.periods import SOURCE_SUBSCRIPTION, record_period
 from aikit.reconcile import reconcile
 from aikit.stripe_gateway import StripeGateway
 from tests.fakes.stripe_server import FakeStripe, _add_month
-from tests.functional.test_flush import EVENT, WINDOW, Billing, emf_values, past_window_start
+from tests.support.billing import EVENT, WINDOW, Billing, past_window_start
+from tests.support.emf import emf_values
 
 HOUR = 3600
 

@@ -14,7 +14,6 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 from fastapi import APIRouter
 from fastapi.testclient import TestClient
 
@@ -28,9 +27,11 @@ from aikit.llm.context import current_request
 from aikit.metering.redis_meter import UnknownApiKey
 from aikit.runtime import Runtime
 from aikit.settings import Settings
-from tests.conftest import ADMIN_TOKEN, REDIS_URL, issue_key, make_settings
 from tests.fakes.llm_servers import FakeOpenAI, openai_server
-from tests.servers import serve_app
+from tests.support.api import issue_key
+from tests.support.redis import entries, held, quota_counter
+from tests.support.servers import serve_app
+from tests.support.settings import ADMIN_TOKEN, make_settings
 
 # ----------------------------------------------------------------------------------- the user's routers
 
@@ -113,20 +114,6 @@ def app_client(runtime: Runtime) -> Iterator[TestClient]:
 
 def auth(key: IssuedKey) -> dict[str, str]:
     return {"Authorization": f"Bearer {key.api_key}"}
-
-
-def entries(runtime: Runtime, api_key_id: str) -> list[dict[str, str]]:
-    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
-    found = client.xrange(runtime.layout.stream(runtime.layout.shard_of(api_key_id)))
-    client.close()
-    return [fields for _, fields in found if fields["k"] == api_key_id]
-
-
-def held(runtime: Runtime, key: IssuedKey) -> dict[str, str]:
-    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
-    found = client.hgetall(runtime.layout.inflight(key.api_key_id))
-    client.close()
-    return found
 
 
 async def remaining(runtime: Runtime, key: IssuedKey) -> dict[str, int | None]:
@@ -309,15 +296,6 @@ async def test_track_tokens_outside_a_request_is_a_clear_error(runtime: Runtime,
         await runtime.llm.chat([{"role": "user", "content": "x"}], track_tokens=True)
     with pytest.raises(CallerRequired, match="AIKIT_ROUTERS"):
         llm.stream([{"role": "user", "content": "x"}], track_tokens=True)
-
-
-def quota_counter(runtime: Runtime, key: IssuedKey) -> int | None:
-    info = runtime.keys.lookup(key.api_key)
-    assert info is not None
-    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
-    value = client.get(runtime.layout.quota(key.api_key_id, info.quota_period_start))
-    client.close()
-    return None if value is None else int(value)
 
 
 @pytest.mark.anyio

@@ -35,6 +35,7 @@ from aikit.observability import (
     metrics,
 )
 from aikit.settings import load_settings
+from tests.support.emf import emf_records
 
 # ---------------------------------------------------------------------------------------------- helpers
 
@@ -46,15 +47,6 @@ def out(capsys: pytest.CaptureFixture[str]) -> Iterator[pytest.CaptureFixture[st
     capsys.readouterr()
     yield capsys
     flush_metrics()
-
-
-def emf_records(text: str) -> list[dict[str, Any]]:
-    records = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line.startswith("{") and '"_aws"' in line:
-            records.append(json.loads(line))
-    return records
 
 
 def log_records(text: str) -> list[dict[str, Any]]:

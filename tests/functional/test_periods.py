@@ -21,9 +21,9 @@ from aikit.db.models import Base, BillingPeriod, Subscription
 from aikit.periods import Period, finalized, period_containing, periods_for, record_period
 from aikit.runtime import Runtime
 from aikit.settings import Settings
-from tests.conftest import make_settings
 from tests.fakes import stripe_events
 from tests.fakes.stripe_events import SHAPES, Shape
+from tests.support.settings import make_settings
 
 SECRET = "whsec_periods_test"
 DAY = 86400

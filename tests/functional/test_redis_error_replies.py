@@ -25,20 +25,20 @@ from aikit.flush import Flusher
 from aikit.keys import IssuedKey
 from aikit.runtime import Runtime
 from aikit.settings import Settings
-from tests.conftest import migrated_database
-from tests.functional.test_redis_faults import (
+from tests.support.api import chat
+from tests.support.db import migrated_database
+from tests.support.redis import pending_tokens
+from tests.support.redis_faults import (
     LONG_AGO,
     TOKENS,
-    chat,
     fault_settings,
     new_key,
     outbox_total,
-    pending_tokens,
     rollup,
     served,
     usage_rows,
 )
-from tests.servers import RedisProcess, cluster_port, free_port
+from tests.support.servers import RedisProcess, cluster_port, free_port
 
 Fault = Callable[[RedisProcess], contextlib.AbstractContextManager[None]]
 
@@ -167,7 +167,7 @@ def assert_counted_once(settings: Settings, runtime: Runtime, key: IssuedKey, cu
     assert usage_rows(runtime, key) == {rid: (TOKENS, True) for rid in ids}
     assert rollup(runtime, key) == (len(ids), len(ids) * TOKENS)
     assert outbox_total(runtime, customer) == len(ids) * TOKENS
-    assert pending_tokens(settings, runtime, key) == 0
+    assert pending_tokens(runtime, key.api_key_id) == 0
 
 
 @pytest.mark.parametrize("kind", list(FAULTS))

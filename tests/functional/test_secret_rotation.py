@@ -23,7 +23,7 @@ from aikit import aws_secrets
 from aikit.db import engine as db_engine
 from aikit.db.engine import get_engine
 from aikit.settings import load_settings
-from tests.servers import free_port
+from tests.support.servers import free_port
 
 FIRST, SECOND = "first-Passw0rd", "second-Passw0rd"
 

@@ -14,7 +14,7 @@ import pytest
 import stripe
 
 from tests.fakes.stripe_server import METER_EVENT_PATH, FakeStripe, decode_form
-from tests.servers import free_port
+from tests.support.servers import free_port
 
 EVENT = "api_tokens"
 DAY = 86400

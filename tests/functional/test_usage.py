@@ -29,7 +29,8 @@ from aikit.metering.redis_meter import priced_event
 from aikit.metering.sql_sink import store_events
 from aikit.runtime import Runtime
 from aikit.settings import Settings
-from tests.conftest import ADMIN_TOKEN, REDIS_URL, issue_key, make_settings
+from tests.support.api import issue_key
+from tests.support.settings import ADMIN_TOKEN, REDIS_URL, make_settings
 
 # USD per million tokens; cached input at the input rate (no cached_input given).
 PRICES = {"gpt-a": {"input": 500, "output": 1500}, "gpt-b": {"input": 250, "output": 2000}}
@@ -533,7 +534,7 @@ def test_random_batches_with_replays_keep_rollups_equal_to_rows(settings: Settin
 
 @pytest.mark.cluster
 def test_usage_reads_pending_hashes_across_cluster_slots(pg_url: str) -> None:
-    from tests.servers import redis_cluster
+    from tests.support.servers import redis_cluster
 
     with redis_cluster() as url:
         settings = make_settings(pg_url, f"t{uuid.uuid4().hex[:12]}", redis_url=url, redis_cluster=True,

@@ -33,12 +33,13 @@ from aikit.outbox import requeue_parked
 from aikit.runtime import Runtime
 from aikit.settings import Settings
 from aikit.webhooks import MAX_BODY_BYTES, Outcome, parse_event, process_event
-from tests.conftest import issue_key, make_settings
 from tests.fakes import stripe_events
 from tests.fakes.stripe_events import Shape
 from tests.fakes.stripe_server import FakeStripe
-from tests.functional.test_flush import Billing, past_window_start
-from tests.servers import serve_app
+from tests.support.api import chat, issue_key
+from tests.support.billing import Billing, past_window_start
+from tests.support.servers import serve_app
+from tests.support.settings import make_settings
 
 SECRET = "whsec_functional_test_secret"
 DAY = 86400
@@ -171,12 +172,6 @@ def key_info(settings: Settings, issued: IssuedKey) -> KeyInfo:
         info = load_key_info(s, settings, hash_key(issued.api_key))
     assert info is not None
     return info
-
-
-def chat(client: TestClient, issued: IssuedKey, content: str = "hello there world", **body: Any) -> httpx.Response:
-    payload = {"model": "echo-1", "messages": [{"role": "user", "content": content}], **body}
-    return client.post("/v1/chat/completions", json=payload,
-                       headers={"Authorization": f"Bearer {issued.api_key}"})
 
 
 def ts(value: dt.datetime | None) -> int | None:

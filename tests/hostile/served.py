@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import psutil
 
-from tests.servers import free_port
+from tests.support.servers import free_port
 
 MB = 1024 * 1024
 

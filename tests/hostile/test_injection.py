@@ -17,9 +17,11 @@ import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
-from tests.conftest import ADMIN_TOKEN
-from tests.hostile import Env, assert_clean, bearer, billing_env, post_webhook, subscription_event
-from tests.servers import RedisProcess, throwaway_redis
+from tests.support.api import bearer
+from tests.support.hostile import Env, assert_clean, billing_env
+from tests.support.servers import RedisProcess, throwaway_redis
+from tests.support.settings import ADMIN_TOKEN
+from tests.support.webhooks import post_webhook, subscription_event
 
 HOSTILE = [
     "'", '"', "`", "\\", "'; DROP TABLE api_keys; --", "\" OR 1=1 --", "' OR '1'='1", "1; SELECT pg_sleep(5)",

@@ -16,18 +16,13 @@ from fastapi.testclient import TestClient
 from aikit.api.app import create_app
 from aikit.runtime import Runtime
 from aikit.settings import SettingsError, embedded_sqlite_url, load_settings
-from tests.conftest import ADMIN_TOKEN, issue_key, make_settings
-from tests.functional.test_api_handler import (  # noqa: F401  (fixtures)
-    body_of,
-    event_template,
-    header,
-    http_event,
-    invoke,
-    lambda_module,
-)
-from tests.functional.test_cli import aikit, base_env, out_json
-from tests.hostile import assert_clean, bearer
-from tests.servers import free_port
+from tests.conftest import event_template, lambda_module  # noqa: F401  (fixtures)
+from tests.support.api import bearer, issue_key
+from tests.support.aws_lambda import body_of, header, http_event, invoke
+from tests.support.cli import aikit, base_env, out_json
+from tests.support.hostile import assert_clean
+from tests.support.servers import free_port
+from tests.support.settings import ADMIN_TOKEN, make_settings
 
 CHAT = {"model": "echo-1", "messages": [{"role": "user", "content": "one two three"}]}
 

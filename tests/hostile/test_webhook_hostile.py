@@ -17,7 +17,8 @@ from sqlalchemy import text
 
 from aikit.webhooks import MAX_BODY_BYTES, SIGNATURE_TOLERANCE_SECONDS
 from tests.fakes import stripe_events
-from tests.hostile import WEBHOOK_SECRET, Env, assert_clean, billing_env, sign, subscription_event
+from tests.support.hostile import Env, assert_clean, billing_env
+from tests.support.webhooks import WEBHOOK_SECRET, sign, subscription_event
 
 TABLES = ("stripe_events", "subscriptions", "users", "api_keys", "billing_periods", "meter_event_errors",
           "meter_reports")
