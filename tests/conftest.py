@@ -1,13 +1,11 @@
-"""Shared fixtures: every test session gets its own Postgres database and its own Redis key space.
+"""Fixtures shared by every test directory: every test session gets its own Postgres database and its own Redis
+key space. Fixtures only: the helpers they use live in tests/support/.
 
-REDIS_URL / TEST_DATABASE_ADMIN_URL override the machine's services (127.0.0.1:6379 and :5432).
+TEST_REDIS_URL / TEST_DATABASE_ADMIN_URL override the machine's services (127.0.0.1:6379 and :5432).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,13 +16,12 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-import aikit.runtime
 from aikit.api.app import create_app
 from aikit.keys import IssuedKey
 from aikit.runtime import Runtime
-from aikit.settings import Settings, get_settings
+from aikit.settings import Settings
 from tests.support.api import issue_key
-from tests.support.aws_lambda import HANDLER_FILE, SAM, hand_built_event
+from tests.support.aws_lambda import cold_started_api, http_api_event_template
 from tests.support.db import migrated_database
 from tests.support.settings import REDIS_URL, make_settings
 
@@ -78,38 +75,23 @@ def api_key(settings: Settings) -> IssuedKey:
 
 @pytest.fixture(scope="module")
 def event_template() -> dict[str, Any]:
-    """The HTTP API proxy event the SAM CLI generates (its own venv, when installed), else the same shape
-    built by hand."""
-    if SAM.exists():
-        out = subprocess.run([str(SAM), "local", "generate-event", "apigateway", "http-api-proxy"],
-                             capture_output=True, text=True, timeout=60, env={"SAM_CLI_TELEMETRY": "0",
-                                                                              "PATH": "/usr/bin:/bin"})
-        if out.returncode == 0:
-            event: dict[str, Any] = json.loads(out.stdout[out.stdout.index("{"):])
-            assert event["version"] == "2.0" and event["routeKey"] == "$default"
-            return event
-    return hand_built_event()
+    return http_api_event_template()
 
 
 @pytest.fixture
 def lambda_module(pg_url: str, redis_prefix: str, tmp_path: Path,
                   monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
-    """Imports functions/api/app.py like a cold start: configuration only from the environment."""
-    monkeypatch.chdir(tmp_path)  # no .env file
-    for name, value in {"DATABASE_URL": pg_url, "REDIS_URL": REDIS_URL, "REDIS_KEY_PREFIX": redis_prefix,
-                        "LLM_PROVIDER": "echo", "FLUSH_INTERVAL_SECONDS": "0", "POWERTOOLS_TRACE_DISABLED": "true",
-                        "POWERTOOLS_SERVICE_NAME": "aikit"}.items():
-        monkeypatch.setenv(name, value)
-    for name in ("STRIPE_SECRET_KEY", "DATABASE_SECRET_ARN", "STRIPE_SECRET_ARN", "ADMIN_TOKEN_SECRET_ARN",
-                 "LLM_SECRET_ARN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(aikit.runtime, "_runtime", None)
-    get_settings.cache_clear()
-    spec = importlib.util.spec_from_file_location(f"api_lambda_{uuid.uuid4().hex[:8]}", HANDLER_FILE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    try:
+    """functions/api/app.py imported like a cold start: configuration only from the environment."""
+    with cold_started_api(pg_url, redis_prefix, tmp_path, monkeypatch) as module:
         yield module
-    finally:
-        get_settings.cache_clear()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def key(pg_url: str, redis_prefix: str) -> IssuedKey:
+    """A key with small limits (modules that need other limits declare their own `key`)."""
+    return issue_key(make_settings(pg_url, redis_prefix), rpm=100, rpd=1000, monthly_tokens=100_000)

@@ -17,7 +17,7 @@ from sqlalchemy import create_engine, inspect, text
 from aikit.keys import IssuedKey
 from tests.artifact.builds import FUNCTIONS, ROOT, invoke, lambda_env
 from tests.fakes.stripe_server import FakeStripe
-from tests.support.artifact import settings_env, tokens_in_postgres
+from tests.support.artifact import lambda_settings_env, tokens_in_postgres
 from tests.support.db import ADMIN_URL
 
 # The first test builds the artifacts (sam build, venvs) in its setup: minutes on a clean checkout.
@@ -94,7 +94,7 @@ def _free_udp_port() -> int:
 
 def test_api_and_flush_handlers_serve_a_metered_chat_and_move_it_to_postgres(
         sam_build: Path, runtime_venv: Path, pg_url: str, redis_prefix: str, key: IssuedKey) -> None:
-    env = lambda_env(sam_build / "ApiFunction", "aikit-api", **settings_env(pg_url, redis_prefix))
+    env = lambda_env(sam_build / "ApiFunction", "aikit-api", **lambda_settings_env(pg_url, redis_prefix))
     health = invoke(sam_build, runtime_venv, "ApiFunction", event("healthz.json"), env)
     assert (health.result["statusCode"], json.loads(health.result["body"])) == (200, {"status": "ok"})
 
@@ -109,7 +109,7 @@ def test_api_and_flush_handlers_serve_a_metered_chat_and_move_it_to_postgres(
     (record,) = [r for r in chat.emf_records() if "TokensMetered" in r]
     assert record["TokensMetered"] == [float(tokens)]
 
-    flush_env = lambda_env(sam_build / "FlushFunction", "aikit-flush", **settings_env(pg_url, redis_prefix))
+    flush_env = lambda_env(sam_build / "FlushFunction", "aikit-flush", **lambda_settings_env(pg_url, redis_prefix))
     flushed = invoke(sam_build, runtime_venv, "FlushFunction", event("flush_scheduled.json"), flush_env,
                      remaining_ms=290_000)
     assert flushed.result["ok"] and flushed.result["rows_inserted"] >= 1, flushed.result
@@ -123,7 +123,7 @@ def test_webhook_handler_verifies_and_applies_a_signed_stripe_event(
     hook["headers"]["stripe-signature"] = stripe.WebhookSignature.generate_signature_header(body, WEBHOOK_SECRET)
     with FakeStripe() as fake:
         env = lambda_env(sam_build / "WebhookFunction", "aikit-webhook",
-                         **settings_env(pg_url, redis_prefix, STRIPE_SECRET_KEY=fake.api_key,
+                         **lambda_settings_env(pg_url, redis_prefix, STRIPE_SECRET_KEY=fake.api_key,
                                         STRIPE_API_BASE=fake.url, STRIPE_WEBHOOK_SECRET=WEBHOOK_SECRET))
         good = invoke(sam_build, runtime_venv, "WebhookFunction", hook, env)
         forged = dict(hook, headers={**hook["headers"], "stripe-signature": "t=1,v1=forged"})

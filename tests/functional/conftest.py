@@ -1,5 +1,5 @@
-"""Fixtures of the billing harness (tests/functional/test_flush.py) shared by the flush, reconcile and alarm
-tests: one database per module, emptied per test, and a fresh local Stripe per test."""
+"""Fixtures of the functional tests: the billing harness (tests/support/billing.py) on one database per module,
+emptied per test; a fresh local Stripe per test; fake AWS credentials for the local Bedrock imitation."""
 
 from __future__ import annotations
 
@@ -18,11 +18,23 @@ def flush_db() -> Iterator[str]:
 
 
 @pytest.fixture
-def fake() -> Iterator[FakeStripe]:
-    yield from started_fake()
+def fake(request: pytest.FixtureRequest) -> Iterator[FakeStripe]:
+    """A fresh FakeStripe; its "timeout" fault stalls FAKE_STRIPE_TIMEOUT_SECONDS of the test module (0.8 s by
+    default, above the harness client's 0.5 s)."""
+    yield from started_fake(getattr(request.module, "FAKE_STRIPE_TIMEOUT_SECONDS", 0.8))
 
 
 @pytest.fixture
 def billing(flush_db: str, redis_prefix: str, fake: FakeStripe) -> Billing:
     empty_database(flush_db)
     return Billing.create(flush_db, redis_prefix, fake)
+
+
+@pytest.fixture
+def aws_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fake credentials so boto3 signs requests to the local Bedrock imitation (never a real endpoint)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAFAKE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "fake-secret")
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")

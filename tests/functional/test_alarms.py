@@ -5,7 +5,6 @@ turns EMF lines into metrics, and each custom-metric alarm's own query must then
 from __future__ import annotations
 
 import datetime as dt
-import json
 import operator
 from collections.abc import Iterator
 from typing import Any
@@ -21,15 +20,12 @@ from aikit.observability import NAMESPACE, flush_metrics
 from aikit.runtime import Runtime
 from tests.fakes.stripe_server import FakeStripe
 from tests.support.billing import Billing
+from tests.support.emf import emf_records
 from tests.support.settings import make_settings
 from tests.support.template import resources
 
 COMPARE = {"GreaterThanThreshold": operator.gt, "GreaterThanOrEqualToThreshold": operator.ge,
            "LessThanThreshold": operator.lt, "LessThanOrEqualToThreshold": operator.le}
-
-
-def emf_records(out: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in out.splitlines() if line.startswith('{"_aws"')]
 
 
 def put_emf(cloudwatch: Any, records: list[dict[str, Any]]) -> None:

@@ -7,13 +7,11 @@ import json
 from types import ModuleType
 from typing import Any
 
-import pytest
 import redis
 
 from aikit.flush import Flusher
 from aikit.keys import IssuedKey
 from aikit.runtime import Runtime
-from tests.support.api import issue_key
 from tests.support.aws_lambda import (
     ROOT,
     body_of,
@@ -22,7 +20,7 @@ from tests.support.aws_lambda import (
     invoke,
 )
 from tests.support.redis import pending_tokens
-from tests.support.settings import REDIS_URL, make_settings
+from tests.support.settings import REDIS_URL
 
 
 def stream_entries(runtime: Runtime, api_key_id: str) -> list[dict[str, str]]:
@@ -30,11 +28,6 @@ def stream_entries(runtime: Runtime, api_key_id: str) -> list[dict[str, str]]:
     entries = client.xrange(runtime.layout.stream(runtime.layout.shard_of(api_key_id)))
     client.close()
     return [fields for _, fields in entries if fields["k"] == api_key_id]
-
-
-@pytest.fixture
-def key(pg_url: str, redis_prefix: str) -> IssuedKey:
-    return issue_key(make_settings(pg_url, redis_prefix), rpm=100, rpd=1000, monthly_tokens=100_000)
 
 
 def test_handler_is_wrapped_mangum_without_lifespan(lambda_module: ModuleType) -> None:

@@ -22,12 +22,6 @@ from tests.support.api import bearer, issue_key
 from tests.support.settings import ADMIN_TOKEN, make_settings
 
 
-@pytest.fixture
-def fake() -> Iterator[FakeStripe]:
-    with FakeStripe() as server:
-        yield server
-
-
 def stripe_settings(pg_url: str, redis_prefix: str, fake: FakeStripe, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "stripe_secret_key": fake.api_key,

@@ -5,8 +5,8 @@ metered per customer exactly, api_key_usage holds every request exactly once, ev
 outbox row (same identifier, same value, timestamp inside its window), the rollups equal the rows, and the
 Redis buffer and pending counters are empty.
 
-The helpers here (Billing, billing_settings, flush_db, ...) are shared with test_flush_faults.py,
-test_reconcile.py and test_flush_handler.py.
+The harness (Billing, billing_settings, ...) is tests/support/billing.py; its fixtures (billing, fake, flush_db)
+are in tests/functional/conftest.py.
 """
 
 from __future__ import annotations
@@ -35,9 +35,6 @@ from tests.support.billing import (
 )
 from tests.support.db import empty_database
 from tests.support.emf import emf_values
-
-# --------------------------------------------------------------------------------------------- harness
-
 
 # ----------------------------------------------------------------------------------------------- tests
 

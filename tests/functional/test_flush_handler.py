@@ -73,12 +73,12 @@ def test_scheduled_event_flushes_and_bills_exactly_once(billing: Billing, fake: 
         billing.record(billing.key(customer), customer, 40, ts=past_window_start() + n, seed=n)
     handler = load_handler()
 
-    result = handler(scheduled_event(), LambdaContext(remaining_ms=290_000))
+    result = handler(scheduled_event(), LambdaContext("aikit-flush", remaining_ms=290_000))
 
     assert result["ok"] and not result["stopped_early"] and not result["skipped"]
     assert result["rows_inserted"] == 120 and result["reports_sent"] == result["stripe_calls"] == 3
     billing.assert_exact()
-    again = handler(scheduled_event(), LambdaContext(remaining_ms=290_000))
+    again = handler(scheduled_event(), LambdaContext("aikit-flush", remaining_ms=290_000))
     assert again["ok"] and again["rows_inserted"] == 0 and again["stripe_calls"] == 0
 
 
@@ -88,11 +88,11 @@ def test_little_time_left_still_flushes_within_a_second(billing: Billing, fake: 
     handler = load_handler()
 
     # 20 s are kept as a safety margin: one second of budget remains; enough for this much usage.
-    result = handler(scheduled_event(), LambdaContext(remaining_ms=20_500))
+    result = handler(scheduled_event(), LambdaContext("aikit-flush", remaining_ms=20_500))
 
     assert result["ok"] and result["duration_ms"] < 5_000
     if result["stopped_early"]:  # a slow machine: the next invocation finishes the job
-        result = handler(scheduled_event(), LambdaContext(remaining_ms=290_000))
+        result = handler(scheduled_event(), LambdaContext("aikit-flush", remaining_ms=290_000))
         assert result["ok"]
     billing.assert_exact()
 
@@ -102,4 +102,4 @@ def test_a_failed_flush_fails_the_invocation(billing: Billing, monkeypatch: pyte
     handler = load_handler()
 
     with pytest.raises(RuntimeError, match="flush failed"):
-        handler(scheduled_event(), LambdaContext(remaining_ms=60_000))
+        handler(scheduled_event(), LambdaContext("aikit-flush", remaining_ms=60_000))

@@ -30,11 +30,6 @@ from tests.support.settings import REDIS_URL, make_settings
 TOKENS = 3 + 4  # echo: "hello there world"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def rclient() -> redis.Redis:
     return redis.Redis.from_url(REDIS_URL, decode_responses=True)
 

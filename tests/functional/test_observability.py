@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ from aikit.observability import (
     metrics,
 )
 from aikit.settings import load_settings
+from tests.support.aws_lambda import LambdaContext
 from tests.support.emf import emf_records
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -67,17 +69,8 @@ def find(records: list[dict[str, Any]], metric: str, dimensions: list[str]) -> d
     raise AssertionError(f"no EMF record with {metric} and dimensions {dimensions}: {records}")
 
 
-class FakeContext:
-    function_name = "aikit-test-fn"
-    function_version = "$LATEST"
-    memory_limit_in_mb = 512
-    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:aikit-test-fn"
-    aws_request_id = "req-0001"
-    log_group_name = "/aikit/test/fn"
-    log_stream_name = "2026/01/01/[$LATEST]abc"
-
-    def get_remaining_time_in_millis(self) -> int:
-        return 30_000
+fake_context = functools.partial(LambdaContext, "aikit-test-fn", aws_request_id="req-0001",
+                                 log_group_name="/aikit/test/fn", log_stream_name="2026/01/01/[$LATEST]abc")
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -231,7 +224,7 @@ def test_lambda_entry_adds_context_flushes_metrics_and_never_logs_the_event(out:
         return {"ok": True}
 
     event = {"requestContext": {"requestId": "rid-123"}, "headers": {"x-marker": marker}}
-    assert handler(event, FakeContext()) == {"ok": True}
+    assert handler(event, fake_context()) == {"ok": True}
 
     text = out.readouterr().out
     assert marker not in text
@@ -249,7 +242,7 @@ def test_lambda_entry_wraps_callable_objects_like_mangum(out: Any) -> None:
             return {"statusCode": 200, "body": event["body"]}
 
     handler = lambda_entry(App())
-    assert handler({"body": "hi"}, FakeContext()) == {"statusCode": 200, "body": "hi"}
+    assert handler({"body": "hi"}, fake_context()) == {"statusCode": 200, "body": "hi"}
 
 
 def test_lambda_entry_lets_errors_through_and_still_flushes(out: Any) -> None:
@@ -259,7 +252,7 @@ def test_lambda_entry_lets_errors_through_and_still_flushes(out: Any) -> None:
         raise RuntimeError("flush failed")
 
     with pytest.raises(RuntimeError, match="flush failed"):
-        handler({}, FakeContext())
+        handler({}, fake_context())
     assert find(emf_records(out.readouterr().out), PARKED_BATCHES, ["service"])[PARKED_BATCHES] == [1.0]
 
 

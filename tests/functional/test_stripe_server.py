@@ -22,12 +22,6 @@ DESTINATION_SECRET = "whsec_destination_test"
 
 
 @pytest.fixture
-def fake() -> Iterator[FakeStripe]:
-    with FakeStripe() as server:
-        yield server
-
-
-@pytest.fixture
 def http(fake: FakeStripe) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=fake.url, headers={"Authorization": f"Bearer {fake.api_key}"}, timeout=5) as client:
         yield client

@@ -30,7 +30,7 @@ from tests.support.api import bearer, full_app, issue_key
 from tests.support.api import chat as _chat
 from tests.support.hostile import Env, assert_clean, billing_env
 from tests.support.settings import ADMIN_TOKEN
-from tests.support.webhooks import post_webhook, subscribe, subscription_event
+from tests.support.webhooks import deliver, subscribe, subscription_event
 
 CHAT = {"model": "echo-1", "messages": [{"role": "user", "content": "one two three"}]}  # 3 in + 4 out
 chat = functools.partial(_chat, content="one two three")
@@ -145,7 +145,7 @@ def test_a_deactivated_subscription_gets_402_on_chat(env: tuple[Env, TestClient]
                                  {"c": customer}).scalar_one()
     deleted = subscription_event("customer.subscription.deleted", sub_id, str(customer), "canceled",
                                  int(dt.datetime.now(dt.UTC).timestamp()) + 5)
-    assert post_webhook(client, deleted).json()["outcome"] == "applied"
+    assert deliver(client, deleted).json()["outcome"] == "applied"
     for extra in ({}, {"stream": True}):
         r = chat(client, other.api_key, **extra)
         assert r.status_code == 402, r.text

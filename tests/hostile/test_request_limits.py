@@ -16,7 +16,6 @@ from fastapi.testclient import TestClient
 from aikit.api.app import create_app
 from aikit.runtime import Runtime
 from aikit.settings import SettingsError, embedded_sqlite_url, load_settings
-from tests.conftest import event_template, lambda_module  # noqa: F401  (fixtures)
 from tests.support.api import bearer, issue_key
 from tests.support.aws_lambda import body_of, header, http_event, invoke
 from tests.support.cli import aikit, base_env, out_json
@@ -32,7 +31,7 @@ CHAT = {"model": "echo-1", "messages": [{"role": "user", "content": "one two thr
 
 @pytest.mark.parametrize("b64", [False, True])
 def test_the_mangum_handler_refuses_an_oversized_event_before_auth(
-        lambda_module: ModuleType, event_template: dict[str, Any], pg_url: str, redis_prefix: str,  # noqa: F811
+        lambda_module: ModuleType, event_template: dict[str, Any], pg_url: str, redis_prefix: str,
         b64: bool) -> None:
     key = issue_key(make_settings(pg_url, redis_prefix), rpm=100, rpd=100)
     big = {"model": "echo-1", "messages": [{"role": "user", "content": "a " * (5 * 1024 * 1024 // 2)}]}

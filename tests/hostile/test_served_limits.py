@@ -29,8 +29,8 @@ from aikit.db.engine import get_engine
 from aikit.keys import IssuedKey
 from aikit.metering.layout import RedisLayout
 from aikit.settings import Settings
-from tests.hostile.served import MB, Served, Watch, aikit_serve, connect, head, read_response, watching
 from tests.support.api import bearer, issue_key
+from tests.support.served import MB, Served, Watch, aikit_serve_logged, connect, head, read_response, watching
 from tests.support.settings import REDIS_URL, make_settings
 from tests.support.webhooks import WEBHOOK_SECRET, sign
 
@@ -55,7 +55,7 @@ def served(pg_url: str) -> Iterator[tuple[Served, Settings]]:
            "AUTH_FAILURES_PER_MINUTE": str(GUESS_LIMIT),
            "ADMIN_FAILURES_PER_MINUTE": str(GUESS_LIMIT), "LLM_DEADLINE_SECONDS": "120"}
     try:
-        with aikit_serve(env) as server:
+        with aikit_serve_logged(env) as server:
             yield server, settings
     finally:
         client = redis.Redis.from_url(REDIS_URL)

@@ -9,7 +9,7 @@ from aikit.db.models import ApiKeyUsage
 from tests.support.settings import REDIS_URL
 
 
-def settings_env(pg_url: str, redis_prefix: str, **extra: str) -> dict[str, str]:
+def lambda_settings_env(pg_url: str, redis_prefix: str, **extra: str) -> dict[str, str]:
     return {"DATABASE_URL": pg_url, "REDIS_URL": REDIS_URL, "REDIS_KEY_PREFIX": redis_prefix, "LLM_PROVIDER": "echo",
             **extra}
 

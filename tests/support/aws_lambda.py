@@ -5,35 +5,26 @@ module and reading its answer.
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
+import importlib.util
 import json
+import subprocess
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import pytest
+
+import aikit.runtime
+from aikit.settings import get_settings
+from tests.support.settings import REDIS_URL
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
 HANDLER_FILE = ROOT / "functions" / "api" / "app.py"
-
-
 SAM = ROOT / ".venv-sam" / "bin" / "sam"
-
-
-class FakeLambdaContext:
-    function_name = "aikit-api"
-    function_version = "$LATEST"
-    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:aikit-api"
-    memory_limit_in_mb = 512
-    log_group_name = "/aws/lambda/aikit-api"
-    log_stream_name = "2026/11/27/[$LATEST]0123456789abcdef"
-
-    def __init__(self) -> None:
-        self.aws_request_id = str(uuid.uuid4())
-
-    def get_remaining_time_in_millis(self) -> int:
-        return 29_000
 
 
 def hand_built_event() -> dict[str, Any]:
@@ -74,7 +65,7 @@ def http_event(template: dict[str, Any], method: str, path: str, body: Any = Non
 
 
 def invoke(module: ModuleType, event: dict[str, Any]) -> dict[str, Any]:
-    response: dict[str, Any] = module.handler(event, FakeLambdaContext())
+    response: dict[str, Any] = module.handler(event, LambdaContext("aikit-api", remaining_ms=29_000))
     return response
 
 
@@ -91,16 +82,65 @@ def header(response: dict[str, Any], name: str) -> str | None:
 
 
 class LambdaContext:
-    function_name = "aikit-flush"
-    function_version = "$LATEST"
-    memory_limit_in_mb = 512
-    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:aikit-flush"
-    log_group_name = "/aws/lambda/aikit-flush"
-    log_stream_name = "2026/01/01/[$LATEST]0123456789abcdef"
+    """The context object the Lambda runtime passes to a handler, for the function `function_name`."""
 
-    def __init__(self, remaining_ms: int) -> None:
+    function_version = "$LATEST"
+
+    def __init__(self, function_name: str, *, remaining_ms: int = 30_000, memory_limit_in_mb: int = 512,
+                 aws_request_id: str | None = None, log_group_name: str | None = None,
+                 log_stream_name: str = "2026/01/01/[$LATEST]0123456789abcdef") -> None:
+        self.function_name = function_name
+        self.invoked_function_arn = f"arn:aws:lambda:us-east-1:123456789012:function:{function_name}"
+        self.memory_limit_in_mb = memory_limit_in_mb
+        self.aws_request_id = aws_request_id or str(uuid.uuid4())
+        self.log_group_name = log_group_name or f"/aws/lambda/{function_name}"
+        self.log_stream_name = log_stream_name
         self.remaining_ms = remaining_ms
-        self.aws_request_id = str(uuid.uuid4())
 
     def get_remaining_time_in_millis(self) -> int:
         return self.remaining_ms
+
+
+def http_api_event_template() -> dict[str, Any]:
+    """The HTTP API proxy event the SAM CLI generates (its own venv, when installed), else the same shape
+    built by hand."""
+    if SAM.exists():
+        out = subprocess.run([str(SAM), "local", "generate-event", "apigateway", "http-api-proxy"],
+                             capture_output=True, text=True, timeout=60, env={"SAM_CLI_TELEMETRY": "0",
+                                                                              "PATH": "/usr/bin:/bin"})
+        if out.returncode == 0:
+            event: dict[str, Any] = json.loads(out.stdout[out.stdout.index("{"):])
+            assert event["version"] == "2.0" and event["routeKey"] == "$default"
+            return event
+    return hand_built_event()
+
+
+@contextlib.contextmanager
+def cold_started_api(pg_url: str, redis_prefix: str, tmp_path: Path,
+                  monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    """Imports functions/api/app.py like a cold start: configuration only from the environment."""
+    monkeypatch.chdir(tmp_path)  # no .env file
+    for name, value in {"DATABASE_URL": pg_url, "REDIS_URL": REDIS_URL, "REDIS_KEY_PREFIX": redis_prefix,
+                        "LLM_PROVIDER": "echo", "FLUSH_INTERVAL_SECONDS": "0", "POWERTOOLS_TRACE_DISABLED": "true",
+                        "POWERTOOLS_SERVICE_NAME": "aikit"}.items():
+        monkeypatch.setenv(name, value)
+    for name in ("STRIPE_SECRET_KEY", "DATABASE_SECRET_ARN", "STRIPE_SECRET_ARN", "ADMIN_TOKEN_SECRET_ARN",
+                 "LLM_SECRET_ARN"):
+        monkeypatch.delenv(name, raising=False)
+    with imported_api_handler(monkeypatch) as module:
+        yield module
+
+
+@contextlib.contextmanager
+def imported_api_handler(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    """functions/api/app.py imported afresh, as a cold start does, with the environment and cwd as they are."""
+    monkeypatch.setattr(aikit.runtime, "_runtime", None)
+    get_settings.cache_clear()
+    spec = importlib.util.spec_from_file_location(f"api_lambda_{uuid.uuid4().hex[:8]}", HANDLER_FILE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        yield module
+    finally:
+        get_settings.cache_clear()

@@ -33,11 +33,7 @@ from tests.support.api import issue_key
 from tests.support.settings import make_settings
 
 EVENT = "api_tokens"
-
-
 WINDOW = 300
-
-
 DAY = 86400
 
 
@@ -253,7 +249,8 @@ class Billing:
                 client.close()
 
 
-def started_fake() -> Iterator[FakeStripe]:
+def started_fake(timeout_seconds: float = 0.8) -> Iterator[FakeStripe]:
+    """FakeStripe; its "timeout" fault stalls `timeout_seconds` (the harness client gives up after 0.5 s)."""
     with FakeStripe() as server:
-        server.timeout_seconds = 0.8  # the client gives up after 0.5 s
+        server.timeout_seconds = timeout_seconds
         yield server

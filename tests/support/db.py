@@ -18,7 +18,7 @@ from aikit.db.migrate import upgrade
 ADMIN_URL = os.environ.get("TEST_DATABASE_ADMIN_URL", "postgresql+pg8000://postgres@127.0.0.1:5432/postgres")
 
 
-def _create_database(name: str) -> str:
+def create_database(name: str) -> str:
     admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
@@ -26,7 +26,7 @@ def _create_database(name: str) -> str:
     return ADMIN_URL.rsplit("/", 1)[0] + "/" + name
 
 
-def _drop_database(name: str) -> None:
+def drop_database(name: str) -> None:
     admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
@@ -37,13 +37,13 @@ def _drop_database(name: str) -> None:
 def migrated_database(label: str = "test") -> Iterator[str]:
     """A fresh Postgres database with the schema applied; dropped afterwards."""
     name = f"aikit_{label}_{uuid.uuid4().hex[:10]}"
-    url = _create_database(name)
+    url = create_database(name)
     try:
         upgrade(url)
         yield url
     finally:
         get_engine(url).dispose()
-        _drop_database(name)
+        drop_database(name)
 
 
 TABLES = ("meter_reports", "usage_daily", "api_key_usage", "subscriptions", "api_keys", "users", "stripe_events")

@@ -62,7 +62,7 @@ class Env:
         return [self.key.api_key, ADMIN_TOKEN, self.fake.api_key, WEBHOOK_SECRET]
 
 
-def billing_settings(pg_url: str, redis_prefix: str, fake: FakeStripe, **overrides: Any) -> Settings:
+def metered_price_settings(pg_url: str, redis_prefix: str, fake: FakeStripe, **overrides: Any) -> Settings:
     """Settings with Stripe (FakeStripe), webhooks and the metered price configured."""
     settings = make_settings(pg_url, redis_prefix, stripe_secret_key=fake.api_key, stripe_api_base=fake.url,
                              stripe_webhook_secret=WEBHOOK_SECRET, stripe_max_network_retries=0,
@@ -79,7 +79,7 @@ def billing_settings(pg_url: str, redis_prefix: str, fake: FakeStripe, **overrid
 def billing_env(pg_url: str, redis_prefix: str, **overrides: Any) -> Iterator[tuple[Env, TestClient]]:
     """FakeStripe + an app with every router + one subscribed customer with one key."""
     with FakeStripe() as fake:
-        settings = billing_settings(pg_url, redis_prefix, fake, **overrides)
+        settings = metered_price_settings(pg_url, redis_prefix, fake, **overrides)
         email = f"hostile-{uuid.uuid4().hex[:8]}@example.com"
         customer = fake.add_customer(email=email)
         key = issue_key(settings, email=email, customer_id=customer, rpm=100_000, rpd=1_000_000,

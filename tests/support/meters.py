@@ -21,3 +21,7 @@ class MemoryMeter(Meter):
         if self.delay:
             await asyncio.sleep(self.delay)
         self.events.append(event)
+
+    def usages(self) -> list[tuple[int, int, int]]:
+        """What was metered: input, output and cached input tokens."""
+        return [(e.input_tokens, e.output_tokens, e.cached_tokens) for e in self.events]

@@ -27,11 +27,7 @@ from tests.support.settings import make_settings
 
 # Flushing "as of" a moment long ago seals no report, so no test here ever calls Stripe.
 LONG_AGO = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
-
-
 TIMEOUT = 0.2  # REDIS_TIMEOUT_SECONDS for these tests
-
-
 TOKENS = 3 + 4  # echo: "hello there world" -> 3 input words, "echo: hello there world" -> 4 output words
 
 

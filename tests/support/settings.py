@@ -12,8 +12,6 @@ from typing import Any
 from aikit.settings import Settings, load_settings
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"  # ADMIN_TOKEN must have 32+ characters
 
 

@@ -42,11 +42,6 @@ MESSAGES: list[dict[str, Any]] = [
 INPUT_WORDS = 3 + 3 + 1 + 3  # every word of every message
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def echo_llm(meter: Meter | None = None) -> LLM:
     return LLM(EchoProvider(), meter=meter)
 
