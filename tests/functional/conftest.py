@@ -1,5 +1,6 @@
 """Fixtures of the functional tests: the billing harness (tests/support/billing.py) on one database per module,
-emptied per test; a fresh local Stripe per test; fake AWS credentials for the local Bedrock imitation."""
+emptied per test; a fresh local Stripe per test; fake AWS credentials for the local Bedrock imitation; the API
+as a proxy in front of the local fake OpenAI (tests/support/proxy.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,14 @@ from collections.abc import Iterator
 
 import pytest
 
+from aikit.keys import IssuedKey
+from aikit.settings import Settings
+from tests.fakes.llm_servers import FakeOpenAI, openai_server
 from tests.fakes.stripe_server import FakeStripe
+from tests.support.api import issue_key
 from tests.support.billing import Billing, started_fake
 from tests.support.db import empty_database, module_database
+from tests.support.proxy import UPSTREAM_TIMEOUT, proxy_settings_for
 
 
 @pytest.fixture(scope="module")
@@ -38,3 +44,21 @@ def aws_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.fixture
+def slow_openai() -> Iterator[FakeOpenAI]:
+    """The local fake OpenAI; its "slow" fault outlasts the proxy's upstream timeout."""
+    with openai_server(slow_seconds=3 * UPSTREAM_TIMEOUT) as srv:
+        yield srv
+
+
+@pytest.fixture
+def proxy_settings(pg_url: str, redis_prefix: str, slow_openai: FakeOpenAI) -> Settings:
+    return proxy_settings_for(pg_url, redis_prefix, slow_openai)
+
+
+@pytest.fixture
+def proxy_key(proxy_settings: Settings) -> IssuedKey:
+    # A token quota, so every admitted call holds a reservation until it is metered or released.
+    return issue_key(proxy_settings, rpm=1000, rpd=10_000, monthly_tokens=1_000_000)

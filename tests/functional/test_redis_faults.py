@@ -31,11 +31,11 @@ from tests.support.redis_faults import (
     TIMEOUT,
     TOKENS,
     fault_settings,
-    new_key,
+    new_paying_key,
     outage,
     outbox_total,
     rollup,
-    served,
+    serve_requests,
     usage_rows,
 )
 from tests.support.servers import RedisProcess, free_port, serve_app
@@ -65,15 +65,15 @@ def test_usage_goes_to_postgres_while_redis_is_down_and_is_counted_once(
         pg_url: str, redis_proc: RedisProcess, kind: str) -> None:
     settings = fault_settings(pg_url, redis_proc)
     runtime = Runtime(settings)
-    key, customer = new_key(settings)
+    key, customer = new_paying_key(settings)
     with TestClient(create_app(runtime=runtime)) as client:
-        before = served(client, key, 3)  # buffered in Redis
+        before = serve_requests(client, key, 3)  # buffered in Redis
         assert pending_tokens(runtime, key.api_key_id) == 3 * TOKENS
         assert usage_rows(runtime, key) == {}
 
         with outage(redis_proc, kind):
             started = time.monotonic()
-            during = served(client, key, 3)
+            during = serve_requests(client, key, 3)
             elapsed = time.monotonic() - started
             # Written straight to Postgres, before any flush: the row under the same request id, the daily
             # rollup and the Stripe outbox.
@@ -86,7 +86,7 @@ def test_usage_goes_to_postgres_while_redis_is_down_and_is_counted_once(
 
         # Redis is back (a frozen Redis may now run the commands it had queued: usage recorded twice).
         time.sleep(0.2)
-        after = served(client, key, 2)
+        after = serve_requests(client, key, 2)
 
     summary = Flusher(settings).run(now=LONG_AGO)
     assert summary.ok, summary.errors
@@ -107,7 +107,7 @@ def test_redis_killed_and_restarted_under_concurrent_traffic(pg_url: str, redis_
     every request is answered and, after a flush, stored exactly once."""
     settings = fault_settings(pg_url, redis_proc)
     runtime = Runtime(settings)
-    key, customer = new_key(settings)
+    key, customer = new_paying_key(settings)
     total, workers = 90, 6
 
     async def traffic(base: str) -> list[httpx.Response]:
@@ -156,7 +156,7 @@ def test_redis_killed_and_restarted_under_concurrent_traffic(pg_url: str, redis_
 def test_fail_open_serves_requests_while_redis_is_down(pg_url: str, redis_proc: RedisProcess, kind: str) -> None:
     settings = fault_settings(pg_url, redis_proc, rate_limit_fail_mode="open")
     runtime = Runtime(settings)
-    key, _ = new_key(settings, rpd=1)  # the limit cannot be checked: open means served anyway
+    key, _ = new_paying_key(settings, rpd=1)  # the limit cannot be checked: open means served anyway
     with TestClient(create_app(runtime=runtime)) as client:
         assert chat(client, key).status_code == 200
         assert chat(client, key).status_code == 429
@@ -173,7 +173,7 @@ def test_fail_closed_answers_503_with_retry_after_while_redis_is_down(
         pg_url: str, redis_proc: RedisProcess, kind: str) -> None:
     settings = fault_settings(pg_url, redis_proc, rate_limit_fail_mode="closed")
     runtime = Runtime(settings)
-    key, customer = new_key(settings)
+    key, customer = new_paying_key(settings)
     with TestClient(create_app(runtime=runtime)) as client:
         assert chat(client, key).status_code == 200
         with outage(redis_proc, kind):
@@ -201,7 +201,7 @@ def test_a_record_that_timed_out_but_ran_late_in_redis_is_counted_once(
     The flush finds it in the stream too; the request id keeps it from being stored twice."""
     settings = fault_settings(pg_url, redis_proc)
     runtime = Runtime(settings)
-    key, customer = new_key(settings)
+    key, customer = new_paying_key(settings)
     assert redis_proc.proc is not None
     pid = redis_proc.proc.pid
 

@@ -60,7 +60,7 @@ def outage(proc: RedisProcess, kind: str) -> Iterator[None]:
             os.kill(proc.proc.pid, signal.SIGCONT)
 
 
-def served(client: TestClient, key: IssuedKey, n: int) -> list[str]:
+def serve_requests(client: TestClient, key: IssuedKey, n: int) -> list[str]:
     ids = []
     for _ in range(n):
         r = chat(client, key)
@@ -92,7 +92,7 @@ def outbox_total(runtime: Runtime, customer: str) -> int:
     return int(total)
 
 
-def new_key(settings: Settings, **limits: int) -> tuple[IssuedKey, str]:
+def new_paying_key(settings: Settings, **limits: int) -> tuple[IssuedKey, str]:
     """A key of a paying customer (an active subscription, as the webhooks would have stored it)."""
     customer = "cus_" + uuid.uuid4().hex[:14]
     with Session(get_engine(settings.database_url)) as session:
