@@ -1,13 +1,17 @@
 """Fixtures of the functional tests: the billing harness (tests/support/billing.py) on one database per module,
-emptied per test; a fresh local Stripe per test; fake AWS credentials for the local Bedrock imitation; the API
-as a proxy in front of the local fake OpenAI (tests/support/proxy.py)."""
+emptied per test; a fresh local Stripe per test; fake AWS credentials for the local Bedrock imitation; a mocked
+Secrets Manager; the API as a proxy in front of the local fake OpenAI (tests/support/proxy.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
+import boto3
 import pytest
+from moto import mock_aws
 
+from aikit import aws_secrets
 from aikit.keys import IssuedKey
 from aikit.settings import Settings
 from tests.fakes.llm_servers import FakeOpenAI, openai_server
@@ -62,3 +66,17 @@ def proxy_settings(pg_url: str, redis_prefix: str, slow_openai: FakeOpenAI) -> S
 def proxy_key(proxy_settings: Settings) -> IssuedKey:
     # A token quota, so every admitted call holds a reservation until it is metered or released.
     return issue_key(proxy_settings, rpm=1000, rpd=10_000, monthly_tokens=1_000_000)
+
+
+@pytest.fixture
+def secretsmanager(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A Secrets Manager client on moto's in-memory AWS; aikit's secret cache is empty before and after."""
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    aws_secrets.clear_cache()
+    with mock_aws():
+        yield boto3.client("secretsmanager", region_name="us-east-1")
+    aws_secrets.clear_cache()
