@@ -40,7 +40,7 @@ from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-sys.path.insert(0, str(ROOT))  # tests.servers: free ports, a throwaway redis-server
+sys.path.insert(0, str(ROOT))  # tests.support.servers: free ports, a throwaway redis-server
 CONCURRENCY = 16
 TARGET_RATIO = 0.5
 STRETCH_RATIO = 0.7
@@ -95,7 +95,7 @@ def serve_null(port: int) -> None:
 
 
 def free_port() -> int:
-    from tests.servers import free_port as pick
+    from tests.support.servers import free_port as pick
 
     return pick()
 
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench_api import bench_database
     from sqlalchemy.orm import Session
-    from tests.servers import throwaway_redis
+    from tests.support.servers import throwaway_redis
 
     from aikit.keys import create_key
     from aikit.runtime import Runtime

@@ -93,7 +93,7 @@ def bench_redis(url: str | None) -> Iterator[str]:
         yield url
         return
     sys.path.insert(0, str(ROOT))
-    from tests.servers import throwaway_redis
+    from tests.support.servers import throwaway_redis
 
     with throwaway_redis() as proc:
         yield proc.url
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             result["mounted_route"] = asyncio.run(run_mounted(real, auth, args, counters))
             if not args.no_http:
                 sys.path.insert(0, str(ROOT))
-                from tests.servers import serve_app
+                from tests.support.servers import serve_app
 
                 with serve_app(real) as real_url, serve_app(bare_app()) as bare_url:
                     result["http"] = asyncio.run(run_http(real_url, bare_url, auth, args, counters))

@@ -1,60 +1,29 @@
-"""Shared fixtures: every test session gets its own Postgres database and its own Redis key space.
+"""Fixtures shared by every test directory: every test session gets its own Postgres database and its own Redis
+key space. Fixtures only: the helpers they use live in tests/support/.
 
-REDIS_URL / TEST_DATABASE_ADMIN_URL override the machine's services (127.0.0.1:6379 and :5432).
+TEST_REDIS_URL / TEST_DATABASE_ADMIN_URL override the machine's services (127.0.0.1:6379 and :5432).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, text
-from sqlalchemy.orm import Session
 
 from aikit.api.app import create_app
-from aikit.db.engine import get_engine
-from aikit.db.migrate import upgrade
-from aikit.keys import IssuedKey, create_key
+from aikit.keys import IssuedKey
 from aikit.runtime import Runtime
-from aikit.settings import Settings, load_settings
-
-ADMIN_URL = os.environ.get("TEST_DATABASE_ADMIN_URL", "postgresql+pg8000://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-ADMIN_TOKEN = "test-admin-token-0123456789abcdef"  # ADMIN_TOKEN must have 32+ characters
-
-
-def _create_database(name: str) -> str:
-    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-
-
-def _drop_database(name: str) -> None:
-    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
-
-
-@contextlib.contextmanager
-def migrated_database(label: str = "test") -> Iterator[str]:
-    """A fresh Postgres database with the schema applied; dropped afterwards."""
-    name = f"aikit_{label}_{uuid.uuid4().hex[:10]}"
-    url = _create_database(name)
-    try:
-        upgrade(url)
-        yield url
-    finally:
-        get_engine(url).dispose()
-        _drop_database(name)
+from aikit.settings import Settings
+from tests.support.api import issue_key
+from tests.support.aws_lambda import cold_started_api, http_api_event_template
+from tests.support.db import migrated_database
+from tests.support.settings import REDIS_URL, make_settings
 
 
 @pytest.fixture(scope="session")
@@ -82,21 +51,6 @@ def redis_prefix() -> Iterator[str]:
     client.close()
 
 
-def make_settings(database_url: str, redis_prefix: str, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "database_url": database_url,
-        "redis_url": REDIS_URL,
-        "redis_key_prefix": redis_prefix,
-        "admin_token": ADMIN_TOKEN,
-        "llm_provider": "echo",
-        "stripe_secret_key": None,
-        "flush_interval_seconds": 0,
-        "_env_file": None,
-    }
-    values.update(overrides)
-    return load_settings(**values)
-
-
 @pytest.fixture
 def settings(pg_url: str, redis_prefix: str) -> Settings:
     return make_settings(pg_url, redis_prefix)
@@ -113,25 +67,31 @@ def client(runtime: Runtime) -> Iterator[TestClient]:
         yield c
 
 
-def issue_key(settings: Settings, **kwargs: Any) -> IssuedKey:
-    kwargs.setdefault("email", f"{uuid.uuid4().hex[:8]}@example.com")
-    with Session(get_engine(settings.database_url)) as session:
-        issued = create_key(session, settings, **kwargs)
-        session.commit()
-    return issued
-
-
 @pytest.fixture
 def api_key(settings: Settings) -> IssuedKey:
     return issue_key(settings, rpm=1000, rpd=100_000, monthly_tokens=10_000_000)
 
 
-def read_sdk_stream(stream: Any) -> tuple[str, Any]:
-    """The text and the final usage chunk's usage of an openai SDK chat stream."""
-    text, usage = "", None
-    for chunk in stream:
-        if chunk.choices:
-            text += chunk.choices[0].delta.content or ""
-        if chunk.usage is not None:
-            usage = chunk.usage
-    return text, usage
+
+@pytest.fixture(scope="module")
+def event_template() -> dict[str, Any]:
+    return http_api_event_template()
+
+
+@pytest.fixture
+def lambda_module(pg_url: str, redis_prefix: str, tmp_path: Path,
+                  monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    """functions/api/app.py imported like a cold start: configuration only from the environment."""
+    with cold_started_api(pg_url, redis_prefix, tmp_path, monkeypatch) as module:
+        yield module
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def key(pg_url: str, redis_prefix: str) -> IssuedKey:
+    """A key with small limits (modules that need other limits declare their own `key`)."""
+    return issue_key(make_settings(pg_url, redis_prefix), rpm=100, rpd=1000, monthly_tokens=100_000)

@@ -6,9 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from aikit.keys import IssuedKey
 from tests.artifact import builds
-from tests.conftest import issue_key, make_settings
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +29,3 @@ def plain_venv() -> Path:
     return builds.plain_install()
 
 
-@pytest.fixture
-def key(pg_url: str, redis_prefix: str) -> IssuedKey:
-    return issue_key(make_settings(pg_url, redis_prefix), rpm=100, rpd=1000, monthly_tokens=100_000)

@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 import stripe
-from sqlalchemy import create_engine, func, inspect, select, text
+from sqlalchemy import create_engine, inspect, text
 
-from aikit.db.models import ApiKeyUsage
 from aikit.keys import IssuedKey
 from tests.artifact.builds import FUNCTIONS, ROOT, invoke, lambda_env
-from tests.conftest import ADMIN_URL, REDIS_URL
 from tests.fakes.stripe_server import FakeStripe
+from tests.support.artifact import lambda_settings_env, tokens_in_postgres
+from tests.support.db import ADMIN_URL
 
 # The first test builds the artifacts (sam build, venvs) in its setup: minutes on a clean checkout.
 pytestmark = pytest.mark.timeout(1800)
@@ -30,11 +30,6 @@ WEBHOOK_SECRET = "whsec_artifact_test"
 def event(name: str) -> dict[str, Any]:
     data: dict[str, Any] = json.loads((EVENTS / name).read_text())
     return data
-
-
-def settings_env(pg_url: str, redis_prefix: str, **extra: str) -> dict[str, str]:
-    return {"DATABASE_URL": pg_url, "REDIS_URL": REDIS_URL, "REDIS_KEY_PREFIX": redis_prefix, "LLM_PROVIDER": "echo",
-            **extra}
 
 
 # ---------------------------------------------------------------------------------------------- the layer
@@ -97,18 +92,9 @@ def _free_udp_port() -> int:
 # ---------------------------------------------------------------------------------------------- one request each
 
 
-def tokens_in_postgres(pg_url: str, api_key_id: str) -> int:
-    engine = create_engine(pg_url)
-    with engine.connect() as conn:
-        total = conn.execute(select(func.coalesce(func.sum(ApiKeyUsage.tokens), 0))
-                             .where(ApiKeyUsage.api_key_id == api_key_id)).scalar_one()
-    engine.dispose()
-    return int(total)
-
-
 def test_api_and_flush_handlers_serve_a_metered_chat_and_move_it_to_postgres(
         sam_build: Path, runtime_venv: Path, pg_url: str, redis_prefix: str, key: IssuedKey) -> None:
-    env = lambda_env(sam_build / "ApiFunction", "aikit-api", **settings_env(pg_url, redis_prefix))
+    env = lambda_env(sam_build / "ApiFunction", "aikit-api", **lambda_settings_env(pg_url, redis_prefix))
     health = invoke(sam_build, runtime_venv, "ApiFunction", event("healthz.json"), env)
     assert (health.result["statusCode"], json.loads(health.result["body"])) == (200, {"status": "ok"})
 
@@ -123,7 +109,7 @@ def test_api_and_flush_handlers_serve_a_metered_chat_and_move_it_to_postgres(
     (record,) = [r for r in chat.emf_records() if "TokensMetered" in r]
     assert record["TokensMetered"] == [float(tokens)]
 
-    flush_env = lambda_env(sam_build / "FlushFunction", "aikit-flush", **settings_env(pg_url, redis_prefix))
+    flush_env = lambda_env(sam_build / "FlushFunction", "aikit-flush", **lambda_settings_env(pg_url, redis_prefix))
     flushed = invoke(sam_build, runtime_venv, "FlushFunction", event("flush_scheduled.json"), flush_env,
                      remaining_ms=290_000)
     assert flushed.result["ok"] and flushed.result["rows_inserted"] >= 1, flushed.result
@@ -137,7 +123,7 @@ def test_webhook_handler_verifies_and_applies_a_signed_stripe_event(
     hook["headers"]["stripe-signature"] = stripe.WebhookSignature.generate_signature_header(body, WEBHOOK_SECRET)
     with FakeStripe() as fake:
         env = lambda_env(sam_build / "WebhookFunction", "aikit-webhook",
-                         **settings_env(pg_url, redis_prefix, STRIPE_SECRET_KEY=fake.api_key,
+                         **lambda_settings_env(pg_url, redis_prefix, STRIPE_SECRET_KEY=fake.api_key,
                                         STRIPE_API_BASE=fake.url, STRIPE_WEBHOOK_SECRET=WEBHOOK_SECRET))
         good = invoke(sam_build, runtime_venv, "WebhookFunction", hook, env)
         forged = dict(hook, headers={**hook["headers"], "stripe-signature": "t=1,v1=forged"})

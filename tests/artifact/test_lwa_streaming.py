@@ -23,9 +23,9 @@ import pytest
 
 from aikit.keys import IssuedKey
 from tests.artifact.builds import ROOT, invoke, lambda_env
-from tests.artifact.test_built_layer import settings_env, tokens_in_postgres
 from tests.fakes.llm_servers import FakeOpenAI, _Handler
-from tests.servers import free_port
+from tests.support.artifact import lambda_settings_env, tokens_in_postgres
+from tests.support.servers import free_port
 
 # The first test builds the artifacts (sam build, venvs) in its setup: minutes on a clean checkout.
 pytestmark = pytest.mark.timeout(1800)
@@ -153,7 +153,7 @@ def stream_chat(base: str, api_key: str, body: dict[str, Any]) -> StreamedReply:
 def test_run_sh_streams_the_first_chunk_long_before_the_upstream_finishes_and_meters_it(
         sam_build: Path, runtime_venv: Path, pg_url: str, redis_prefix: str, key: IssuedKey,
         upstream: TricklingOpenAI) -> None:
-    settings = settings_env(pg_url, redis_prefix, LLM_PROVIDER="openai", OPENAI_API_KEY=upstream.api_key,
+    settings = lambda_settings_env(pg_url, redis_prefix, LLM_PROVIDER="openai", OPENAI_API_KEY=upstream.api_key,
                             OPENAI_BASE_URL=upstream.base_url)
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "tell me a long story"}],
             "stream": True, "stream_options": {"include_usage": True}}
@@ -178,7 +178,7 @@ def test_run_sh_streams_the_first_chunk_long_before_the_upstream_finishes_and_me
     assert not [line for _, line in output.lines if "segment" in line.lower() or "Traceback" in line]
 
     # Durable: the flush moves exactly that usage to Postgres.
-    flush_env = lambda_env(sam_build / "FlushFunction", "aikit-flush", **settings_env(pg_url, redis_prefix))
+    flush_env = lambda_env(sam_build / "FlushFunction", "aikit-flush", **lambda_settings_env(pg_url, redis_prefix))
     scheduled = json.loads((ROOT / "events" / "flush_scheduled.json").read_text())
     flushed = invoke(sam_build, runtime_venv, "FlushFunction", scheduled, flush_env, remaining_ms=290_000)
     assert flushed.result["ok"], flushed.result

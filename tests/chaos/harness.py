@@ -45,10 +45,10 @@ from aikit.keys import IssuedKey
 from aikit.runtime import Runtime
 from aikit.settings import Settings, load_settings
 from aikit.stripe_gateway import StripeGateway
-from tests.conftest import issue_key
 from tests.fakes.stripe_server import FakeStripe
-from tests.hostile import WEBHOOK_SECRET, full_app, post_webhook, subscription_event
-from tests.servers import RedisProcess, free_port, serve_app
+from tests.support.api import full_app, issue_key
+from tests.support.servers import RedisProcess, free_port, serve_app
+from tests.support.webhooks import WEBHOOK_SECRET, deliver, subscription_event
 
 ADMIN_TOKEN = "chaos-admin-" + uuid.uuid4().hex
 
@@ -133,7 +133,7 @@ class WebhookDriver(threading.Thread):
                     time.sleep(0.05)
                     continue
                 try:
-                    r = post_webhook(http, event)
+                    r = deliver(http, event)
                 except httpx.HTTPError:
                     self.retries += 1
                     time.sleep(0.2)
@@ -437,7 +437,7 @@ def two_flushes_at_once(settings: Settings, *, use_lock: bool) -> list[str]:
     return results
 
 
-def settings_env(settings: Settings) -> dict[str, str]:
+def child_env(settings: Settings) -> dict[str, str]:
     names = ("database_url", "redis_url", "redis_key_prefix", "redis_timeout_seconds", "stripe_secret_key",
              "stripe_api_base", "stripe_timeout_seconds", "stripe_report_window_seconds", "stripe_webhook_secret",
              "llm_provider", "flush_batch_size")
@@ -473,7 +473,7 @@ def crashing_flushes(settings: Settings, plans: list[tuple[str | None, float]]) 
     imports overlap, and each waits for a go."""
     procs = []
     for point, _ in plans:
-        env = settings_env(settings)
+        env = child_env(settings)
         if point:
             env["AIKIT_CRASH_AT"] = point
         procs.append(subprocess.Popen([sys.executable, "-c", _CRASH_CHILD], env=env, stdin=subprocess.PIPE,
@@ -546,7 +546,7 @@ def world(n_customers: int, keys_per_customer: int = 2) -> Iterator[World]:
             with httpx.Client(base_url=base, timeout=30) as http:
                 created = int(time.time())
                 for c in customers:
-                    r = post_webhook(http, subscription_event("customer.subscription.created", c.subscription_id,
+                    r = deliver(http, subscription_event("customer.subscription.created", c.subscription_id,
                                                               c.customer_id, "active", created))
                     assert r.status_code == 200 and r.json()["outcome"] == "applied", r.text
             yield World(pg, redis_proc, fake, settings, runtime, base, customers)

@@ -37,7 +37,7 @@ from tests.chaos.harness import (
     unsent_reports,
     world,
 )
-from tests.hostile import invoice_paid_event, subscription_event
+from tests.support.webhooks import invoice_paid_event, subscription_event
 
 FULL = os.environ.get("CHAOS_FULL") == "1"
 

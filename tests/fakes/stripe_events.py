@@ -17,8 +17,6 @@ import copy
 import uuid
 from typing import Any, Literal
 
-import stripe
-
 Shape = Literal["basil", "acacia"]
 SHAPES: tuple[Shape, ...] = ("basil", "acacia")
 API_VERSIONS: dict[Shape, str] = {"basil": "2025-03-31.basil", "acacia": "2025-01-27.acacia"}
@@ -247,5 +245,3 @@ def thin_event(type_: str, *, event_id: str | None = None, created: str = "2026-
     return body
 
 
-def sign(payload: str, secret: str, timestamp: int | None = None) -> str:
-    return str(stripe.WebhookSignature.generate_signature_header(payload, secret, timestamp=timestamp))

@@ -5,7 +5,6 @@ turns EMF lines into metrics, and each custom-metric alarm's own query must then
 from __future__ import annotations
 
 import datetime as dt
-import json
 import operator
 from collections.abc import Iterator
 from typing import Any
@@ -19,17 +18,14 @@ from aikit.api.app import create_app
 from aikit.flush import Flusher
 from aikit.observability import NAMESPACE, flush_metrics
 from aikit.runtime import Runtime
-from tests.conftest import make_settings
 from tests.fakes.stripe_server import FakeStripe
-from tests.functional.test_flush import Billing
-from tests.functional.test_template import resources
+from tests.support.billing import Billing
+from tests.support.emf import emf_records
+from tests.support.settings import make_settings
+from tests.support.template import resources
 
 COMPARE = {"GreaterThanThreshold": operator.gt, "GreaterThanOrEqualToThreshold": operator.ge,
            "LessThanThreshold": operator.lt, "LessThanOrEqualToThreshold": operator.le}
-
-
-def emf_records(out: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in out.splitlines() if line.startswith('{"_aws"')]
 
 
 def put_emf(cloudwatch: Any, records: list[dict[str, Any]]) -> None:
@@ -123,6 +119,6 @@ def test_custom_alarms_see_the_metrics_the_code_emits_and_breach_on_faults(
 
 
 def resources_parameter_default(name: str) -> float:
-    from tests.functional.test_template import template
+    from tests.support.template import template
 
     return float(template()["Parameters"][name]["Default"])

@@ -17,14 +17,9 @@ from aikit.keys import IssuedKey, hash_key, load_key_info
 from aikit.runtime import Runtime
 from aikit.settings import Settings
 from aikit.stripe_gateway import StripeGateway
-from tests.conftest import ADMIN_TOKEN, issue_key, make_settings
 from tests.fakes.stripe_server import FakeStripe
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeStripe]:
-    with FakeStripe() as server:
-        yield server
+from tests.support.api import bearer, issue_key
+from tests.support.settings import ADMIN_TOKEN, make_settings
 
 
 def stripe_settings(pg_url: str, redis_prefix: str, fake: FakeStripe, **overrides: Any) -> Settings:
@@ -67,10 +62,6 @@ def client(b_settings: Settings) -> Iterator[TestClient]:
 def unbilled_key(b_settings: Settings) -> IssuedKey:
     """A key whose user has no Stripe customer and no subscription (the API itself answers 402)."""
     return issue_key(b_settings)
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 def stored_customer(settings: Settings, user_id: str) -> str | None:

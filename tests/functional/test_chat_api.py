@@ -21,15 +21,11 @@ from aikit.metering.base import UsageEvent, new_request_id
 from aikit.metering.sql_sink import store_events
 from aikit.runtime import Runtime
 from aikit.settings import Settings
-from tests.conftest import ADMIN_TOKEN, ADMIN_URL, REDIS_URL, issue_key, make_settings, read_sdk_stream
-from tests.servers import serve_app
-
-
-def pending_tokens(settings: Settings, runtime: Runtime, api_key_id: str) -> int:
-    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
-    values = client.hgetall(runtime.layout.pending(api_key_id))
-    client.close()
-    return sum(int(v) for k, v in values.items() if k.endswith("|t"))
+from tests.support.api import chat, issue_key, read_sdk_stream
+from tests.support.db import ADMIN_URL
+from tests.support.redis import pending_tokens
+from tests.support.servers import serve_app
+from tests.support.settings import ADMIN_TOKEN, REDIS_URL, make_settings
 
 
 def stored_tokens(runtime: Runtime, api_key_id: str) -> int:
@@ -39,11 +35,6 @@ def stored_tokens(runtime: Runtime, api_key_id: str) -> int:
     return int(total)
 
 
-def chat(client: TestClient, key: str, **body: Any) -> httpx.Response:
-    payload = {"model": "echo-1", "messages": [{"role": "user", "content": "hello there world"}], **body}
-    return client.post("/v1/chat/completions", json=payload, headers={"Authorization": f"Bearer {key}"})
-
-
 def test_openai_sdk_non_streaming_usage_is_what_is_metered(runtime: Runtime, api_key: IssuedKey) -> None:
     with serve_app(create_app(runtime=runtime)) as base:
         sdk = openai.OpenAI(api_key=api_key.api_key, base_url=base + "/v1", max_retries=0)
@@ -51,11 +42,11 @@ def test_openai_sdk_non_streaming_usage_is_what_is_metered(runtime: Runtime, api
     assert reply.choices[0].message.content == "echo: one two three"
     assert reply.usage is not None
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (3, 4)
-    assert pending_tokens(runtime.settings, runtime, api_key.api_key_id) == reply.usage.total_tokens == 7
+    assert pending_tokens(runtime, api_key.api_key_id) == reply.usage.total_tokens == 7
     summary = Flusher(runtime.settings).run()
     assert summary.ok and summary.rows_inserted == 1
     assert stored_tokens(runtime, api_key.api_key_id) == 7
-    assert pending_tokens(runtime.settings, runtime, api_key.api_key_id) == 0
+    assert pending_tokens(runtime, api_key.api_key_id) == 0
 
 
 def test_openai_sdk_streaming_with_usage(runtime: Runtime, api_key: IssuedKey) -> None:
@@ -67,7 +58,7 @@ def test_openai_sdk_streaming_with_usage(runtime: Runtime, api_key: IssuedKey) -
         text, usage = read_sdk_stream(stream)
     assert text == "echo: alpha beta gamma delta"
     assert usage is not None and usage.total_tokens == 4 + 5
-    assert pending_tokens(runtime.settings, runtime, api_key.api_key_id) == usage.total_tokens
+    assert pending_tokens(runtime, api_key.api_key_id) == usage.total_tokens
 
 
 def test_async_openai_sdk_many_concurrent_requests_all_metered(runtime: Runtime, api_key: IssuedKey) -> None:
@@ -81,7 +72,7 @@ def test_async_openai_sdk_many_concurrent_requests_all_metered(runtime: Runtime,
 
     with serve_app(create_app(runtime=runtime)) as base:
         total = asyncio.run(drive(base))
-    assert pending_tokens(runtime.settings, runtime, api_key.api_key_id) == total
+    assert pending_tokens(runtime, api_key.api_key_id) == total
     assert Flusher(runtime.settings).run().rows_inserted == 40
     assert stored_tokens(runtime, api_key.api_key_id) == total
 
@@ -173,7 +164,7 @@ def test_parallel_requests_cannot_overspend_the_token_quota(runtime: Runtime, se
     assert set(codes) <= {200, 429}
     # 20 tokens of quota: at most three 7-token calls may start (the third overshoots by at most one call).
     assert 1 <= ok <= 3
-    assert pending_tokens(settings, runtime, key.api_key_id) == 7 * ok
+    assert pending_tokens(runtime, key.api_key_id) == 7 * ok
     with TestClient(create_app(runtime=runtime)) as c:
         r = chat(c, key.api_key)
         assert r.status_code == 429 and "monthly token quota" in r.json()["error"]["message"]
@@ -183,7 +174,7 @@ def test_rejected_requests_are_not_metered(client: TestClient, runtime: Runtime,
     key = issue_key(settings, rpm=1, rpd=100)
     assert chat(client, key.api_key).status_code == 200
     assert chat(client, key.api_key).status_code == 429
-    assert pending_tokens(settings, runtime, key.api_key_id) == 3 + 4
+    assert pending_tokens(runtime, key.api_key_id) == 3 + 4
 
 
 def test_healthz(client: TestClient) -> None:
@@ -205,7 +196,6 @@ def test_guessing_keys_is_rate_limited_per_address(pg_url: str, redis_prefix: st
             # ...but never a valid key (a shared NAT or proxy), even one this instance has not seen yet.
             assert chat(fresh, good.api_key).status_code == 200
         assert chat(c, good.api_key).status_code == 200
-
 
 
 def test_quota_survives_a_redis_wipe(runtime: Runtime, settings: Settings) -> None:

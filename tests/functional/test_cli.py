@@ -4,13 +4,11 @@ environment variables."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -20,27 +18,9 @@ from sqlalchemy import text
 from aikit.api.app import create_app
 from aikit.db.engine import get_engine
 from aikit.runtime import Runtime
-from tests.conftest import make_settings
-from tests.servers import AIKIT, free_port
-
-
-def aikit(*args: str, env: dict[str, str], cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([AIKIT, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-
-
-def base_env(**settings: str) -> dict[str, str]:
-    """Only what a shell needs plus the given settings: nothing leaks in from the test runner's environment
-    (and the cwd is a temporary directory, so no .env file is read either)."""
-    env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
-    env.update({"REDIS_URL": "memory://", "LLM_PROVIDER": "echo", "FLUSH_INTERVAL_SECONDS": "0",
-                "POWERTOOLS_METRICS_DISABLED": "true"})
-    env.update(settings)
-    return env
-
-
-def out_json(result: subprocess.CompletedProcess[str]) -> Any:
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+from tests.support.cli import aikit, base_env, out_json
+from tests.support.servers import AIKIT, free_port
+from tests.support.settings import make_settings
 
 
 def test_migrate_then_create_list_and_revoke_keys(pg_url: str, redis_prefix: str, tmp_path: Path) -> None:

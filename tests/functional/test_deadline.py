@@ -13,7 +13,6 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 from fastapi import APIRouter
 
 from aikit import llm
@@ -21,9 +20,11 @@ from aikit.api.app import create_app
 from aikit.keys import IssuedKey
 from aikit.runtime import Runtime
 from aikit.settings import Settings
-from tests.conftest import REDIS_URL, issue_key, make_settings
 from tests.fakes.llm_servers import FakeOpenAI, openai_server
-from tests.servers import serve_app
+from tests.support.api import issue_key
+from tests.support.redis import entries
+from tests.support.servers import serve_app
+from tests.support.settings import make_settings
 
 DEADLINE = 1.0
 TRICKLE = 0.15
@@ -48,14 +49,6 @@ def deadline_settings(pg_url: str, redis_prefix: str, upstream: FakeOpenAI) -> S
 @pytest.fixture
 def key(deadline_settings: Settings) -> IssuedKey:
     return issue_key(deadline_settings, rpm=100, rpd=100, monthly_tokens=1_000_000)
-
-
-def entries(runtime: Runtime, api_key_id: str) -> list[dict[str, str]]:
-    with redis.Redis.from_url(REDIS_URL, decode_responses=True) as client:
-        found = client.xrange(runtime.layout.stream(runtime.layout.shard_of(api_key_id)))
-        held = client.hgetall(runtime.layout.inflight(api_key_id))
-    assert held == {}  # every reservation settled
-    return [fields for _, fields in found if fields["k"] == api_key_id]
 
 
 def test_a_trickling_stream_past_the_deadline_ends_with_an_error_event_and_is_metered(
@@ -84,7 +77,7 @@ def test_a_trickling_stream_past_the_deadline_ends_with_an_error_event_and_is_me
     delivered = len(text.split())
     assert 2 <= delivered < 200
     assert DEADLINE <= elapsed < DEADLINE + 1.5, elapsed
-    [event] = entries(runtime, key.api_key_id)
+    [event] = entries(runtime, key.api_key_id, settled=True)
     assert event["r"] == request_id
     # What was generated: max(deltas, ceil(characters / 4)), the facade's documented estimate.
     assert (int(event["i"]), int(event["o"])) == (math.ceil(len(PROMPT) / 4),
@@ -103,7 +96,7 @@ def test_a_call_past_the_deadline_answers_504_and_bills_its_input(
     assert r.status_code == 504
     assert r.json()["error"]["type"] == "timeout_error" and "deadline" in r.json()["error"]["message"]
     assert elapsed < DEADLINE + 1.0
-    [event] = entries(runtime, key.api_key_id)
+    [event] = entries(runtime, key.api_key_id, settled=True)
     assert (event["r"], int(event["i"]), int(event["o"])) == (r.headers["X-Request-Id"], 8, 0)
 
 
@@ -125,5 +118,5 @@ def test_the_deadline_holds_in_a_mounted_route_too(deadline_settings: Settings, 
             httpx.Client(base_url=base, timeout=30) as http:
         r = http.post("/v1/story", headers={"Authorization": f"Bearer {key.api_key}"})
     assert r.status_code == 504 and "deadline" in r.json()["error"]["message"]
-    [event] = entries(runtime, key.api_key_id)
+    [event] = entries(runtime, key.api_key_id, settled=True)
     assert int(event["i"]) == 8 and int(event["o"]) >= 2

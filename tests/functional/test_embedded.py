@@ -29,7 +29,9 @@ from aikit.redis_client import make_sync_redis
 from aikit.runtime import Runtime
 from aikit.server import create_server_app
 from aikit.settings import Settings, load_settings
-from tests.servers import AIKIT, aikit_serve, serve_app
+from tests.support.api import chat
+from tests.support.redis import pending_tokens
+from tests.support.servers import AIKIT, aikit_serve, serve_app
 
 
 @pytest.fixture
@@ -53,16 +55,6 @@ def new_key(settings: Settings, **limits: Any) -> IssuedKey:
         issued = create_key(session, settings, email=f"{uuid.uuid4().hex[:8]}@example.com", **limits)
         session.commit()
     return issued
-
-
-def chat(client: TestClient, key: IssuedKey, content: str, **body: Any) -> httpx.Response:
-    return client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key.api_key}"},
-                       json={"model": "echo-1", "messages": [{"role": "user", "content": content}], **body})
-
-
-def pending_tokens(settings: Settings, runtime: Runtime, api_key_id: str) -> int:
-    values = make_sync_redis(settings).hgetall(runtime.layout.pending(api_key_id))
-    return sum(int(v) for k, v in values.items() if k.endswith("|t"))
 
 
 def stored(settings: Settings, api_key_id: str) -> tuple[int, int, int, int]:
@@ -107,7 +99,7 @@ def test_chat_is_metered_and_the_flush_drains_into_sqlite_exactly(embedded: Sett
     # Written to SQLite before each call returned: nothing waits in the in-process substitute.
     assert stored(embedded, key.api_key_id) == (6, total, 6, total)
     assert stored(embedded, other.api_key_id) == (1, 3, 1, 3)
-    assert pending_tokens(embedded, runtime, key.api_key_id) == 0
+    assert pending_tokens(runtime, key.api_key_id, make_sync_redis(embedded)) == 0
     with get_engine(embedded.database_url).connect() as conn:
         day = conn.execute(select(UsageDaily.date).where(UsageDaily.api_key_id == key.api_key_id)).scalar_one()
     assert str(day) == dt.datetime.now(dt.UTC).date().isoformat()

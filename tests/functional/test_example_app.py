@@ -31,11 +31,11 @@ from aikit.keys import IssuedKey
 from aikit.runtime import Runtime
 from aikit.settings import Settings, get_settings
 from aikit.stripe_gateway import StripeGateway
-from tests.conftest import issue_key
 from tests.fakes.stripe_server import FakeStripe
-from tests.functional.test_api_handler import HANDLER_FILE, body_of, header, http_event, invoke
-from tests.functional.test_flush import EVENT, WINDOW, billing_settings, settings_env
-from tests.servers import AIKIT, aikit_serve, free_port
+from tests.support.api import issue_key
+from tests.support.aws_lambda import HANDLER_FILE, body_of, header, http_event, imported_api_handler, invoke
+from tests.support.billing import EVENT, WINDOW, billing_settings, settings_env
+from tests.support.servers import AIKIT, aikit_serve, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 ROUTERS = "examples.summarize:router"
@@ -188,16 +188,8 @@ def handler(stripe_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Itera
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("POWERTOOLS_TRACE_DISABLED", "true")
     monkeypatch.chdir(ROOT)  # the function's code directory: the user's module is packaged beside the handler
-    monkeypatch.setattr(aikit.runtime, "_runtime", None)
-    get_settings.cache_clear()
-    spec = importlib.util.spec_from_file_location(f"api_lambda_{uuid.uuid4().hex[:8]}", HANDLER_FILE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    try:
+    with imported_api_handler(monkeypatch) as module:
         yield module
-    finally:
-        get_settings.cache_clear()
 
 
 def test_the_example_through_the_lambda_handler(handler: ModuleType, stripe_settings: Settings,

@@ -22,13 +22,9 @@ from aikit.faults import CRASH_ENV, CRASH_EXIT_CODE, CRASH_POINTS
 from aikit.flush import FlushSummary
 from aikit.send import RETRY_DELAYS
 from tests.fakes.stripe_server import METER_EVENT_PATH, FakeStripe
-from tests.functional.test_flush import (
-    Billing,
-    empty_database,
-    past_window_start,
-    settings_env,
-)
-from tests.servers import redis_cluster, throwaway_redis
+from tests.support.billing import Billing, past_window_start, settings_env
+from tests.support.db import empty_database
+from tests.support.servers import redis_cluster, throwaway_redis
 
 # A flush in its own process, with the settings from the environment (and AIKIT_CRASH_AT when set).
 CHILD = """

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -16,13 +15,10 @@ import pytest
 
 from aikit.settings import get_settings
 from tests.fakes.stripe_server import FakeStripe
-from tests.functional.test_flush import (
-    Billing,
-    empty_database,
-    past_window_start,
-    settings_env,
-)
-from tests.servers import free_port
+from tests.support.aws_lambda import LambdaContext
+from tests.support.billing import Billing, past_window_start, settings_env
+from tests.support.db import empty_database
+from tests.support.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 EVENT_FILE = ROOT / "events" / "flush_scheduled.json"
@@ -37,22 +33,6 @@ SCHEDULED_EVENT: dict[str, Any] = {
     "resources": ["arn:aws:events:us-east-1:123456789012:rule/ExampleRule"],
     "detail": {},
 }
-
-
-class LambdaContext:
-    function_name = "aikit-flush"
-    function_version = "$LATEST"
-    memory_limit_in_mb = 512
-    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:aikit-flush"
-    log_group_name = "/aws/lambda/aikit-flush"
-    log_stream_name = "2026/01/01/[$LATEST]0123456789abcdef"
-
-    def __init__(self, remaining_ms: int) -> None:
-        self.remaining_ms = remaining_ms
-        self.aws_request_id = str(uuid.uuid4())
-
-    def get_remaining_time_in_millis(self) -> int:
-        return self.remaining_ms
 
 
 def scheduled_event() -> dict[str, Any]:
@@ -93,12 +73,12 @@ def test_scheduled_event_flushes_and_bills_exactly_once(billing: Billing, fake: 
         billing.record(billing.key(customer), customer, 40, ts=past_window_start() + n, seed=n)
     handler = load_handler()
 
-    result = handler(scheduled_event(), LambdaContext(remaining_ms=290_000))
+    result = handler(scheduled_event(), LambdaContext("aikit-flush", remaining_ms=290_000))
 
     assert result["ok"] and not result["stopped_early"] and not result["skipped"]
     assert result["rows_inserted"] == 120 and result["reports_sent"] == result["stripe_calls"] == 3
     billing.assert_exact()
-    again = handler(scheduled_event(), LambdaContext(remaining_ms=290_000))
+    again = handler(scheduled_event(), LambdaContext("aikit-flush", remaining_ms=290_000))
     assert again["ok"] and again["rows_inserted"] == 0 and again["stripe_calls"] == 0
 
 
@@ -108,11 +88,11 @@ def test_little_time_left_still_flushes_within_a_second(billing: Billing, fake: 
     handler = load_handler()
 
     # 20 s are kept as a safety margin: one second of budget remains; enough for this much usage.
-    result = handler(scheduled_event(), LambdaContext(remaining_ms=20_500))
+    result = handler(scheduled_event(), LambdaContext("aikit-flush", remaining_ms=20_500))
 
     assert result["ok"] and result["duration_ms"] < 5_000
     if result["stopped_early"]:  # a slow machine: the next invocation finishes the job
-        result = handler(scheduled_event(), LambdaContext(remaining_ms=290_000))
+        result = handler(scheduled_event(), LambdaContext("aikit-flush", remaining_ms=290_000))
         assert result["ok"]
     billing.assert_exact()
 
@@ -122,4 +102,4 @@ def test_a_failed_flush_fails_the_invocation(billing: Billing, monkeypatch: pyte
     handler = load_handler()
 
     with pytest.raises(RuntimeError, match="flush failed"):
-        handler(scheduled_event(), LambdaContext(remaining_ms=60_000))
+        handler(scheduled_event(), LambdaContext("aikit-flush", remaining_ms=60_000))

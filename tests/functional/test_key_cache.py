@@ -22,7 +22,9 @@ from aikit.api.app import create_app
 from aikit.db.engine import get_engine
 from aikit.keys import KeyCache, revoke_key
 from aikit.runtime import Runtime
-from tests.conftest import ADMIN_URL, issue_key, make_settings
+from tests.support.api import issue_key
+from tests.support.db import ADMIN_URL
+from tests.support.settings import make_settings
 
 CONCURRENT = 16
 BODY = {"model": "echo-1", "messages": [{"role": "user", "content": "hello there world"}]}

@@ -21,16 +21,13 @@ from aikit.keys import IssuedKey, KeyInfo
 from aikit.limits import RateLimiter
 from aikit.runtime import Runtime
 from aikit.settings import Settings
-from tests.conftest import REDIS_URL, issue_key, make_settings
 from tests.fakes.llm_servers import FakeOpenAI, openai_server
-from tests.servers import serve_app
+from tests.support.api import chat, issue_key
+from tests.support.redis import quota_counter
+from tests.support.servers import serve_app
+from tests.support.settings import REDIS_URL, make_settings
 
 TOKENS = 3 + 4  # echo: "hello there world"
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 def rclient() -> redis.Redis:
@@ -43,22 +40,10 @@ def key_info(runtime: Runtime, key: IssuedKey) -> KeyInfo:
     return info
 
 
-def quota_counter(runtime: Runtime, key: IssuedKey) -> int | None:
-    with rclient() as c:
-        value = c.get(runtime.layout.quota(key.api_key_id, key_info(runtime, key).quota_period_start))
-    return None if value is None else int(value)
-
-
 def evict_quota_counter(runtime: Runtime, key: IssuedKey) -> None:
     """What a cache at its memory cap does to a key with a TTL: it is gone, whatever else survived."""
     with rclient() as c:
         assert c.delete(runtime.layout.quota(key.api_key_id, key_info(runtime, key).quota_period_start)) == 1
-
-
-def chat(client: TestClient, key: IssuedKey, **body: Any) -> httpx.Response:
-    return client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key.api_key}"},
-                       json={"model": "echo-1", "messages": [{"role": "user", "content": "hello there world"}],
-                             **body})
 
 
 # ---------------------------------------------------------------------------------------- overshoot

@@ -26,7 +26,6 @@ from aikit.llm.base import (
     ToolCallDelta,
     Usage,
 )
-from aikit.metering.base import Meter, UsageEvent
 from aikit.settings import load_settings
 from tests.fakes.llm_servers import (
     IMAGE_TOKENS,
@@ -36,8 +35,9 @@ from tests.fakes.llm_servers import (
     bedrock_server,
     openai_server,
 )
+from tests.support.meters import MemoryMeter
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("aws_credentials")]
 
 CALLER = Caller(api_key_id="key_1", customer_id="cus_1")
 ARGUMENTS = {"city": "Paris", "unit": "celsius"}  # what the fakes call tools with
@@ -60,35 +60,8 @@ SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {
     "name": "weather", "schema": {"type": "object", "properties": {"city": {"type": "string"}}}, "strict": True}}
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-class MemoryMeter(Meter):
-    def __init__(self) -> None:
-        self.events: list[UsageEvent] = []
-
-    async def record_event(self, event: UsageEvent) -> None:
-        self.events.append(event)
-
-    def usages(self) -> list[tuple[int, int, int]]:
-        """What was metered: input, output and cached input tokens."""
-        return [(e.input_tokens, e.output_tokens, e.cached_tokens) for e in self.events]
-
-
 def figures(*usages: Usage) -> list[tuple[int, int, int]]:
     return [(u.input_tokens, u.output_tokens, u.cached_tokens) for u in usages]
-
-
-@pytest.fixture(autouse=True)
-def aws_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fake credentials so boto3 signs requests to the local Bedrock imitation (never a real endpoint)."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAFAKE")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "fake-secret")
-    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
 
 
 @pytest.fixture(scope="module")

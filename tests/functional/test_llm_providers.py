@@ -20,7 +20,6 @@ from aikit.llm import (
     Usage,
     build_provider,
 )
-from aikit.metering.base import Meter, UsageEvent
 from aikit.settings import load_settings
 from tests.fakes.llm_servers import (
     FakeLLMServer,
@@ -28,8 +27,9 @@ from tests.fakes.llm_servers import (
     bedrock_server,
     openai_server,
 )
+from tests.support.meters import MemoryMeter
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("aws_credentials")]
 
 CALLER = Caller(api_key_id="key_1", customer_id="cus_1")
 PROMPT = "x" * 40  # 40 chars: an estimated 10 input tokens
@@ -47,24 +47,6 @@ PARTIAL = {
     "anthropic": (47, 3, 30),  # message_start reported the input before the text
     "bedrock": (10, 3, 0),
 }
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-class MemoryMeter(Meter):
-    """A fake recorder of the Meter interface."""
-
-    def __init__(self) -> None:
-        self.events: list[UsageEvent] = []
-
-    async def record_event(self, event: UsageEvent) -> None:
-        self.events.append(event)
-
-    def figures(self) -> list[tuple[int, int, int]]:
-        return [(e.input_tokens, e.output_tokens, e.cached_tokens) for e in self.events]
 
 
 @dataclass
@@ -97,16 +79,6 @@ def servers() -> Iterator[dict[str, FakeLLMServer]]:
         bedrock_server(slow_seconds=1.0) as b,
     ):
         yield {"openai": o, "anthropic": a, "bedrock": b}
-
-
-@pytest.fixture(autouse=True)
-def aws_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fake credentials so boto3 signs requests to the local Bedrock imitation (never a real endpoint)."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAFAKE")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "fake-secret")
-    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
 
 
 @pytest.fixture(params=["openai", "anthropic", "bedrock"])
@@ -158,7 +130,7 @@ async def test_stream_yields_text_then_final_usage(upstream: Upstream, llm: LLM)
     assert events[-1] == StreamEnd(finish_reason="stop", usage=USAGE[upstream.name])
     assert all(isinstance(e, TextDelta | StreamEnd) for e in events)  # InputUsage stays inside the facade
     expected = USAGE[upstream.name]
-    assert upstream.meter.figures() == [
+    assert upstream.meter.usages() == [
         (expected.input_tokens, expected.output_tokens, expected.cached_tokens)
     ]
 
@@ -249,7 +221,7 @@ async def test_slow_upstream_times_out_and_bills_the_input(upstream: Upstream, s
         await llm.aclose()
     assert info.value.status == 504
     assert info.value.cut_off
-    assert upstream.meter.figures() == [(10, 0, 0)]  # 40 characters: an estimated 10 input tokens
+    assert upstream.meter.usages() == [(10, 0, 0)]  # 40 characters: an estimated 10 input tokens
 
 
 async def test_unreachable_upstream_is_502(upstream: Upstream) -> None:
@@ -284,7 +256,7 @@ async def test_upstream_dying_mid_stream_meters_what_was_sent(
         await consume()
     assert info.value.status == 502
     assert received == REPLY_PIECES[:2]
-    assert upstream.meter.figures() == [PARTIAL[upstream.name]]
+    assert upstream.meter.usages() == [PARTIAL[upstream.name]]
     assert upstream.meter.events[0].request_id == "req_cut"
 
 
@@ -293,7 +265,7 @@ async def test_abandoned_stream_meters_what_was_sent(upstream: Upstream, llm: LL
     assert await gen.__anext__() == TextDelta("Hello ")
     assert await gen.__anext__() == TextDelta("from ")
     await gen.aclose()
-    assert upstream.meter.figures() == [PARTIAL[upstream.name]]
+    assert upstream.meter.usages() == [PARTIAL[upstream.name]]
     # The connection was given back: the same LLM still works.
     assert (await llm.chat(MESSAGES)).usage == USAGE[upstream.name]
 
@@ -304,7 +276,7 @@ async def test_provider_error_events_mid_stream(upstream: Upstream, llm: LLM) ->
     with pytest.raises(ProviderError) as info:
         await _stream_all(llm)
     assert info.value.status == 502
-    assert upstream.meter.figures() == [PARTIAL[upstream.name]]
+    assert upstream.meter.usages() == [PARTIAL[upstream.name]]
 
 
 # ------------------------------------------------------------------------------------ provider specifics
@@ -345,7 +317,7 @@ async def test_openai_stream_without_usage_is_estimated(servers: dict[str, Any])
     text = "".join(REPLY_PIECES)
     expected = Usage(10, max(len(REPLY_PIECES), math.ceil(len(text) / 4)))
     assert events[-1] == StreamEnd("stop", expected)
-    assert meter.figures() == [(expected.input_tokens, expected.output_tokens, 0)]
+    assert meter.usages() == [(expected.input_tokens, expected.output_tokens, 0)]
 
 
 async def test_anthropic_request_shape(servers: dict[str, Any]) -> None:
@@ -403,7 +375,7 @@ async def test_anthropic_stream_abandoned_before_text_meters_reported_input(serv
     await gen.aclose()
     await llm.aclose()
     assert first.usage.input_tokens == 47  # type: ignore[union-attr]
-    assert meter.figures() == [(47, 2, 30)]  # one delta of 6 chars: max(1, ceil(6/4)) = 2
+    assert meter.usages() == [(47, 2, 30)]  # one delta of 6 chars: max(1, ceil(6/4)) = 2
 
 
 @pytest.mark.parametrize(

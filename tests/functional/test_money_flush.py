@@ -33,7 +33,8 @@ from aikit.periods import SOURCE_SUBSCRIPTION, record_period
 from aikit.reconcile import reconcile
 from aikit.stripe_gateway import StripeGateway
 from tests.fakes.stripe_server import FakeStripe, _add_month
-from tests.functional.test_flush import EVENT, WINDOW, Billing, emf_values, past_window_start
+from tests.support.billing import EVENT, WINDOW, Billing, past_window_start
+from tests.support.emf import emf_values
 
 HOUR = 3600
 
@@ -72,7 +73,7 @@ def month_before(end: int) -> int:
     raise AssertionError(f"no monthly period ends at {end}")
 
 
-def subscribe(billing: Billing, customer: str, start: int, *, known: bool = True,
+def subscribe_in_stripe(billing: Billing, customer: str, start: int, *, known: bool = True,
               ended_at: int | None = None) -> list[tuple[int, int]]:
     """A subscription in the strict Stripe starting at `start` (its periods as Stripe bills them), and, when
     `known`, the same periods in aikit's billing_periods (what its webhooks would record)."""
@@ -160,10 +161,10 @@ def test_usage_just_before_a_period_edge_is_invoiced_in_that_period(
     edge = past_window_start(2) + 137
     customer = billing.customer()
     if edge_kind == "renewal":
-        periods = subscribe(billing, customer, month_before(edge))
+        periods = subscribe_in_stripe(billing, customer, month_before(edge))
         assert periods[0][1] == edge and periods[1][0] == edge
     else:
-        periods = subscribe(billing, customer, month_before(edge) - 86400, ended_at=edge)
+        periods = subscribe_in_stripe(billing, customer, month_before(edge) - 86400, ended_at=edge)
         assert periods[-1][1] == edge
     key = billing.key(customer)
     before = billing.record(key, customer, 3, ts=edge - 20, seed=1)
@@ -202,7 +203,7 @@ def test_a_cancellation_learned_after_the_usage_was_stored_still_cuts_the_window
     [whole] = billing.reports()
     assert (whole.status, whole.value) == ("open", before + after)
     # The cancellation's webhook arrives now: the period ends at the edge, in the middle of that window.
-    periods = subscribe(billing, customer, month_before(edge) - 86400, ended_at=edge)
+    periods = subscribe_in_stripe(billing, customer, month_before(edge) - 86400, ended_at=edge)
 
     summary = billing.flush()
 
@@ -226,8 +227,8 @@ def test_usage_of_a_finalized_period_is_carried_into_the_current_invoice(
     assert billing.settings.stripe_finalization_grace_seconds == fake.finalization_grace == HOUR
     late_ts = period_end - 30 * 60  # usage from before the end, sent only now (an outage, a backlog)
     carried, blind = billing.customer(), billing.customer()
-    periods = subscribe(billing, carried, month_before(period_end))
-    subscribe(billing, blind, month_before(period_end), known=False)  # aikit knows no periods: as before
+    periods = subscribe_in_stripe(billing, carried, month_before(period_end))
+    subscribe_in_stripe(billing, blind, month_before(period_end), known=False)  # aikit knows no periods: as before
     tokens = {c: billing.record(billing.key(c), c, 5, ts=late_ts, seed=n) for n, c in enumerate((carried, blind))}
 
     summary = billing.flush()
@@ -261,7 +262,7 @@ def test_usage_of_a_period_still_open_for_late_usage_stays_in_it_unless_too_clos
         billing: Billing, fake: FakeStripe, ended_ago: int, carried: bool) -> None:
     period_end = int(time.time()) - ended_ago
     customer = billing.customer()
-    periods = subscribe(billing, customer, month_before(period_end))
+    periods = subscribe_in_stripe(billing, customer, month_before(period_end))
     tokens = billing.record(billing.key(customer), customer, 4, ts=period_end - 600)
 
     summary = billing.flush()

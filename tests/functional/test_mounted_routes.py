@@ -14,7 +14,6 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 from fastapi import APIRouter
 from fastapi.testclient import TestClient
 
@@ -28,9 +27,11 @@ from aikit.llm import CallerRequired
 from aikit.llm.context import current_request
 from aikit.runtime import Runtime
 from aikit.settings import Settings
-from tests.conftest import ADMIN_TOKEN, REDIS_URL, issue_key, make_settings
 from tests.fakes.llm_servers import FakeOpenAI, openai_server
-from tests.servers import serve_app
+from tests.support.api import bearer, issue_key
+from tests.support.redis import entries, held, quota_counter
+from tests.support.servers import serve_app
+from tests.support.settings import ADMIN_TOKEN, make_settings
 
 # ----------------------------------------------------------------------------------- the user's routers
 
@@ -101,32 +102,9 @@ async def open_metered(body: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def app_client(runtime: Runtime) -> Iterator[TestClient]:
     with TestClient(create_app(runtime=runtime, routers=[router, open_router])) as c:
         yield c
-
-
-def auth(key: IssuedKey) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key.api_key}"}
-
-
-def entries(runtime: Runtime, api_key_id: str) -> list[dict[str, str]]:
-    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
-    found = client.xrange(runtime.layout.stream(runtime.layout.shard_of(api_key_id)))
-    client.close()
-    return [fields for _, fields in found if fields["k"] == api_key_id]
-
-
-def held(runtime: Runtime, key: IssuedKey) -> dict[str, str]:
-    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
-    found = client.hgetall(runtime.layout.inflight(key.api_key_id))
-    client.close()
-    return found
 
 
 async def remaining(runtime: Runtime, key: IssuedKey) -> dict[str, int | None]:
@@ -144,7 +122,7 @@ async def remaining(runtime: Runtime, key: IssuedKey) -> dict[str, int | None]:
 def test_two_calls_in_a_route_are_each_metered_to_the_caller(app_client: TestClient, runtime: Runtime,
                                                              settings: Settings) -> None:
     key = issue_key(settings, rpm=100, rpd=1000, monthly_tokens=100_000)
-    r = app_client.post("/v1/twice", json={"text": "one two three"}, headers=auth(key))
+    r = app_client.post("/v1/twice", json={"text": "one two three"}, headers=bearer(key))
     assert r.status_code == 200, r.text
     # echo: 3 in + 4 out ("echo: one two three"), then 4 in + 5 out.
     assert r.json() == {"tokens": [7, 9]}
@@ -160,20 +138,20 @@ def test_two_calls_in_a_route_are_each_metered_to_the_caller(app_client: TestCli
 def test_streams_concurrent_calls_and_the_dependency_form_are_metered(
         app_client: TestClient, runtime: Runtime, settings: Settings) -> None:
     key = issue_key(settings, rpm=100, rpd=1000, monthly_tokens=100_000)
-    s = app_client.post("/v1/streamed", json={"text": "alpha beta"}, headers=auth(key))
+    s = app_client.post("/v1/streamed", json={"text": "alpha beta"}, headers=bearer(key))
     assert s.status_code == 200 and s.json() == {"text": "echo: alpha beta"}
-    t = app_client.post("/v1/together", json={"text": "x y"}, headers=auth(key))
+    t = app_client.post("/v1/together", json={"text": "x y"}, headers=bearer(key))
     assert t.status_code == 200 and t.json() == {"tokens": [5, 5]}
-    d = app_client.post("/v1/dependency", json={"text": "one"}, headers=auth(key))
+    d = app_client.post("/v1/dependency", json={"text": "one"}, headers=bearer(key))
     assert d.status_code == 200 and d.json() == {"tokens": 3, "key": key.api_key_id}
-    u = app_client.post("/v1/unmetered", json={"text": "not billed"}, headers=auth(key))
+    u = app_client.post("/v1/unmetered", json={"text": "not billed"}, headers=bearer(key))
     assert u.status_code == 200
     found = entries(runtime, key.api_key_id)
     assert sorted(int(e["i"]) + int(e["o"]) for e in found) == [3, 5, 5, 5]
     assert len({e["r"] for e in found}) == 4
     # Four requests so far, each counted once (the two concurrent calls of /v1/together and the request
     # without a metered call included): this fifth one leaves 95.
-    again = app_client.post("/v1/dependency", json={"text": "one"}, headers=auth(key))
+    again = app_client.post("/v1/dependency", json={"text": "one"}, headers=bearer(key))
     assert again.headers["X-RateLimit-Remaining-Requests"] == str(100 - 5)
 
 
@@ -188,7 +166,7 @@ def test_every_mounted_route_needs_a_key_like_the_built_in_ones(
     revoke = app_client.post(f"/v1/admin/keys/{key.api_key_id}/revoke",
                              headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
     assert revoke.status_code == 200
-    gone = app_client.post("/v1/twice", json={"text": "x"}, headers=auth(key))
+    gone = app_client.post("/v1/twice", json={"text": "x"}, headers=bearer(key))
     assert (gone.status_code, gone.json()["error"]["code"]) == (401, "revoked_api_key")
 
 
@@ -196,9 +174,9 @@ def test_no_active_subscription_is_402_and_guessing_keys_is_429(pg_url: str, red
     settings = make_settings(pg_url, redis_prefix, stripe_secret_key="sk_test_x", auth_failures_per_minute=3)
     unpaid = issue_key(settings, customer_id="cus_" + uuid.uuid4().hex[:14])
     with TestClient(create_app(runtime=Runtime(settings), routers=[router])) as c:
-        r = c.post("/v1/twice", json={"text": "x"}, headers=auth(unpaid))
+        r = c.post("/v1/twice", json={"text": "x"}, headers=bearer(unpaid))
         assert (r.status_code, r.json()["error"]["code"]) == (402, "subscription_inactive")
-        assert c.get("/v1/plain", headers=auth(unpaid)).status_code == 402
+        assert c.get("/v1/plain", headers=bearer(unpaid)).status_code == 402
         codes = [c.get("/v1/plain", headers={"Authorization": f"Bearer ak_guess{i}"}).status_code for i in range(5)]
         assert codes == [401, 401, 401, 429, 429]
 
@@ -209,7 +187,7 @@ def test_a_public_router_opts_out_but_its_metered_calls_still_need_a_key(
     r = app_client.post("/v1/open/metered", json={"text": "a b"})
     assert (r.status_code, r.json()["error"]["code"]) == (401, "missing_api_key")  # never a 500
     key = issue_key(settings, rpm=100, rpd=1000)
-    ok = app_client.post("/v1/open/metered", json={"text": "a b"}, headers=auth(key))
+    ok = app_client.post("/v1/open/metered", json={"text": "a b"}, headers=bearer(key))
     assert ok.status_code == 200 and ok.json() == {"tokens": 2 + 3}
     assert [e["r"] for e in entries(runtime, key.api_key_id)] == [ok.headers["X-Request-Id"]]
     # The billing state of one request never reaches the next one, even in the same task.
@@ -222,7 +200,7 @@ async def test_state_does_not_leak_between_requests_served_in_one_task(runtime: 
     key = issue_key(settings)
     app = create_app(runtime=runtime, routers=[router, open_router])
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
-        assert (await http.post("/v1/twice", json={"text": "x"}, headers=auth(key))).status_code == 200
+        assert (await http.post("/v1/twice", json={"text": "x"}, headers=bearer(key))).status_code == 200
         # httpx runs the app in this very task: without a per-request scope the caller would carry over.
         assert (await http.post("/v1/open/metered", json={"text": "x"})).status_code == 401
         assert current_request.get() is None
@@ -235,11 +213,11 @@ async def test_state_does_not_leak_between_requests_served_in_one_task(runtime: 
 def test_requests_are_counted_once_and_refused_at_the_first_metered_call(
         app_client: TestClient, runtime: Runtime, settings: Settings) -> None:
     key = issue_key(settings, rpm=3, rpd=100)
-    assert [app_client.post("/v1/twice", json={"text": "x"}, headers=auth(key)).status_code
+    assert [app_client.post("/v1/twice", json={"text": "x"}, headers=bearer(key)).status_code
             for _ in range(2)] == [200, 200]
     # A route without metered calls is counted once too (after it answered: it is never refused).
-    assert app_client.get("/v1/plain", headers=auth(key)).status_code == 200
-    r = app_client.post("/v1/twice", json={"text": "x"}, headers=auth(key))
+    assert app_client.get("/v1/plain", headers=bearer(key)).status_code == 200
+    r = app_client.post("/v1/twice", json={"text": "x"}, headers=bearer(key))
     assert r.status_code == 429
     assert r.json()["error"]["code"] == "rate_limit_exceeded"
     assert "requests per minute" in r.json()["error"]["message"]
@@ -254,16 +232,16 @@ def test_each_call_is_admitted_against_the_quota(app_client: TestClient, runtime
     # The first call (3 + 4 tokens) starts with 9 left (reserving its worst case meanwhile); once it settled 7
     # of 9 are used and the second call still starts (2 left): the overshoot is at most that one call.
     key = issue_key(settings, rpm=100, rpd=100, monthly_tokens=9)
-    r = app_client.post("/v1/twice", json={"text": "one two three"}, headers=auth(key))
+    r = app_client.post("/v1/twice", json={"text": "one two three"}, headers=bearer(key))
     assert r.status_code == 200
-    again = app_client.post("/v1/twice", json={"text": "one two three"}, headers=auth(key))
+    again = app_client.post("/v1/twice", json={"text": "one two three"}, headers=bearer(key))
     assert again.status_code == 429
     assert "monthly token quota" in again.json()["error"]["message"]
     assert again.headers["X-RateLimit-Remaining-Tokens"] == "0"
     assert held(runtime, key) == {}
     # A quota refused in the middle of a request: the first call was served and metered, the second refused.
     key2 = issue_key(settings, rpm=100, rpd=100, monthly_tokens=5)
-    mid = app_client.post("/v1/twice", json={"text": "one two three"}, headers=auth(key2))
+    mid = app_client.post("/v1/twice", json={"text": "one two three"}, headers=bearer(key2))
     assert mid.status_code == 429
     assert [int(e["i"]) + int(e["o"]) for e in entries(runtime, key2.api_key_id)] == [7]
     assert held(runtime, key2) == {}
@@ -278,22 +256,22 @@ def test_a_provider_failure_in_a_mounted_route_releases_the_reservation(
         key = issue_key(settings, rpm=100, rpd=100, monthly_tokens=100_000)
         upstream.inject("500")
         with TestClient(create_app(runtime=runtime, routers=[router])) as c:
-            r = c.post("/v1/twice", json={"text": "hi"}, headers=auth(key))
+            r = c.post("/v1/twice", json={"text": "hi"}, headers=bearer(key))
             assert r.status_code == 502
             assert r.json()["error"]["code"] == "provider_error"
             assert held(runtime, key) == {}
             assert entries(runtime, key.api_key_id) == []
-            assert c.post("/v1/twice", json={"text": "hi"}, headers=auth(key)).status_code == 200
+            assert c.post("/v1/twice", json={"text": "hi"}, headers=bearer(key)).status_code == 200
         assert [e["i"] for e in entries(runtime, key.api_key_id)] == ["42", "42"]
 
 
 def test_user_routes_and_chat_completions_share_the_limits(app_client: TestClient, settings: Settings) -> None:
     key = issue_key(settings, rpm=2, rpd=100)
-    assert app_client.post("/v1/twice", json={"text": "x"}, headers=auth(key)).status_code == 200
+    assert app_client.post("/v1/twice", json={"text": "x"}, headers=bearer(key)).status_code == 200
     chat = {"messages": [{"role": "user", "content": "x"}]}
-    assert app_client.post("/v1/chat/completions", json=chat, headers=auth(key)).status_code == 200
-    assert app_client.post("/v1/chat/completions", json=chat, headers=auth(key)).status_code == 429
-    assert app_client.post("/v1/twice", json={"text": "x"}, headers=auth(key)).status_code == 429
+    assert app_client.post("/v1/chat/completions", json=chat, headers=bearer(key)).status_code == 200
+    assert app_client.post("/v1/chat/completions", json=chat, headers=bearer(key)).status_code == 429
+    assert app_client.post("/v1/twice", json={"text": "x"}, headers=bearer(key)).status_code == 429
 
 
 # -------------------------------------------------------------------------------- outside a request
@@ -311,15 +289,6 @@ async def test_track_tokens_outside_a_request_is_a_clear_error(runtime: Runtime,
         llm.stream([{"role": "user", "content": "x"}], track_tokens=True)
 
 
-def quota_counter(runtime: Runtime, key: IssuedKey) -> int | None:
-    info = runtime.keys.lookup(key.api_key)
-    assert info is not None
-    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
-    value = client.get(runtime.layout.quota(key.api_key_id, info.quota_period_start))
-    client.close()
-    return None if value is None else int(value)
-
-
 @pytest.mark.anyio
 async def test_the_standalone_meter_counts_into_the_limiters_quota_counter(runtime: Runtime,
                                                                           settings: Settings) -> None:
@@ -327,14 +296,14 @@ async def test_the_standalone_meter_counts_into_the_limiters_quota_counter(runti
     up, so the usage lands in the very counter the limiter refuses on."""
     key = issue_key(settings, rpm=100, rpd=100, monthly_tokens=60)
     with TestClient(create_app(runtime=runtime, routers=[router])) as c:  # seeds the key's quota counter
-        assert c.post("/v1/twice", json={"text": "x"}, headers=auth(key)).status_code == 200
+        assert c.post("/v1/twice", json={"text": "x"}, headers=bearer(key)).status_code == 200
     assert quota_counter(runtime, key) == (1 + 2) + (2 + 3)
     standalone = llm.LLM(runtime.llm.provider, meter=runtime.meter)
     await standalone.chat([{"role": "user", "content": " ".join(["w"] * 30)}], track_tokens=True,
                           caller=llm.Caller(key.api_key_id))
     assert quota_counter(runtime, key) == 8 + (30 + 31)
     with TestClient(create_app(runtime=runtime, routers=[router])) as c:
-        refused = c.post("/v1/twice", json={"text": "x"}, headers=auth(key))
+        refused = c.post("/v1/twice", json={"text": "x"}, headers=bearer(key))
         assert refused.status_code == 429 and "monthly token quota" in refused.text
     with pytest.raises(UnknownApiKey, match="key_nobody"):
         await standalone.chat([{"role": "user", "content": "x"}], track_tokens=True,
@@ -354,7 +323,7 @@ def test_a_mounted_route_under_uvicorn_with_parallel_clients(runtime: Runtime, s
 
     async def burst(base: str) -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=base, timeout=20) as http:
-            return await asyncio.gather(*[http.post("/v1/twice", json={"text": "w " * (i + 1)}, headers=auth(key))
+            return await asyncio.gather(*[http.post("/v1/twice", json={"text": "w " * (i + 1)}, headers=bearer(key))
                                           for i in range(30)])
 
     with serve_app(create_app(runtime=runtime, routers=[router])) as base:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Iterator
 from typing import Any
 
-import boto3
 import pytest
-from moto import mock_aws
 
 from aikit import aws_secrets, observability
 from aikit.aws_secrets import apply_secret_settings, resolve_secret_settings
@@ -36,6 +35,8 @@ from aikit.observability import (
     metrics,
 )
 from aikit.settings import load_settings
+from tests.support.aws_lambda import LambdaContext
+from tests.support.emf import emf_records
 
 # ---------------------------------------------------------------------------------------------- helpers
 
@@ -47,15 +48,6 @@ def out(capsys: pytest.CaptureFixture[str]) -> Iterator[pytest.CaptureFixture[st
     capsys.readouterr()
     yield capsys
     flush_metrics()
-
-
-def emf_records(text: str) -> list[dict[str, Any]]:
-    records = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line.startswith("{") and '"_aws"' in line:
-            records.append(json.loads(line))
-    return records
 
 
 def log_records(text: str) -> list[dict[str, Any]]:
@@ -76,17 +68,8 @@ def find(records: list[dict[str, Any]], metric: str, dimensions: list[str]) -> d
     raise AssertionError(f"no EMF record with {metric} and dimensions {dimensions}: {records}")
 
 
-class FakeContext:
-    function_name = "aikit-test-fn"
-    function_version = "$LATEST"
-    memory_limit_in_mb = 512
-    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:aikit-test-fn"
-    aws_request_id = "req-0001"
-    log_group_name = "/aikit/test/fn"
-    log_stream_name = "2026/01/01/[$LATEST]abc"
-
-    def get_remaining_time_in_millis(self) -> int:
-        return 30_000
+fake_context = functools.partial(LambdaContext, "aikit-test-fn", aws_request_id="req-0001",
+                                 log_group_name="/aikit/test/fn", log_stream_name="2026/01/01/[$LATEST]abc")
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -240,7 +223,7 @@ def test_lambda_entry_adds_context_flushes_metrics_and_never_logs_the_event(out:
         return {"ok": True}
 
     event = {"requestContext": {"requestId": "rid-123"}, "headers": {"x-marker": marker}}
-    assert handler(event, FakeContext()) == {"ok": True}
+    assert handler(event, fake_context()) == {"ok": True}
 
     text = out.readouterr().out
     assert marker not in text
@@ -258,7 +241,7 @@ def test_lambda_entry_wraps_callable_objects_like_mangum(out: Any) -> None:
             return {"statusCode": 200, "body": event["body"]}
 
     handler = lambda_entry(App())
-    assert handler({"body": "hi"}, FakeContext()) == {"statusCode": 200, "body": "hi"}
+    assert handler({"body": "hi"}, fake_context()) == {"statusCode": 200, "body": "hi"}
 
 
 def test_lambda_entry_lets_errors_through_and_still_flushes(out: Any) -> None:
@@ -268,7 +251,7 @@ def test_lambda_entry_lets_errors_through_and_still_flushes(out: Any) -> None:
         raise RuntimeError("flush failed")
 
     with pytest.raises(RuntimeError, match="flush failed"):
-        handler({}, FakeContext())
+        handler({}, fake_context())
     assert find(emf_records(out.readouterr().out), PARKED_BATCHES, ["service"])[PARKED_BATCHES] == [1.0]
 
 
@@ -396,19 +379,6 @@ def test_redaction_leaves_ordinary_text_alone(out: Any) -> None:
 DB_PASSWORD = "p@ss/w0rd:with%odd"
 
 
-@pytest.fixture
-def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    aws_secrets.clear_cache()
-    with mock_aws():
-        yield boto3.client("secretsmanager", region_name="us-east-1")
-    aws_secrets.clear_cache()
-
-
 def make_secrets(client: Any) -> dict[str, str]:
     db = client.create_secret(Name="aikit/db", SecretString=json.dumps({
         "username": "aikit_admin", "password": DB_PASSWORD, "engine": "postgres",
@@ -421,8 +391,8 @@ def make_secrets(client: Any) -> dict[str, str]:
             "ADMIN_TOKEN_SECRET_ARN": admin["ARN"], "LLM_SECRET_ARN": llm["ARN"]}
 
 
-def test_secret_arns_become_settings_overrides(aws: Any) -> None:
-    environ = {**make_secrets(aws), "DATABASE_HOST": "proxy.example", "DATABASE_PORT": "5432"}
+def test_secret_arns_become_settings_overrides(secretsmanager: Any) -> None:
+    environ = {**make_secrets(secretsmanager), "DATABASE_HOST": "proxy.example", "DATABASE_PORT": "5432"}
     overrides = resolve_secret_settings(environ)
     assert overrides == {
         "DATABASE_URL": "postgresql://aikit_admin:p%40ss%2Fw0rd%3Awith%25odd@proxy.example:5432/aikit"
@@ -440,29 +410,29 @@ def test_secret_arns_become_settings_overrides(aws: Any) -> None:
     assert "@proxy.example:5432/aikit" in settings.database_url
 
 
-def test_secrets_are_cached_until_max_age_or_a_forced_fetch(aws: Any) -> None:
-    environ = make_secrets(aws)
+def test_secrets_are_cached_until_max_age_or_a_forced_fetch(secretsmanager: Any) -> None:
+    environ = make_secrets(secretsmanager)
     assert resolve_secret_settings(environ)["STRIPE_SECRET_KEY"] == "sk_test_moto123"
-    aws.put_secret_value(SecretId=environ["STRIPE_SECRET_ARN"], SecretString=json.dumps(
+    secretsmanager.put_secret_value(SecretId=environ["STRIPE_SECRET_ARN"], SecretString=json.dumps(
         {"secret_key": "sk_test_rotated", "webhook_secret": "whsec_rotated"}))
     assert resolve_secret_settings(environ)["STRIPE_SECRET_KEY"] == "sk_test_moto123"  # cached
     fresh = resolve_secret_settings(environ, force_fetch=True)
     assert (fresh["STRIPE_SECRET_KEY"], fresh["STRIPE_WEBHOOK_SECRET"]) == ("sk_test_rotated", "whsec_rotated")
 
 
-def test_apply_writes_the_environment_once_and_reports_names_only(aws: Any) -> None:
-    environ = {"STRIPE_SECRET_ARN": make_secrets(aws)["STRIPE_SECRET_ARN"], "UNRELATED": "1"}
+def test_apply_writes_the_environment_once_and_reports_names_only(secretsmanager: Any) -> None:
+    environ = {"STRIPE_SECRET_ARN": make_secrets(secretsmanager)["STRIPE_SECRET_ARN"], "UNRELATED": "1"}
     assert apply_secret_settings(environ) == ["STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET"]
     assert environ["STRIPE_SECRET_KEY"] == "sk_test_moto123"
     assert apply_secret_settings(environ) == []  # nothing changed on a warm call
 
 
-def test_plain_string_admin_token_secret(aws: Any) -> None:
-    arn = aws.create_secret(Name="aikit/admin-plain", SecretString="  plain-admin-token \n")["ARN"]
+def test_plain_string_admin_token_secret(secretsmanager: Any) -> None:
+    arn = secretsmanager.create_secret(Name="aikit/admin-plain", SecretString="  plain-admin-token \n")["ARN"]
     assert resolve_secret_settings({"ADMIN_TOKEN_SECRET_ARN": arn}) == {"ADMIN_TOKEN": "plain-admin-token"}
 
 
-def test_snapstart_restore_rereads_the_secrets(aws: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_snapstart_restore_rereads_the_secrets(secretsmanager: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
     import types
 
@@ -470,12 +440,12 @@ def test_snapstart_restore_rereads_the_secrets(aws: Any, monkeypatch: pytest.Mon
     fake = types.ModuleType("snapshot_restore_py")
     fake.register_after_restore = hooks.append  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "snapshot_restore_py", fake)
-    arn = make_secrets(aws)["STRIPE_SECRET_ARN"]
+    arn = make_secrets(secretsmanager)["STRIPE_SECRET_ARN"]
     monkeypatch.setenv("STRIPE_SECRET_ARN", arn)
     monkeypatch.delenv("STRIPE_SECRET_KEY", raising=False)
     apply_secret_settings()  # the init phase, before the snapshot
     assert aws_secrets.refresh_after_snapstart_restore() is True
-    aws.put_secret_value(SecretId=arn, SecretString=json.dumps({"secret_key": "sk_test_after_restore"}))
+    secretsmanager.put_secret_value(SecretId=arn, SecretString=json.dumps({"secret_key": "sk_test_after_restore"}))
 
     (hook,) = hooks
     hook()  # what Lambda runs after restoring the snapshot: the cached value is not trusted
@@ -500,30 +470,30 @@ def test_no_arns_is_a_no_op_without_touching_aws(monkeypatch: pytest.MonkeyPatch
     assert apply_secret_settings(environ) == [] and environ == {}
 
 
-def test_missing_secret_names_the_variable(aws: Any) -> None:
+def test_missing_secret_names_the_variable(secretsmanager: Any) -> None:
     arn = "arn:aws:secretsmanager:us-east-1:123456789012:secret:aikit/nope-AbCdEf"
     with pytest.raises(SecretResolutionError, match="STRIPE_SECRET_ARN"):
         resolve_secret_settings({"STRIPE_SECRET_ARN": arn})
 
 
-def test_incomplete_or_malformed_secrets_fail_without_revealing_values(aws: Any) -> None:
-    no_password = aws.create_secret(Name="aikit/db-broken",
+def test_incomplete_or_malformed_secrets_fail_without_revealing_values(secretsmanager: Any) -> None:
+    no_password = secretsmanager.create_secret(Name="aikit/db-broken",
                                     SecretString=json.dumps({"username": "u", "host": "h"}))["ARN"]
     with pytest.raises(SecretResolutionError, match="'password'"):
         resolve_secret_settings({"DATABASE_SECRET_ARN": no_password})
 
-    not_json = aws.create_secret(Name="aikit/stripe-plain", SecretString="sk_test_notjson123")["ARN"]
+    not_json = secretsmanager.create_secret(Name="aikit/stripe-plain", SecretString="sk_test_notjson123")["ARN"]
     with pytest.raises(SecretResolutionError, match="not a JSON object") as info:
         resolve_secret_settings({"STRIPE_SECRET_ARN": not_json})
     assert "sk_test_notjson123" not in str(info.value)
 
-    no_key = aws.create_secret(Name="aikit/stripe-empty",
+    no_key = secretsmanager.create_secret(Name="aikit/stripe-empty",
                                SecretString=json.dumps({"webhook_secret": "whsec_only"}))["ARN"]
     with pytest.raises(SecretResolutionError, match="'secret_key'") as info:
         resolve_secret_settings({"STRIPE_SECRET_ARN": no_key})
     assert "whsec_only" not in str(info.value)
 
-    no_host = aws.create_secret(Name="aikit/db-nohost",
+    no_host = secretsmanager.create_secret(Name="aikit/db-nohost",
                                 SecretString=json.dumps({"username": "u", "password": "p"}))["ARN"]
     with pytest.raises(SecretResolutionError, match="DATABASE_HOST"):
         resolve_secret_settings({"DATABASE_SECRET_ARN": no_host})

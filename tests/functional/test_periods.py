@@ -4,9 +4,7 @@ subscription and invoice webhooks in both of Stripe's shapes, in any order."""
 from __future__ import annotations
 
 import datetime as dt
-import json
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -21,11 +19,11 @@ from aikit.db.models import Base, BillingPeriod, Subscription
 from aikit.periods import Period, finalized, period_containing, periods_for, record_period
 from aikit.runtime import Runtime
 from aikit.settings import Settings
-from tests.conftest import make_settings
 from tests.fakes import stripe_events
 from tests.fakes.stripe_events import SHAPES, Shape
+from tests.support.settings import make_settings
+from tests.support.webhooks import WEBHOOK_SECRET, applied, sub_event
 
-SECRET = "whsec_periods_test"
 DAY = 86400
 T0 = 1_790_000_000  # a fixed past instant: periods are history here, not "now"
 
@@ -36,30 +34,13 @@ def at(seconds: int) -> dt.datetime:
 
 @pytest.fixture
 def p_settings(fresh_pg_url: str, redis_prefix: str) -> Settings:
-    return make_settings(fresh_pg_url, redis_prefix, stripe_webhook_secret=SECRET)
+    return make_settings(fresh_pg_url, redis_prefix, stripe_webhook_secret=WEBHOOK_SECRET)
 
 
 @pytest.fixture
 def client(p_settings: Settings) -> Iterator[TestClient]:
     with TestClient(create_app(runtime=Runtime(p_settings))) as c:
         yield c
-
-
-def deliver(client: TestClient, event: dict[str, Any]) -> str:
-    payload = json.dumps(event)
-    r = client.post("/v1/webhooks/stripe", content=payload.encode(),
-                    headers={"Stripe-Signature": stripe_events.sign(payload, SECRET),
-                             "Content-Type": "application/json"})
-    assert r.status_code == 200, r.text
-    outcome: str = r.json()["outcome"]
-    return outcome
-
-
-def sub_event(shape: Shape, type_: str, customer: str, start: int, end: int, created: int, *,
-              status: str = "active", sub_id: str = "sub_periods", ended_at: int | None = None) -> dict[str, Any]:
-    obj = stripe_events.subscription(shape, sub_id=sub_id, customer=customer, status=status, period_start=start,
-                                     period_end=end, ended_at=ended_at)
-    return stripe_events.event(shape, type_, obj, created=created)
 
 
 def known(settings: Settings, customer: str) -> list[Period]:
@@ -78,10 +59,10 @@ def test_the_schema_matches_the_models(p_settings: Settings) -> None:
 def test_subscription_events_record_their_period_in_both_shapes(client: TestClient, p_settings: Settings,
                                                                  shape: Shape) -> None:
     customer = f"cus_{shape}"
-    assert deliver(client, sub_event(shape, "customer.subscription.created", customer, T0, T0 + 30 * DAY,
-                                     T0)) == "applied"
-    assert deliver(client, sub_event(shape, "customer.subscription.updated", customer, T0 + 30 * DAY,
-                                     T0 + 61 * DAY, T0 + 30 * DAY)) == "applied"
+    assert applied(client, sub_event("sub_periods", customer, "active", T0, "customer.subscription.created",
+                                     period_end=T0 + 30 * DAY, shape=shape)) == "applied"
+    assert applied(client, sub_event("sub_periods", customer, "active", T0 + 30 * DAY, period_start=T0 + 30 * DAY,
+                                     period_end=T0 + 61 * DAY, shape=shape)) == "applied"
 
     assert known(p_settings, customer) == [Period(at(T0), at(T0 + 30 * DAY)),
                                            Period(at(T0 + 30 * DAY), at(T0 + 61 * DAY))]
@@ -102,12 +83,12 @@ def test_invoice_lines_record_the_period_they_bill_but_not_prorations(client: Te
     paid = stripe_events.invoice(shape, customer=customer, sub_id="sub_inv", billing_reason="subscription_cycle",
                                  created=renewal, lines=[(T0, renewal)],
                                  proration_lines=[(T0 + 10 * DAY, renewal)])
-    deliver(client, stripe_events.event(shape, "invoice.paid", paid, created=renewal))
+    applied(client, stripe_events.event(shape, "invoice.paid", paid, created=renewal))
     upcoming = stripe_events.invoice(shape, customer=customer, sub_id="sub_inv", billing_reason="subscription_cycle",
                                      created=renewal + 30 * DAY, lines=[(renewal, renewal + 30 * DAY)])
-    assert deliver(client, stripe_events.event(shape, "invoice.created", upcoming,
+    assert applied(client, stripe_events.event(shape, "invoice.created", upcoming,
                                                created=renewal + 30 * DAY)) == "applied"
-    assert deliver(client, stripe_events.event(shape, "invoice.finalized", upcoming,
+    assert applied(client, stripe_events.event(shape, "invoice.finalized", upcoming,
                                                created=renewal + 30 * DAY + 3600)) == "ignored"  # nothing new
 
     assert known(p_settings, customer) == [Period(at(T0), at(renewal)), Period(at(renewal), at(renewal + 30 * DAY))]
@@ -115,11 +96,11 @@ def test_invoice_lines_record_the_period_they_bill_but_not_prorations(client: Te
 
 def test_an_older_event_never_replaces_a_newer_period_end(client: TestClient, p_settings: Settings) -> None:
     customer, end = "cus_order", T0 + 30 * DAY
-    canceled = sub_event("basil", "customer.subscription.deleted", customer, T0, end, T0 + 12 * DAY,
-                         status="canceled", ended_at=T0 + 12 * DAY)
-    stale = sub_event("basil", "customer.subscription.updated", customer, T0, end, T0 + 5 * DAY)
-    assert deliver(client, canceled) == "applied"
-    assert deliver(client, stale) == "stale"  # the subscription state ignores it; so does its period
+    canceled = sub_event("sub_periods", customer, "canceled", T0 + 12 * DAY, "customer.subscription.deleted",
+                         period_start=T0, period_end=end, ended_at=T0 + 12 * DAY)
+    stale = sub_event("sub_periods", customer, "active", T0 + 5 * DAY, period_start=T0, period_end=end)
+    assert applied(client, canceled) == "applied"
+    assert applied(client, stale) == "stale"  # the subscription state ignores it; so does its period
 
     assert known(p_settings, customer) == [Period(at(T0), at(T0 + 12 * DAY))]  # cut at ended_at
 

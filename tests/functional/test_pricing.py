@@ -36,12 +36,14 @@ from aikit.reconcile import reconcile
 from aikit.runtime import Runtime
 from aikit.settings import Settings, get_settings, load_settings
 from aikit.stripe_gateway import StripeGateway, setup_spec
-from tests.conftest import ADMIN_TOKEN, issue_key
 from tests.fakes.llm_servers import FakeOpenAI, openai_server
 from tests.fakes.stripe_server import FakeStripe
-from tests.functional.test_cli import base_env
-from tests.functional.test_flush import WINDOW, billing_settings, empty_database, settings_env
-from tests.servers import AIKIT
+from tests.support.api import issue_key
+from tests.support.billing import WINDOW, billing_settings, settings_env
+from tests.support.cli import base_env
+from tests.support.db import empty_database
+from tests.support.servers import AIKIT
+from tests.support.settings import ADMIN_TOKEN
 
 COST_EVENT = "aikit_cost"
 # USD per million tokens. gpt-4o-mini is exact (beats gpt-4o*), gpt-4o-2024* is longer than gpt-4o* (wins).

@@ -15,13 +15,7 @@ from aikit import cli
 from aikit.reconcile import reconcile
 from aikit.settings import get_settings
 from tests.fakes.stripe_server import FakeStripe
-from tests.functional.test_flush import (
-    DAY,
-    EVENT,
-    Billing,
-    past_window_start,
-    settings_env,
-)
+from tests.support.billing import DAY, EVENT, Billing, past_window_start, settings_env
 
 
 def day_of(ts: float) -> dt.date:

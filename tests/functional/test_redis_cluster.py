@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import httpx
 import openai
@@ -18,11 +17,12 @@ from sqlalchemy import func, select
 from aikit.api.app import create_app
 from aikit.db.models import ApiKeyUsage, UsageDaily
 from aikit.flush import Flusher
-from aikit.keys import IssuedKey
 from aikit.runtime import Runtime
 from aikit.settings import Settings
-from tests.conftest import issue_key, make_settings
-from tests.servers import redis_cluster, serve_app
+from tests.support.api import chat, issue_key
+from tests.support.redis import pending_tokens
+from tests.support.servers import redis_cluster, serve_app
+from tests.support.settings import make_settings
 
 pytestmark = pytest.mark.cluster
 
@@ -44,16 +44,6 @@ def cluster(cluster_url: str) -> Iterator[RedisCluster]:
     client = RedisCluster.from_url(cluster_url, decode_responses=True)
     yield client
     client.close()
-
-
-def chat(client: TestClient, key: IssuedKey, content: str = "hello there world", **body: Any) -> httpx.Response:
-    return client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key.api_key}"},
-                       json={"model": "echo-1", "messages": [{"role": "user", "content": content}], **body})
-
-
-def pending_tokens(cluster: RedisCluster, runtime: Runtime, api_key_id: str) -> int:
-    values = cluster.hgetall(runtime.layout.pending(api_key_id))
-    return sum(int(v) for k, v in values.items() if k.endswith("|t"))
 
 
 def stored(runtime: Runtime, api_key_id: str) -> tuple[int, int]:
@@ -98,7 +88,7 @@ def test_chat_limits_and_flush_across_cluster_nodes(cluster_settings: Settings, 
             assert body.rstrip().endswith("data: [DONE]")
             total += (i + 1) + (i + 2)
             expected[key.api_key_id] = (3, total)
-            assert pending_tokens(cluster, runtime, key.api_key_id) == total
+            assert pending_tokens(runtime, key.api_key_id, cluster) == total
             # Every reservation was settled by its RECORD.
             assert cluster.hlen(runtime.layout.inflight(key.api_key_id)) == 0
 
@@ -107,7 +97,7 @@ def test_chat_limits_and_flush_across_cluster_nodes(cluster_settings: Settings, 
     assert summary.rows_inserted == summary.events_read == 3 * len(keys)
     for key in keys:
         assert stored(runtime, key.api_key_id) == expected[key.api_key_id]
-        assert pending_tokens(cluster, runtime, key.api_key_id) == 0
+        assert pending_tokens(runtime, key.api_key_id, cluster) == 0
     for shard in range(cluster_settings.redis_usage_shards):
         assert cluster.xlen(runtime.layout.stream(shard)) == 0
     assert Flusher(cluster_settings).run().rows_inserted == 0
@@ -125,8 +115,8 @@ def test_rate_limits_and_quota_on_the_cluster(cluster_settings: Settings, cluste
         assert codes == [200, 200, 200, 429]
         r = chat(client, quota)
         assert r.status_code == 429 and "monthly token quota" in r.json()["error"]["message"]
-    assert pending_tokens(cluster, runtime, per_minute.api_key_id) == 3 * 7
-    assert pending_tokens(cluster, runtime, quota.api_key_id) == 3 * 7
+    assert pending_tokens(runtime, per_minute.api_key_id, cluster) == 3 * 7
+    assert pending_tokens(runtime, quota.api_key_id, cluster) == 3 * 7
     assert cluster.hlen(runtime.layout.inflight(quota.api_key_id)) == 0
 
 
@@ -147,7 +137,7 @@ def test_parallel_requests_cannot_overspend_the_quota_on_the_cluster(cluster_set
         codes = asyncio.run(burst(base))
     assert set(codes) <= {200, 429}
     assert 1 <= codes.count(200) <= 3
-    assert pending_tokens(cluster, runtime, key.api_key_id) == 7 * codes.count(200)
+    assert pending_tokens(runtime, key.api_key_id, cluster) == 7 * codes.count(200)
     assert cluster.hlen(runtime.layout.inflight(key.api_key_id)) == 0
 
 
@@ -174,7 +164,7 @@ def test_openai_sdk_through_uvicorn_on_the_cluster(cluster_settings: Settings, c
         totals = asyncio.run(drive(base))
     assert all(totals.values())
     for key in keys:
-        assert pending_tokens(cluster, runtime, key.api_key_id) == totals[key.api_key_id]
+        assert pending_tokens(runtime, key.api_key_id, cluster) == totals[key.api_key_id]
     summary = Flusher(cluster_settings).run()
     assert summary.ok and summary.rows_inserted == 5 * len(keys)
     for key in keys:

@@ -25,20 +25,20 @@ from aikit.flush import Flusher
 from aikit.keys import IssuedKey
 from aikit.runtime import Runtime
 from aikit.settings import Settings
-from tests.conftest import migrated_database
-from tests.functional.test_redis_faults import (
+from tests.support.api import chat
+from tests.support.db import migrated_database
+from tests.support.redis import pending_tokens
+from tests.support.redis_faults import (
     LONG_AGO,
     TOKENS,
-    chat,
     fault_settings,
-    new_key,
+    new_paying_key,
     outbox_total,
-    pending_tokens,
     rollup,
-    served,
+    serve_requests,
     usage_rows,
 )
-from tests.servers import RedisProcess, cluster_port, free_port
+from tests.support.servers import RedisProcess, cluster_port, free_port
 
 Fault = Callable[[RedisProcess], contextlib.AbstractContextManager[None]]
 
@@ -167,7 +167,7 @@ def assert_counted_once(settings: Settings, runtime: Runtime, key: IssuedKey, cu
     assert usage_rows(runtime, key) == {rid: (TOKENS, True) for rid in ids}
     assert rollup(runtime, key) == (len(ids), len(ids) * TOKENS)
     assert outbox_total(runtime, customer) == len(ids) * TOKENS
-    assert pending_tokens(settings, runtime, key) == 0
+    assert pending_tokens(runtime, key.api_key_id) == 0
 
 
 @pytest.mark.parametrize("kind", list(FAULTS))
@@ -176,15 +176,15 @@ def test_an_error_reply_takes_the_postgres_fallback_and_the_limiter_fails_open(p
     with started(extra) as proc:
         settings = fault_settings(pg_url, proc, rate_limit_fail_mode="open")
         runtime = Runtime(settings)
-        key, customer = new_key(settings, rpd=100)
+        key, customer = new_paying_key(settings, rpd=100)
         with TestClient(create_app(runtime=runtime)) as client:
-            before = served(client, key, 2)
+            before = serve_requests(client, key, 2)
             with fault(proc):
-                during = [*served(client, key, 2), streamed(client, key)]
+                during = [*serve_requests(client, key, 2), streamed(client, key)]
                 # Written straight to Postgres before any flush: row, rollup and Stripe outbox.
                 assert usage_rows(runtime, key) == {rid: (TOKENS, True) for rid in during}
                 assert outbox_total(runtime, customer) == 3 * TOKENS
-            after = served(client, key, 1)
+            after = serve_requests(client, key, 1)
         assert_counted_once(settings, runtime, key, customer, before + during + after, set(during))
 
 
@@ -194,15 +194,15 @@ def test_an_error_reply_with_the_limiter_failing_closed_answers_503(pg_url: str,
     with started(extra) as proc:
         settings = fault_settings(pg_url, proc, rate_limit_fail_mode="closed")
         runtime = Runtime(settings)
-        key, customer = new_key(settings)
+        key, customer = new_paying_key(settings)
         with TestClient(create_app(runtime=runtime)) as client:
-            before = served(client, key, 1)
+            before = serve_requests(client, key, 1)
             with fault(proc):
                 r = chat(client, key)
                 assert r.status_code == 503, r.text
                 assert r.json()["error"]["code"] == "limiter_unavailable"
                 assert int(r.headers["Retry-After"]) > 0
-            after = served(client, key, 1)
+            after = serve_requests(client, key, 1)
         assert usage_rows(runtime, key) == {}  # the refused call reached no LLM and was never metered
         assert_counted_once(settings, runtime, key, customer, before + after, set())
 
@@ -214,9 +214,9 @@ def test_a_dataset_being_loaded_is_a_fault_too(pg_url: str) -> None:
     try:
         settings = fault_settings(pg_url, proc, rate_limit_fail_mode="open")
         runtime = Runtime(settings)
-        key, customer = new_key(settings)
+        key, customer = new_paying_key(settings)
         with TestClient(create_app(runtime=runtime)) as client:
-            before = served(client, key, 2)
+            before = serve_requests(client, key, 2)
             with admin(proc) as c:
                 pipe = c.pipeline(transaction=False)
                 for i in range(150_000):
@@ -239,7 +239,7 @@ def test_a_dataset_being_loaded_is_a_fault_too(pg_url: str) -> None:
                 except redis.ConnectionError:
                     assert time.monotonic() < deadline
                     time.sleep(0.02)
-            during = [*served(client, key, 2), streamed(client, key)]
+            during = [*serve_requests(client, key, 2), streamed(client, key)]
             with pytest.raises(redis.exceptions.BusyLoadingError):
                 probe.ping()  # still loading: the requests above really met the fault
             deadline = time.monotonic() + 60
@@ -251,7 +251,7 @@ def test_a_dataset_being_loaded_is_a_fault_too(pg_url: str) -> None:
                     assert time.monotonic() < deadline
                     time.sleep(0.1)
             probe.close()
-            after = served(client, key, 1)
+            after = serve_requests(client, key, 1)
         assert usage_rows(runtime, key) == {rid: (TOKENS, True) for rid in during} | {
             rid: (TOKENS, True) for rid in usage_rows(runtime, key) if rid in after}
         assert_counted_once(settings, runtime, key, customer, before + during + after, set(during))
@@ -275,11 +275,11 @@ def test_tryagain_during_a_slot_migration_takes_the_fallback(pg_url: str) -> Non
             source_id, target_id = a.execute_command("CLUSTER", "MYID"), b.execute_command("CLUSTER", "MYID")
         settings = fault_settings(pg_url, source, rate_limit_fail_mode="open", redis_usage_shards=1)
         runtime = Runtime(settings)
-        key, customer = new_key(settings)
+        key, customer = new_paying_key(settings)
         slot = int(redis.Redis(port=source.port).execute_command(
             "CLUSTER", "KEYSLOT", runtime.layout.stream(0)))
         with TestClient(create_app(runtime=runtime)) as client:
-            before = served(client, key, 2)
+            before = serve_requests(client, key, 2)
             with admin(source) as a, admin(target) as b:
                 b.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
                 a.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
@@ -289,10 +289,10 @@ def test_tryagain_during_a_slot_migration_takes_the_fallback(pg_url: str) -> Non
                 with pytest.raises(redis.exceptions.TryAgainError):
                     a.eval("return redis.call('GET', KEYS[1])", 2, runtime.layout.stream(0),
                            runtime.layout.minute(key.api_key_id))
-            during = [*served(client, key, 2), streamed(client, key)]
+            during = [*serve_requests(client, key, 2), streamed(client, key)]
             assert usage_rows(runtime, key) == {rid: (TOKENS, True) for rid in during}
             with admin(source) as a, admin(target) as b:  # the migration is called off
                 a.execute_command("CLUSTER", "SETSLOT", slot, "STABLE")
                 b.execute_command("CLUSTER", "SETSLOT", slot, "STABLE")
-            after = served(client, key, 1)
+            after = serve_requests(client, key, 1)
         assert_counted_once(settings, runtime, key, customer, before + during + after, set(during))

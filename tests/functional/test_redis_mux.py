@@ -19,8 +19,8 @@ from aikit.metering.scripts import LuaScript
 from aikit.redis_client import REDIS_DOWN_ERRORS
 from aikit.redis_mux import RedisMux, make_script_client, mux_options, pack_command
 from aikit.settings import Settings
-from tests.conftest import REDIS_URL
-from tests.servers import RedisProcess, free_port, throwaway_redis
+from tests.support.servers import RedisProcess, free_port, throwaway_redis
+from tests.support.settings import REDIS_URL
 
 SCRIPT = LuaScript("return redis.call('INCRBY', KEYS[1], ARGV[1])")
 ECHO = LuaScript("return {KEYS[1], ARGV[1], tonumber(ARGV[2]), ARGV[3]}")

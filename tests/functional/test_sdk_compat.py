@@ -26,10 +26,11 @@ import redis
 from aikit.keys import IssuedKey
 from aikit.llm import echo
 from aikit.settings import Settings
-from tests.conftest import REDIS_URL, issue_key, make_settings
 from tests.fakes import llm_servers
 from tests.fakes.llm_servers import IMAGE_TOKENS, TOOL_TOKENS, FakeLLMServer
-from tests.servers import aikit_serve
+from tests.support.api import issue_key
+from tests.support.servers import aikit_serve
+from tests.support.settings import REDIS_URL, make_settings
 
 PROVIDERS = ("openai", "anthropic", "bedrock", "echo")
 MODELS = {"openai": "gpt-4o-mini", "anthropic": "claude-sonnet-4-5", "bedrock": "anthropic.claude-3-haiku-v1:0",

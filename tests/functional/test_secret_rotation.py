@@ -13,9 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
-import boto3
 import pytest
-from moto import mock_aws
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
@@ -23,7 +21,7 @@ from aikit import aws_secrets
 from aikit.db import engine as db_engine
 from aikit.db.engine import get_engine
 from aikit.settings import load_settings
-from tests.servers import free_port
+from tests.support.servers import free_port
 
 FIRST, SECOND = "first-Passw0rd", "second-Passw0rd"
 
@@ -53,19 +51,6 @@ def scram_postgres() -> Iterator[int]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture
-def secrets(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    aws_secrets.clear_cache()
-    with mock_aws():
-        yield boto3.client("secretsmanager", region_name="us-east-1")
-    aws_secrets.clear_cache()
-
-
 def _environ(arn: str, port: int) -> dict[str, str]:
     return {"DATABASE_SECRET_ARN": arn, "DATABASE_HOST": "127.0.0.1", "DATABASE_PORT": str(port),
             "DATABASE_NAME": "postgres", "DATABASE_SSLMODE": "disable"}
@@ -76,8 +61,8 @@ def _select_one(url: str) -> int:
         return int(conn.execute(text("SELECT 1")).scalar_one())
 
 
-def test_a_rotated_password_is_read_again_on_the_refused_login(scram_postgres: int, secrets: Any) -> None:
-    arn = secrets.create_secret(Name="aikit/db-rotation", SecretString=json.dumps(
+def test_a_rotated_password_is_read_again_on_the_refused_login(scram_postgres: int, secretsmanager: Any) -> None:
+    arn = secretsmanager.create_secret(Name="aikit/db-rotation", SecretString=json.dumps(
         {"username": "postgres", "password": FIRST}))["ARN"]
     environ = _environ(arn, scram_postgres)
     url = load_settings(database_url=aws_secrets.resolve_secret_settings(environ)["DATABASE_URL"],
@@ -90,14 +75,15 @@ def test_a_rotated_password_is_read_again_on_the_refused_login(scram_postgres: i
         with get_engine(url).connect() as conn:
             conn.execute(text(f"ALTER ROLE postgres PASSWORD '{SECOND}'"))
             conn.commit()
-        secrets.put_secret_value(SecretId=arn, SecretString=json.dumps({"username": "postgres", "password": SECOND}))
+        secretsmanager.put_secret_value(SecretId=arn,
+                                        SecretString=json.dumps({"username": "postgres", "password": SECOND}))
         get_engine(url).dispose()  # new connections from here on, with the engine built from the old URL
 
         assert _select_one(url) == 1  # refused with FIRST (cached), read the secret again, in with SECOND
         assert _select_one(url) == 1
 
         # A secret that does not open the database: one refusal, then a plain error, no loop.
-        secrets.put_secret_value(SecretId=arn, SecretString=json.dumps({"username": "postgres",
+        secretsmanager.put_secret_value(SecretId=arn, SecretString=json.dumps({"username": "postgres",
                                                                         "password": "wrong-one"}))
         aws_secrets.clear_cache()
         get_engine(url).dispose()

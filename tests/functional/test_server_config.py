@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aikit.server import uvicorn_config
 from aikit.settings import Settings
-from tests.conftest import make_settings
+from tests.support.settings import make_settings
 
 
 def test_the_access_log_is_off_unless_asked_for(settings: Settings, pg_url: str, redis_prefix: str) -> None:

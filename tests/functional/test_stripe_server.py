@@ -14,17 +14,11 @@ import pytest
 import stripe
 
 from tests.fakes.stripe_server import METER_EVENT_PATH, FakeStripe, decode_form
-from tests.servers import free_port
+from tests.support.servers import free_port
 
 EVENT = "api_tokens"
 DAY = 86400
 DESTINATION_SECRET = "whsec_destination_test"
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeStripe]:
-    with FakeStripe() as server:
-        yield server
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ samconfig.toml, the sample events and the migration custom resource's handler.""
 from __future__ import annotations
 
 import ast
+import functools
 import http.server
 import importlib.util
 import json
@@ -15,55 +16,25 @@ import threading
 import tomllib
 import uuid
 from collections.abc import Iterator
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import create_engine, inspect
 
 from aikit import observability
 from aikit.settings import Settings
+from tests.support.aws_lambda import LambdaContext
+from tests.support.db import create_database, drop_database
+from tests.support.template import resources, template
 
 ROOT = Path(__file__).resolve().parents[2]
-TEMPLATE = ROOT / "template.yaml"
 FUNCTIONS = ("ApiFunction", "WebhookFunction", "FlushFunction", "MigrateFunction")
 
 
 # ---------------------------------------------------------------------------------------------- loading
 
 
-class CfnLoader(yaml.SafeLoader):
-    """Reads CloudFormation short tags (!Ref, !Sub, !GetAtt, ...) as their long {"Fn::X": ...} form."""
-
-
-def _cfn_tag(loader: CfnLoader, suffix: str, node: yaml.Node) -> dict[str, Any]:
-    name = "Ref" if suffix == "Ref" else f"Fn::{suffix}"
-    value: Any
-    if isinstance(node, yaml.ScalarNode):
-        value = loader.construct_scalar(node)
-        if suffix == "GetAtt":
-            value = value.split(".", 1)
-    elif isinstance(node, yaml.SequenceNode):
-        value = loader.construct_sequence(node, deep=True)
-    else:
-        value = loader.construct_mapping(node, deep=True)  # type: ignore[arg-type]
-    return {name: value}
-
-
-CfnLoader.add_multi_constructor("!", _cfn_tag)  # type: ignore[no-untyped-call]
-
-
-@cache
-def template() -> dict[str, Any]:
-    data: dict[str, Any] = yaml.load(TEMPLATE.read_text(), Loader=CfnLoader)  # a SafeLoader subclass
-    return data
-
-
-def resources() -> dict[str, Any]:
-    res: dict[str, Any] = template()["Resources"]
-    return res
 
 
 def of_type(kind: str) -> dict[str, dict[str, Any]]:
@@ -580,7 +551,6 @@ def test_healthz_event_drives_the_real_api_handler() -> None:
 
 # ---------------------------------------------------------------------------------------------- migrate handler
 
-ADMIN_URL = os.environ.get("TEST_DATABASE_ADMIN_URL", "postgresql+pg8000://postgres@127.0.0.1:5432/postgres")
 
 
 def _load_migrate_handler() -> Any:
@@ -618,29 +588,15 @@ def cloudformation() -> Iterator[tuple[str, list[dict[str, Any]]]]:
 
 
 @pytest.fixture
-def empty_database() -> Iterator[str]:
+def blank_database() -> Iterator[str]:
+    """A database with no schema at all, dropped afterwards."""
     name = f"aikit_migrate_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    yield ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    yield create_database(name)
+    drop_database(name)
 
 
-class _MigrateContext:
-    function_name = "aikit-migrate"
-    memory_limit_in_mb = 512
-    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:aikit-migrate"
-    aws_request_id = "req-migrate"
-    log_group_name = "/aikit/test/migrate"
-
-    def __init__(self, remaining_ms: int = 300_000) -> None:
-        self.remaining_ms = remaining_ms
-
-    def get_remaining_time_in_millis(self) -> int:
-        return self.remaining_ms
+migrate_context = functools.partial(LambdaContext, "aikit-migrate", remaining_ms=300_000, aws_request_id="req-migrate",
+                                    log_group_name="/aikit/test/migrate")
 
 
 def _cfn_event(url: str, request_type: str) -> dict[str, Any]:
@@ -658,30 +614,30 @@ def no_secret_arns(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.usefixtures("no_secret_arns")
 def test_migration_custom_resource_migrates_and_answers_cloudformation(
-    cloudformation: tuple[str, list[dict[str, Any]]], empty_database: str, monkeypatch: pytest.MonkeyPatch
+    cloudformation: tuple[str, list[dict[str, Any]]], blank_database: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     url, answers = cloudformation
-    monkeypatch.setenv("DATABASE_URL", empty_database)
+    monkeypatch.setenv("DATABASE_URL", blank_database)
     handler = _load_migrate_handler()
 
-    assert handler(_cfn_event(url, "Create"), _MigrateContext()) == {"Status": "SUCCESS"}
+    assert handler(_cfn_event(url, "Create"), migrate_context()) == {"Status": "SUCCESS"}
     (answer,) = answers
     assert answer["Status"] == "SUCCESS"
     assert answer["PhysicalResourceId"] == "aikit-database-migration"
     assert answer["LogicalResourceId"] == "DatabaseMigration"
     assert answer["StackId"] == "arn:aws:cloudformation:stack/aikit"
-    engine = create_engine(empty_database)
+    engine = create_engine(blank_database)
     assert "alembic_version" in inspect(engine).get_table_names()
     engine.dispose()
 
     # An update migrates again (a no-op here) and keeps the physical id, so CloudFormation deletes nothing.
     event = {**_cfn_event(url, "Update"), "PhysicalResourceId": answer["PhysicalResourceId"]}
-    handler(event, _MigrateContext())
+    handler(event, migrate_context())
     assert answers[-1]["Status"] == "SUCCESS"
     assert answers[-1]["PhysicalResourceId"] == "aikit-database-migration"
 
     # Invoked by hand (no ResponseURL) it just migrates.
-    assert handler({}, _MigrateContext()) == {"migrated": True}
+    assert handler({}, migrate_context()) == {"migrated": True}
 
 
 @pytest.mark.usefixtures("no_secret_arns")
@@ -692,12 +648,12 @@ def test_migration_failure_is_reported_to_cloudformation_without_the_password(
     monkeypatch.setenv("DATABASE_URL", "postgresql://aikit:hunter2-secret@127.0.0.1:1/aikit")
     handler = _load_migrate_handler()
     # Little time left: no retries, the answer must still go out.
-    assert handler(_cfn_event(url, "Create"), _MigrateContext(remaining_ms=5_000)) == {"Status": "FAILED"}
+    assert handler(_cfn_event(url, "Create"), migrate_context(remaining_ms=5_000)) == {"Status": "FAILED"}
     (answer,) = answers
     assert answer["Status"] == "FAILED"
     assert answer["Reason"].startswith("migration failed")
     assert "hunter2-secret" not in answer["Reason"]
 
     # Deleting the stack never touches the database.
-    handler(_cfn_event(url, "Delete"), _MigrateContext())
+    handler(_cfn_event(url, "Delete"), migrate_context())
     assert answers[-1]["Status"] == "SUCCESS"

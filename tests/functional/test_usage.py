@@ -29,7 +29,8 @@ from aikit.metering.redis_meter import priced_event
 from aikit.metering.sql_sink import store_events
 from aikit.runtime import Runtime
 from aikit.settings import Settings
-from tests.conftest import ADMIN_TOKEN, REDIS_URL, issue_key, make_settings
+from tests.support.api import bearer, issue_key
+from tests.support.settings import ADMIN_TOKEN, REDIS_URL, make_settings
 
 # USD per million tokens; cached input at the input rate (no cached_input given).
 PRICES = {"gpt-a": {"input": 500, "output": 1500}, "gpt-b": {"input": 250, "output": 2000}}
@@ -93,11 +94,6 @@ def pending_hash(runtime: Runtime, key_id: str) -> dict[str, str]:
         client.close()
 
 
-def auth(key: IssuedKey | str) -> dict[str, str]:
-    secret = key if isinstance(key, str) else key.api_key
-    return {"Authorization": f"Bearer {secret}"}
-
-
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
@@ -132,7 +128,7 @@ def test_shape_and_values_flushed_plus_pending(settings: Settings, uclient: Test
     assert store_flushed(settings, flushed + old) == 4
     record_pending(settings, pending)
 
-    r = uclient.get("/v1/usage", headers=auth(key))
+    r = uclient.get("/v1/usage", headers=bearer(key))
     assert r.status_code == 200, r.text
     body = r.json()
     assert list(body)[:5] == DOCUMENTED_KEYS
@@ -170,25 +166,25 @@ def test_chat_usage_then_flush_counts_each_request_once(settings: Settings, runt
     key = issue_key(settings, rpm=50, rpd=4000, monthly_tokens=100_000)
     used = 0
     for words in ("one two three", "four five", "six"):
-        r = uclient.post("/v1/chat/completions", headers=auth(key),
+        r = uclient.post("/v1/chat/completions", headers=bearer(key),
                          json={"model": "gpt-a", "messages": [{"role": "user", "content": words}]})
         assert r.status_code == 200, r.text
         used += r.json()["usage"]["total_tokens"]
 
-    before = uclient.get("/v1/usage", headers=auth(key)).json()
+    before = uclient.get("/v1/usage", headers=bearer(key)).json()
     assert (before["tokens_used"], before["requests"]) == (used, 3)
     assert before["rate_limit_remaining"] == {"per_minute": 47, "per_day": 3997}
     assert before["monthly_tokens_remaining"] == 100_000 - used
 
     flush(settings)  # the real flush: rows + rollups committed, then subtracted from pending
     assert all(int(v) == 0 for v in pending_hash(runtime, key.api_key_id).values())  # nothing left pending
-    after = uclient.get("/v1/usage", headers=auth(key)).json()
+    after = uclient.get("/v1/usage", headers=bearer(key)).json()
     assert (after["tokens_used"], after["requests"]) == (used, 3)
 
-    r = uclient.post("/v1/chat/completions", headers=auth(key),
+    r = uclient.post("/v1/chat/completions", headers=bearer(key),
                      json={"model": "gpt-a", "messages": [{"role": "user", "content": "seven eight"}]})
     used += r.json()["usage"]["total_tokens"]
-    mixed = uclient.get("/v1/usage", headers=auth(key)).json()
+    mixed = uclient.get("/v1/usage", headers=bearer(key)).json()
     assert (mixed["tokens_used"], mixed["requests"]) == (used, 4)
     assert [(m["model"], m["requests"]) for m in mixed["by_model"]] == [("gpt-a", 4)]
     assert mixed["rate_limit_remaining"]["per_minute"] == 46
@@ -207,7 +203,7 @@ def test_partial_flush_of_the_same_day_and_model_is_not_double_counted(settings:
         flushed_requests = conn.execute(text("SELECT requests FROM usage_daily WHERE api_key_id = :k"),
                                         {"k": kid}).scalar_one()
     assert flushed_requests == 7
-    body = uclient.get("/v1/usage", headers=auth(key)).json()
+    body = uclient.get("/v1/usage", headers=bearer(key)).json()
     assert body["by_day"] == [{"date": today().isoformat(), **totals(first + second)}]
     assert (body["tokens_used"], body["requests"]) == (totals(first + second)["tokens"], 12)
 
@@ -220,7 +216,7 @@ def test_last_30_days(settings: Settings, uclient: TestClient) -> None:
     outside = [event(kid, "gpt-a", 50, 50, ts=noon(t - dt.timedelta(30)))]
     store_flushed(settings, [inside[1], *outside])
     record_pending(settings, [inside[0], event(kid, "gpt-b", 9, 9, ts=noon(t - dt.timedelta(31)))])
-    body = uclient.get("/v1/usage", params={"period": "last_30_days"}, headers=auth(key)).json()
+    body = uclient.get("/v1/usage", params={"period": "last_30_days"}, headers=bearer(key)).json()
     assert body["period_start"] == f"{(t - dt.timedelta(29)).isoformat()}T00:00:00Z"
     assert body["period_end"] == f"{t.isoformat()}T23:59:59Z"
     assert (body["tokens_used"], body["requests"]) == (6, 2)
@@ -237,7 +233,7 @@ def test_explicit_range_is_inclusive_on_both_ends(settings: Settings, uclient: T
     # Unflushed usage on an old day (a flush that lagged) is filtered by the same dates.
     record_pending(settings, [event(kid, "gpt-a", 3, 0, ts=noon(dt.date(2023, 3, 31))),
                               event(kid, "gpt-a", 7, 0, ts=noon(dt.date(2023, 4, 1)))])
-    r = uclient.get("/v1/usage", params={"start": "2023-03-01", "end": "2023-03-31"}, headers=auth(key))
+    r = uclient.get("/v1/usage", params={"start": "2023-03-01", "end": "2023-03-31"}, headers=bearer(key))
     body = r.json()
     assert r.status_code == 200, r.text
     assert (body["tokens_used"], body["requests"]) == (114, 4)
@@ -245,7 +241,7 @@ def test_explicit_range_is_inclusive_on_both_ends(settings: Settings, uclient: T
     assert body["by_day"][-1] == {"date": "2023-03-31", "requests": 2, "input_tokens": 103,
                                   "output_tokens": 0, "cached_tokens": 0, "tokens": 103}
     one_day = uclient.get("/v1/usage", params={"start": "2023-04-01", "end": "2023-04-01"},
-                          headers=auth(key)).json()
+                          headers=bearer(key)).json()
     assert one_day["tokens_used"] == 10_007
 
 
@@ -269,7 +265,7 @@ def test_explicit_range_is_inclusive_on_both_ends(settings: Settings, uclient: T
 )
 def test_bad_periods_are_422_naming_the_parameter(uclient: TestClient, api_key: IssuedKey,
                                                    params: dict[str, str], param: str) -> None:
-    for path, headers in (("/v1/usage", auth(api_key)), ("/v1/admin/usage", ADMIN),
+    for path, headers in (("/v1/usage", bearer(api_key)), ("/v1/admin/usage", ADMIN),
                           ("/v1/admin/usage.csv", ADMIN)):
         query = dict(params) if path == "/v1/usage" else {**params, "api_key_id": api_key.api_key_id}
         r = uclient.get(path, params=query, headers=headers)
@@ -281,7 +277,7 @@ def test_bad_periods_are_422_naming_the_parameter(uclient: TestClient, api_key: 
 
 
 def test_a_full_leap_year_is_allowed(uclient: TestClient, api_key: IssuedKey) -> None:
-    r = uclient.get("/v1/usage", params={"start": "2024-01-01", "end": "2024-12-31"}, headers=auth(api_key))
+    r = uclient.get("/v1/usage", params={"start": "2024-01-01", "end": "2024-12-31"}, headers=bearer(api_key))
     assert r.status_code == 200, r.text
     assert r.json()["tokens_used"] == 0
 
@@ -289,11 +285,11 @@ def test_a_full_leap_year_is_allowed(uclient: TestClient, api_key: IssuedKey) ->
 def test_authentication(settings: Settings, uclient: TestClient) -> None:
     key = issue_key(settings)
     assert uclient.get("/v1/usage").status_code == 401
-    assert uclient.get("/v1/usage", headers=auth("ak_not-a-real-key")).status_code == 401
-    assert uclient.get("/v1/usage", headers=auth(key)).status_code == 200
+    assert uclient.get("/v1/usage", headers=bearer("ak_not-a-real-key")).status_code == 401
+    assert uclient.get("/v1/usage", headers=bearer(key)).status_code == 200
     r = uclient.post(f"/v1/admin/keys/{key.api_key_id}/revoke", headers=ADMIN)
     assert r.status_code == 200, r.text
-    r = uclient.get("/v1/usage", headers=auth(key))
+    r = uclient.get("/v1/usage", headers=bearer(key))
     assert r.status_code == 401
     assert r.json()["error"]["code"] == "revoked_api_key"
 
@@ -304,12 +300,12 @@ def test_a_key_sees_only_its_own_usage(settings: Settings, uclient: TestClient) 
                              event(other.api_key_id, "gpt-a", 100, 200)])
     record_pending(settings, [event(mine.api_key_id, "gpt-b", 3, 4),
                               event(other.api_key_id, "gpt-b", 300, 400)])
-    a = uclient.get("/v1/usage", headers=auth(mine)).json()
-    b = uclient.get("/v1/usage", headers=auth(other)).json()
+    a = uclient.get("/v1/usage", headers=bearer(mine)).json()
+    b = uclient.get("/v1/usage", headers=bearer(other)).json()
     assert (a["tokens_used"], a["requests"]) == (10, 2)
     assert (b["tokens_used"], b["requests"]) == (1000, 2)
     # Query parameters cannot widen the view.
-    c = uclient.get("/v1/usage", params={"api_key_id": other.api_key_id}, headers=auth(mine)).json()
+    c = uclient.get("/v1/usage", params={"api_key_id": other.api_key_id}, headers=bearer(mine)).json()
     assert c["tokens_used"] == 10
 
 
@@ -319,7 +315,7 @@ def test_redis_down_answers_from_postgres_marked_partial(pg_url: str, redis_pref
     key = issue_key(settings)
     store_flushed(settings, [event(key.api_key_id, "gpt-a", 5, 6)])
     with TestClient(create_app(runtime=Runtime(settings))) as c:
-        r = c.get("/v1/usage", headers=auth(key))
+        r = c.get("/v1/usage", headers=bearer(key))
         assert r.status_code == 200, r.text
         body = r.json()
         assert (body["tokens_used"], body["requests"], body["partial"]) == (11, 1, True)
@@ -334,11 +330,11 @@ def test_redis_down_answers_from_postgres_marked_partial(pg_url: str, redis_pref
 
 def test_database_down_is_a_503_not_a_500(settings: Settings, runtime: Runtime, uclient: TestClient) -> None:
     key = issue_key(settings)
-    assert uclient.get("/v1/usage", headers=auth(key)).status_code == 200  # the key is now in the cache
+    assert uclient.get("/v1/usage", headers=bearer(key)).status_code == 200  # the key is now in the cache
     # From here on the runtime's engine points at a port where no database listens.
     runtime.__dict__["engine"] = create_engine("postgresql+pg8000://postgres@127.0.0.1:1/none",
                                                connect_args={"timeout": 2})
-    r = uclient.get("/v1/usage", headers=auth(key))
+    r = uclient.get("/v1/usage", headers=bearer(key))
     assert (r.status_code, r.json()["error"]["code"], r.headers["retry-after"]) == (503, "usage_unavailable", "5")
     r = uclient.get("/v1/admin/usage", params={"api_key_id": key.api_key_id}, headers=ADMIN)
     assert (r.status_code, r.json()["error"]["code"]) == (503, "usage_unavailable")
@@ -410,7 +406,7 @@ def test_admin_usage_per_customer_and_per_key(settings: Settings, uclient: TestC
 
 def test_admin_usage_refuses_bad_requests(uclient: TestClient, api_key: IssuedKey) -> None:
     assert uclient.get("/v1/admin/usage", params={"api_key_id": api_key.api_key_id}).status_code == 401
-    r = uclient.get("/v1/admin/usage", params={"api_key_id": api_key.api_key_id}, headers=auth(api_key))
+    r = uclient.get("/v1/admin/usage", params={"api_key_id": api_key.api_key_id}, headers=bearer(api_key))
     assert r.status_code == 401
     r = uclient.get("/v1/admin/usage", headers=ADMIN)
     assert (r.status_code, r.json()["error"]["param"]) == (422, "customer_id")
@@ -523,7 +519,7 @@ def test_random_batches_with_replays_keep_rollups_equal_to_rows(settings: Settin
     # And the endpoint reads the same numbers.
     k0 = keys[0]
     body = uclient.get("/v1/usage", params={"start": "2024-06-01", "end": "2024-06-30"},
-                       headers=auth(k0)).json()
+                       headers=bearer(k0)).json()
     mine = [e for e in pool if e.api_key_id == k0.api_key_id]
     assert (body["tokens_used"], body["requests"]) == (sum(e.tokens for e in mine), len(mine)), f"seed={seed}"
 
@@ -533,7 +529,7 @@ def test_random_batches_with_replays_keep_rollups_equal_to_rows(settings: Settin
 
 @pytest.mark.cluster
 def test_usage_reads_pending_hashes_across_cluster_slots(pg_url: str) -> None:
-    from tests.servers import redis_cluster
+    from tests.support.servers import redis_cluster
 
     with redis_cluster() as url:
         settings = make_settings(pg_url, f"t{uuid.uuid4().hex[:12]}", redis_url=url, redis_cluster=True,
@@ -547,7 +543,7 @@ def test_usage_reads_pending_hashes_across_cluster_slots(pg_url: str) -> None:
         record_pending(settings, events)
         store_flushed(settings, [event(keys[0].api_key_id, "gpt-a", 1000, 0, customer=cus)])
         with TestClient(create_app(runtime=runtime)) as c:
-            own = c.get("/v1/usage", headers=auth(keys[2])).json()
+            own = c.get("/v1/usage", headers=bearer(keys[2])).json()
             assert (own["tokens_used"], own["requests"], own["partial"]) == (33, 1, False)
             admin = c.get("/v1/admin/usage", params={"customer_id": cus}, headers=ADMIN).json()
             assert admin["tokens"] == sum(e.tokens for e in events) + 1000

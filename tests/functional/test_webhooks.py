@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import json
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import boto3
 import httpx
 import pytest
-import stripe
 from fastapi.testclient import TestClient
 from moto import mock_aws
 from moto.core import DEFAULT_ACCOUNT_ID
@@ -33,14 +32,17 @@ from aikit.outbox import requeue_parked
 from aikit.runtime import Runtime
 from aikit.settings import Settings
 from aikit.webhooks import MAX_BODY_BYTES, Outcome, parse_event, process_event
-from tests.conftest import issue_key, make_settings
 from tests.fakes import stripe_events
-from tests.fakes.stripe_events import Shape
+from tests.fakes.stripe_events import Shape, new_id
 from tests.fakes.stripe_server import FakeStripe
-from tests.functional.test_flush import Billing, past_window_start
-from tests.servers import serve_app
+from tests.support.api import chat, issue_key
+from tests.support.aws_lambda import LambdaContext
+from tests.support.billing import Billing, past_window_start
+from tests.support.emf import emf_records
+from tests.support.servers import serve_app
+from tests.support.settings import make_settings
+from tests.support.webhooks import WEBHOOK_SECRET, applied, deliver, envelope, invoice_event, sign, sub_event
 
-SECRET = "whsec_functional_test_secret"
 DAY = 86400
 MONTH = 30 * DAY
 REGION = "us-east-1"
@@ -54,65 +56,13 @@ def now() -> int:
     return int(time.time())
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:16]}"
-
-
-def envelope(type_: str, obj: dict[str, Any], created: int, event_id: str | None = None,
-             shape: Shape = "basil") -> dict[str, Any]:
-    return stripe_events.event(shape, type_, obj, created=created, event_id=event_id)
-
-
-def sub_event(sub_id: str, customer: str, status: str, created: int,
-              type_: str = "customer.subscription.updated", period_start: int | None = None,
-              shape: Shape = "basil", ended_at: int | None = None) -> dict[str, Any]:
-    """A subscription event on Stripe's fixture object, in the basil (default) or the older shape."""
-    start = period_start if period_start is not None else created
-    obj = stripe_events.subscription(shape, sub_id=sub_id, customer=customer, status=status, period_start=start,
-                                     period_end=start + MONTH, ended_at=ended_at)
-    return envelope(type_, obj, created, shape=shape)
-
-
-def invoice_event(type_: str, customer: str, created: int, *, sub_id: str | None = "sub_x",
-                  lines: list[tuple[int, int]] | None = None, shape: Shape = "basil",
-                  billing_reason: str = "subscription_cycle", **fields: Any) -> dict[str, Any]:
-    fields = {"currency": "usd", "amount_due": 2500, "attempt_count": 1, "next_payment_attempt": None,
-              "hosted_invoice_url": "https://invoice.stripe.test/i/1", **fields}
-    obj = stripe_events.invoice(shape, customer=customer, sub_id=sub_id, billing_reason=billing_reason,
-                                created=created, lines=lines, **fields)
-    return envelope(type_, obj, created, shape=shape)
-
-
-def sign(payload: str, secret: str = SECRET, timestamp: int | None = None) -> str:
-    return str(stripe.WebhookSignature.generate_signature_header(payload, secret, timestamp=timestamp))
-
-
-def deliver(client: TestClient, event: dict[str, Any] | None = None, *, payload: str | bytes | None = None,
-            header: str | None = "sign") -> httpx.Response:
-    body = payload if payload is not None else json.dumps(event)
-    raw = body.encode() if isinstance(body, str) else body
-    headers = {"Content-Type": "application/json"}
-    if header == "sign":
-        headers["Stripe-Signature"] = sign(raw.decode("utf-8", "replace") if isinstance(body, bytes) else body)
-    elif header is not None:
-        headers["Stripe-Signature"] = header
-    return client.post("/v1/webhooks/stripe", content=raw, headers=headers)
-
-
-def applied(client: TestClient, event: dict[str, Any]) -> str:
-    r = deliver(client, event)
-    assert r.status_code == 200, r.text
-    outcome: str = r.json()["outcome"]
-    return outcome
-
-
 # --- app, settings, state ------------------------------------------------------------------------------
 
 
-def billing_settings(pg_url: str, redis_prefix: str, **overrides: Any) -> Settings:
+def webhook_settings(pg_url: str, redis_prefix: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "stripe_secret_key": "sk_test_webhooks",
-        "stripe_webhook_secret": SECRET,
+        "stripe_webhook_secret": WEBHOOK_SECRET,
         "stripe_api_base": "http://127.0.0.1:9",  # never called: webhooks and the request path need no Stripe
         **overrides,
     }
@@ -121,7 +71,7 @@ def billing_settings(pg_url: str, redis_prefix: str, **overrides: Any) -> Settin
 
 @pytest.fixture
 def wh_settings(pg_url: str, redis_prefix: str) -> Settings:
-    return billing_settings(pg_url, redis_prefix)
+    return webhook_settings(pg_url, redis_prefix)
 
 
 @pytest.fixture
@@ -173,12 +123,6 @@ def key_info(settings: Settings, issued: IssuedKey) -> KeyInfo:
     return info
 
 
-def chat(client: TestClient, issued: IssuedKey, content: str = "hello there world", **body: Any) -> httpx.Response:
-    payload = {"model": "echo-1", "messages": [{"role": "user", "content": content}], **body}
-    return client.post("/v1/chat/completions", json=payload,
-                       headers={"Authorization": f"Bearer {issued.api_key}"})
-
-
 def ts(value: dt.datetime | None) -> int | None:
     if value is None:
         return None
@@ -189,7 +133,7 @@ def ts(value: dt.datetime | None) -> int | None:
 
 
 def test_no_webhook_secret_answers_503(pg_url: str, redis_prefix: str) -> None:
-    settings = billing_settings(pg_url, redis_prefix, stripe_webhook_secret=None)
+    settings = webhook_settings(pg_url, redis_prefix, stripe_webhook_secret=None)
     with TestClient(create_app(runtime=Runtime(settings))) as client:
         event = sub_event(new_id("sub"), new_id("cus"), "active", now())
         r = deliver(client, event)
@@ -243,7 +187,7 @@ def test_deleted_turns_the_api_off(wh_client: TestClient, wh_settings: Settings,
 
 
 def test_deleted_gives_the_free_tier_when_so_configured(pg_url: str, redis_prefix: str) -> None:
-    settings = billing_settings(pg_url, redis_prefix, on_subscription_deleted="free_tier", free_tier_rpm=2)
+    settings = webhook_settings(pg_url, redis_prefix, on_subscription_deleted="free_tier", free_tier_rpm=2)
     customer = new_id("cus")
     issued = issue_key(settings, customer_id=customer, rpm=1000, rpd=100_000)
     with TestClient(create_app(runtime=Runtime(settings))) as client:
@@ -512,7 +456,7 @@ def test_only_an_invoice_that_opens_a_service_period_resets_the_quota(
 @pytest.fixture
 def stripe_app(billing: Any, fake: FakeStripe) -> Iterator[tuple[TestClient, Settings, str]]:
     """An app whose gateway talks to FakeStripe (where the subscriptions live), and a metered price there."""
-    settings = billing.settings.model_copy(update={"stripe_webhook_secret": SECRET})
+    settings = billing.settings.model_copy(update={"stripe_webhook_secret": WEBHOOK_SECRET})
     price_id = next(p["id"] for p in fake.prices.values() if p["lookup_key"] == "aikit_api_tokens")
     with TestClient(create_app(runtime=Runtime(settings))) as client:
         yield client, settings, price_id
@@ -579,7 +523,7 @@ DESTINATION_SECRET = "whsec_destination_functional"
 @contextlib.contextmanager
 def destination_app(billing: Billing, fake: FakeStripe) -> Iterator[Settings]:
     """The API served over real HTTP as FakeStripe's event destination; its gateway reads FakeStripe."""
-    settings = billing.settings.model_copy(update={"stripe_webhook_secret": SECRET,
+    settings = billing.settings.model_copy(update={"stripe_webhook_secret": WEBHOOK_SECRET,
                                                    "stripe_event_destination_secret": DESTINATION_SECRET})
     with serve_app(create_app(runtime=Runtime(settings))) as base:
         fake.event_destination(f"{base}/v1/webhooks/stripe", DESTINATION_SECRET)
@@ -733,7 +677,7 @@ def test_an_error_report_stripe_cannot_serve_is_retried(billing: Billing, fake: 
 
 def test_without_a_stripe_key_an_error_report_waits(billing: Billing, fake: FakeStripe, pg_url: str,
                                                     redis_prefix: str) -> None:
-    settings = billing_settings(billing.settings.database_url, redis_prefix, stripe_secret_key=None,
+    settings = webhook_settings(billing.settings.database_url, redis_prefix, stripe_secret_key=None,
                                 stripe_event_destination_secret=DESTINATION_SECRET)
     body = json.dumps(stripe_events.thin_event("v1.billing.meter.error_report_triggered", meter_id="mtr_1"))
     with TestClient(create_app(runtime=Runtime(settings))) as client:
@@ -759,7 +703,7 @@ def sent_messages() -> list[Any]:
 
 @pytest.fixture
 def ses_client(ses: Any, pg_url: str, redis_prefix: str) -> Iterator[tuple[TestClient, Settings]]:
-    settings = billing_settings(pg_url, redis_prefix, email_backend="ses", email_from=SENDER)
+    settings = webhook_settings(pg_url, redis_prefix, email_backend="ses", email_from=SENDER)
     with TestClient(create_app(runtime=Runtime(settings))) as client:
         yield client, settings
 
@@ -948,15 +892,8 @@ def test_webhook_only_app_serves_the_webhook_and_nothing_else(wh_runtime: Runtim
     assert row is not None and row.status == "active"
 
 
-class LambdaContext:
-    function_name = "aikit-webhook"
-    function_version = "$LATEST"
-    memory_limit_in_mb = 256
-    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:aikit-webhook"
-    aws_request_id = "c0ffee00-0000-4000-8000-000000000000"
-
-    def get_remaining_time_in_millis(self) -> int:
-        return 30_000
+webhook_context = functools.partial(LambdaContext, "aikit-webhook", memory_limit_in_mb=256,
+                                    aws_request_id="c0ffee00-0000-4000-8000-000000000000")
 
 
 def http_api_event(payload: str, signature: str) -> dict[str, Any]:
@@ -986,7 +923,7 @@ def test_the_webhook_lambda_handler(monkeypatch: pytest.MonkeyPatch, pg_url: str
 
     for name, value in {"DATABASE_URL": pg_url, "REDIS_URL": "redis://127.0.0.1:6379/0",
                         "REDIS_KEY_PREFIX": redis_prefix, "STRIPE_SECRET_KEY": "sk_test_lambda",
-                        "STRIPE_WEBHOOK_SECRET": SECRET}.items():
+                        "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET}.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(aikit.runtime, "_runtime", None)
     get_settings.cache_clear()
@@ -999,26 +936,18 @@ def test_the_webhook_lambda_handler(monkeypatch: pytest.MonkeyPatch, pg_url: str
 
         customer, sub_id = new_id("cus"), new_id("sub")
         payload = json.dumps(sub_event(sub_id, customer, "active", now(), "customer.subscription.created"))
-        answer = module.handler(http_api_event(payload, sign(payload)), LambdaContext())
+        answer = module.handler(http_api_event(payload, sign(payload)), webhook_context())
         assert answer["statusCode"] == 200, answer
         assert json.loads(answer["body"])["outcome"] == "applied"
-        again = module.handler(http_api_event(payload, sign(payload)), LambdaContext())
+        again = module.handler(http_api_event(payload, sign(payload)), webhook_context())
         assert json.loads(again["body"])["outcome"] == "duplicate"
-        refused = module.handler(http_api_event(payload, sign(payload, "whsec_other")), LambdaContext())
+        refused = module.handler(http_api_event(payload, sign(payload, "whsec_other")), webhook_context())
         assert refused["statusCode"] == 400
         settings = get_settings()
         row = sub_row(settings, sub_id)
         assert row is not None and row.status == "active" and row.customer_id == customer
     finally:
         get_settings.cache_clear()
-
-
-def emf_records(text: str) -> list[dict[str, Any]]:
-    records = []
-    for line in text.splitlines():
-        if line.startswith("{") and '"_aws"' in line:
-            records.append(json.loads(line))
-    return records
 
 
 def metric_values(records: list[dict[str, Any]], name: str, **dimensions: str) -> float:

@@ -16,8 +16,9 @@ from schemathesis import GenerationMode
 
 from aikit.runtime import Runtime
 from aikit.settings import load_settings
-from tests.conftest import ADMIN_TOKEN, REDIS_URL
-from tests.hostile import Env, assert_clean, bearer, billing_env, full_app
+from tests.support.api import bearer, full_app
+from tests.support.hostile import Env, assert_clean, billing_env
+from tests.support.settings import ADMIN_TOKEN, REDIS_URL
 
 EXAMPLES = 25  # per operation and mode: the whole file stays well under a minute
 

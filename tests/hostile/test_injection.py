@@ -17,9 +17,11 @@ import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
-from tests.conftest import ADMIN_TOKEN
-from tests.hostile import Env, assert_clean, bearer, billing_env, post_webhook, subscription_event
-from tests.servers import RedisProcess, throwaway_redis
+from tests.support.api import bearer
+from tests.support.hostile import Env, assert_clean, billing_env
+from tests.support.servers import RedisProcess, throwaway_redis
+from tests.support.settings import ADMIN_TOKEN
+from tests.support.webhooks import deliver, subscription_event
 
 HOSTILE = [
     "'", '"', "`", "\\", "'; DROP TABLE api_keys; --", "\" OR 1=1 --", "' OR '1'='1", "1; SELECT pg_sleep(5)",
@@ -119,11 +121,11 @@ def test_hostile_strings_everywhere(env: tuple[Env, TestClient], bad: str) -> No
     # Webhooks: signed events carrying hostile ids (as if Stripe sent them) are data, or refused. A value the
     # columns cannot hold (NUL, too long) is the handler's documented 5xx "Stripe will retry", nothing kept.
     event = subscription_event("customer.subscription.updated", bad, bad, bad, int(time.time()))
-    webhook_check(e, post_webhook(client, event), "subscription event ids")
+    webhook_check(e, deliver(client, event), "subscription event ids")
     event = subscription_event("customer.subscription.updated", "sub_" + uuid.uuid4().hex[:10], bad, "active",
                                int(time.time()))
     event["id"] = bad
-    webhook_check(e, post_webhook(client, event), "event id")
+    webhook_check(e, deliver(client, event), "event id")
 
     # Nothing was dropped or rewritten, and the subscribed key still works.
     assert tables(e) == before

@@ -5,6 +5,7 @@ reaches a log line."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import hmac
 import io
@@ -25,19 +26,14 @@ import aikit.keys
 from aikit.db.models import ApiKey, Base, User
 from aikit.flush import Flusher
 from aikit.keys import IssuedKey
-from tests.conftest import ADMIN_TOKEN, issue_key
-from tests.hostile import (
-    Env,
-    assert_clean,
-    bearer,
-    billing_env,
-    full_app,
-    post_webhook,
-    subscribe,
-    subscription_event,
-)
+from tests.support.api import bearer, full_app, issue_key
+from tests.support.api import chat as _chat
+from tests.support.hostile import Env, assert_clean, billing_env
+from tests.support.settings import ADMIN_TOKEN
+from tests.support.webhooks import deliver, subscribe, subscription_event
 
 CHAT = {"model": "echo-1", "messages": [{"role": "user", "content": "one two three"}]}  # 3 in + 4 out
+chat = functools.partial(_chat, content="one two three")
 
 
 @pytest.fixture
@@ -52,10 +48,6 @@ def subscribed_key(env: Env, client: TestClient, **limits: Any) -> IssuedKey:
     key = issue_key(env.settings, email=email, customer_id=customer, **limits)
     subscribe(client, customer)
     return key
-
-
-def chat(client: TestClient, key: str, **extra: Any) -> Any:
-    return client.post("/v1/chat/completions", json={**CHAT, **extra}, headers=bearer(key))
 
 
 def usage(client: TestClient, key: str, **params: str) -> Any:
@@ -153,7 +145,7 @@ def test_a_deactivated_subscription_gets_402_on_chat(env: tuple[Env, TestClient]
                                  {"c": customer}).scalar_one()
     deleted = subscription_event("customer.subscription.deleted", sub_id, str(customer), "canceled",
                                  int(dt.datetime.now(dt.UTC).timestamp()) + 5)
-    assert post_webhook(client, deleted).json()["outcome"] == "applied"
+    assert deliver(client, deleted).json()["outcome"] == "applied"
     for extra in ({}, {"stream": True}):
         r = chat(client, other.api_key, **extra)
         assert r.status_code == 402, r.text

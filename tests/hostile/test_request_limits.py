@@ -17,18 +17,12 @@ from aikit.api.app import create_app
 from aikit.errors import SettingsError
 from aikit.runtime import Runtime
 from aikit.settings import embedded_sqlite_url, load_settings
-from tests.conftest import ADMIN_TOKEN, issue_key, make_settings
-from tests.functional.test_api_handler import (  # noqa: F401  (fixtures)
-    body_of,
-    event_template,
-    header,
-    http_event,
-    invoke,
-    lambda_module,
-)
-from tests.functional.test_cli import aikit, base_env, out_json
-from tests.hostile import assert_clean, bearer
-from tests.servers import free_port
+from tests.support.api import bearer, issue_key
+from tests.support.aws_lambda import body_of, header, http_event, invoke
+from tests.support.cli import aikit, base_env, out_json
+from tests.support.hostile import assert_clean
+from tests.support.servers import free_port
+from tests.support.settings import ADMIN_TOKEN, make_settings
 
 CHAT = {"model": "echo-1", "messages": [{"role": "user", "content": "one two three"}]}
 
@@ -38,7 +32,7 @@ CHAT = {"model": "echo-1", "messages": [{"role": "user", "content": "one two thr
 
 @pytest.mark.parametrize("b64", [False, True])
 def test_the_mangum_handler_refuses_an_oversized_event_before_auth(
-        lambda_module: ModuleType, event_template: dict[str, Any], pg_url: str, redis_prefix: str,  # noqa: F811
+        lambda_module: ModuleType, event_template: dict[str, Any], pg_url: str, redis_prefix: str,
         b64: bool) -> None:
     key = issue_key(make_settings(pg_url, redis_prefix), rpm=100, rpd=100)
     big = {"model": "echo-1", "messages": [{"role": "user", "content": "a " * (5 * 1024 * 1024 // 2)}]}

@@ -29,9 +29,10 @@ from aikit.db.engine import get_engine
 from aikit.keys import IssuedKey
 from aikit.metering.layout import RedisLayout
 from aikit.settings import Settings
-from tests.conftest import REDIS_URL, issue_key, make_settings
-from tests.hostile import WEBHOOK_SECRET, bearer, sign
-from tests.hostile.served import MB, Served, Watch, aikit_serve, connect, head, read_response, watching
+from tests.support.api import bearer, issue_key
+from tests.support.served import MB, Served, Watch, aikit_serve_logged, connect, head, read_response, watching
+from tests.support.settings import REDIS_URL, make_settings
+from tests.support.webhooks import WEBHOOK_SECRET, sign
 
 FULL = os.environ.get("CHAOS_FULL") == "1"
 ADMIN_TOKEN = "served-admin-" + secrets.token_hex(16)
@@ -54,7 +55,7 @@ def served(pg_url: str) -> Iterator[tuple[Served, Settings]]:
            "AUTH_FAILURES_PER_MINUTE": str(GUESS_LIMIT),
            "ADMIN_FAILURES_PER_MINUTE": str(GUESS_LIMIT), "LLM_DEADLINE_SECONDS": "120"}
     try:
-        with aikit_serve(env) as server:
+        with aikit_serve_logged(env) as server:
             yield server, settings
     finally:
         client = redis.Redis.from_url(REDIS_URL)

@@ -17,7 +17,8 @@ from sqlalchemy import text
 
 from aikit.webhooks import MAX_BODY_BYTES, SIGNATURE_TOLERANCE_SECONDS
 from tests.fakes import stripe_events
-from tests.hostile import WEBHOOK_SECRET, Env, assert_clean, billing_env, sign, subscription_event
+from tests.support.hostile import Env, assert_clean, billing_env
+from tests.support.webhooks import WEBHOOK_SECRET, deliver, sign, subscription_event
 
 TABLES = ("stripe_events", "subscriptions", "users", "api_keys", "billing_periods", "meter_event_errors",
           "meter_reports")
@@ -35,13 +36,6 @@ def snapshot(e: Env) -> dict[str, list[tuple[Any, ...]]]:
         return {t: sorted(map(tuple, conn.execute(text(f"SELECT * FROM {t}")).all()), key=repr) for t in TABLES}
 
 
-def deliver(client: TestClient, body: bytes, signature: str | bytes | None) -> Any:
-    headers: dict[str, str | bytes] = {"Content-Type": "application/json"}
-    if signature is not None:
-        headers["Stripe-Signature"] = signature
-    return client.post("/v1/webhooks/stripe", content=body, headers=headers)
-
-
 def cancel_event(e: Env) -> dict[str, Any]:
     """What an attacker would love to forge: the subscribed customer's subscription, deleted."""
     with e.runtime.engine.connect() as conn:
@@ -53,7 +47,7 @@ def cancel_event(e: Env) -> dict[str, Any]:
 
 def refused(client: TestClient, e: Env, body: bytes, signature: str | bytes | None, status: int = 400) -> str:
     before = snapshot(e)
-    r = deliver(client, body, signature)
+    r = deliver(client, payload=body, header=signature)
     assert r.status_code == status, r.text
     assert_clean(r, e.secrets)
     assert snapshot(e) == before, "a refused delivery changed the database"
@@ -89,10 +83,10 @@ def test_replays_outside_the_tolerance_are_refused(env: tuple[Env, TestClient]) 
     assert refused(client, e, payload.encode(), sign(payload, timestamp=old)) == "webhook_stale_signature"
     # (A timestamp in the future is Stripe's clock running ahead, not a replay: only Stripe can sign one.)
     # Inside the window it is applied once; the same delivery replayed changes nothing more.
-    first = deliver(client, payload.encode(), sign(payload, timestamp=int(time.time()) - 60))
+    first = deliver(client, payload=payload.encode(), header=sign(payload, timestamp=int(time.time()) - 60))
     assert first.status_code == 200 and first.json()["outcome"] == "applied"
     before = snapshot(e)
-    again = deliver(client, payload.encode(), sign(payload))
+    again = deliver(client, payload=payload.encode(), header=sign(payload))
     assert again.status_code == 200 and again.json()["outcome"] == "duplicate"
     assert snapshot(e) == before
 
@@ -158,7 +152,7 @@ def test_signed_random_events_never_500_and_never_touch_the_subscribed_customer(
         before = conn.execute(text("SELECT status, deleted FROM subscriptions WHERE customer_id = :c"),
                               {"c": e.customer_id}).all()
     payload = json.dumps(event)
-    r = deliver(client, payload.encode(), sign(payload))
+    r = deliver(client, payload=payload.encode(), header=sign(payload))
     assert r.status_code in (200, 400), r.text
     assert_clean(r, e.secrets)
     with e.runtime.engine.connect() as conn:
@@ -213,7 +207,7 @@ def test_out_of_range_or_mistyped_times_never_500(env: tuple[Env, TestClient], v
                                            "subscription_item_details": {"subscription": value}},
                                 "period": {"start": 1, "end": value}}]}})):
         payload = json.dumps(event)
-        r = deliver(client, payload.encode(), sign(payload))
+        r = deliver(client, payload=payload.encode(), header=sign(payload))
         assert r.status_code in (200, 400), r.text
         assert_clean(r, e.secrets)
 
@@ -273,7 +267,7 @@ def test_signed_random_thin_events_never_500(thin_env: tuple[Env, TestClient], b
     e, client = thin_env
     before = snapshot(e)
     payload = json.dumps(body)
-    r = deliver(client, payload.encode(), sign(payload, secret=DESTINATION_SECRET))
+    r = deliver(client, payload=payload.encode(), header=sign(payload, secret=DESTINATION_SECRET))
     assert r.status_code in (200, 400), r.text
     assert_clean(r, e.secrets)
     after = snapshot(e)

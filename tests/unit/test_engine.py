@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy.exc import InterfaceError
 
 from aikit.db.engine import get_engine
-from tests.conftest import ADMIN_URL
+from tests.support.db import ADMIN_URL
 
 
 def test_sslmode_disable_is_dropped_and_connects() -> None:

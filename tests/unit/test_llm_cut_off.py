@@ -24,17 +24,12 @@ from aikit.llm import (
     Usage,
 )
 from aikit.llm.base import estimate_tokens
-from aikit.metering.base import Meter, UsageEvent
+from tests.support.meters import MemoryMeter
 
 pytestmark = pytest.mark.anyio
 
 CALLER = Caller("key_1", "cus_1", quota_period_start=1_700_000_000)
 MESSAGES: list[dict[str, Any]] = [{"role": "user", "content": "x" * 40}]  # an estimated 10 input tokens
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 class SlowProvider(Provider):
@@ -56,14 +51,6 @@ class SlowProvider(Provider):
             yield TextDelta(word)
             await asyncio.sleep(self.delay)
         yield StreamEnd("stop", Usage(10, 3))
-
-
-class MemoryMeter(Meter):
-    def __init__(self) -> None:
-        self.events: list[UsageEvent] = []
-
-    async def record_event(self, event: UsageEvent) -> None:
-        self.events.append(event)
 
 
 class RecordingGate:

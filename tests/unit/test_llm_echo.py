@@ -27,8 +27,9 @@ from aikit.llm import (
 )
 from aikit.llm.base import EmbeddingRequest, ToolCallDelta
 from aikit.llm.echo import DIMENSIONS, IMAGE_TOKENS, EchoProvider, count_words
-from aikit.metering.base import Meter, UsageEvent
+from aikit.metering.base import Meter
 from aikit.settings import load_settings
+from tests.support.meters import MemoryMeter
 
 pytestmark = pytest.mark.anyio
 
@@ -40,26 +41,6 @@ MESSAGES: list[dict[str, Any]] = [
     {"role": "user", "content": "hello big\n world"},
 ]
 INPUT_WORDS = 3 + 3 + 1 + 3  # every word of every message
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-class MemoryMeter(Meter):
-    """A fake recorder of the Meter interface; `delay` makes each record take that long."""
-
-    def __init__(self, delay: float = 0.0) -> None:
-        self.events: list[UsageEvent] = []
-        self.delay = delay
-        self.entered = asyncio.Event()
-
-    async def record_event(self, event: UsageEvent) -> None:
-        self.entered.set()
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        self.events.append(event)
 
 
 def echo_llm(meter: Meter | None = None) -> LLM:

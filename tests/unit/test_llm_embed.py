@@ -7,23 +7,10 @@ import pytest
 
 from aikit.llm import LLM, Caller, CallerRequired, InvalidRequestError
 from aikit.llm.echo import EchoProvider, vector
-from aikit.metering.base import Meter, UsageEvent
+from tests.support.meters import MemoryMeter
 
 pytestmark = pytest.mark.anyio
 CALLER = Caller(api_key_id="key_1", customer_id="cus_1")
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-class MemoryMeter(Meter):
-    def __init__(self) -> None:
-        self.events: list[UsageEvent] = []
-
-    async def record_event(self, event: UsageEvent) -> None:
-        self.events.append(event)
 
 
 async def test_embed_meters_the_reported_input_to_the_caller() -> None:

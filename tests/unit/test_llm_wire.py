@@ -19,11 +19,6 @@ from tests.fakes.llm_servers import bedrock_event, bedrock_exception
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 # ------------------------------------------------------------------------------------ usage normalization
 
 

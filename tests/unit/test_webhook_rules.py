@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 import pytest
-import stripe
 
 from aikit.emails import LogMailer, SesMailer, mailer_from_settings
 from aikit.errors import WebhookRejected
@@ -30,15 +29,11 @@ from aikit.webhooks import (
     verify_event,
 )
 from tests.fakes import stripe_events
+from tests.support.webhooks import WEBHOOK_SECRET, sign
 
-SECRET = "whsec_unit_test_secret"
 DAY = 86400
 MONTH = 30 * DAY
 T0 = 1_780_000_000
-
-
-def signed(payload: str, secret: str = SECRET, timestamp: int | None = None) -> str:
-    return str(stripe.WebhookSignature.generate_signature_header(payload, secret, timestamp=timestamp))
 
 
 def event_json(**overrides: Any) -> str:
@@ -55,7 +50,7 @@ def event_json(**overrides: Any) -> str:
 
 def test_a_correctly_signed_event_is_parsed() -> None:
     payload = event_json()
-    event = verify_event(payload.encode(), signed(payload), SECRET)
+    event = verify_event(payload.encode(), sign(payload), WEBHOOK_SECRET)
     assert (event.id, event.type, event.created) == ("evt_1", "customer.subscription.updated", T0)
     assert event.obj["customer"] == "cus_1"
 
@@ -71,14 +66,14 @@ def test_a_correctly_signed_event_is_parsed() -> None:
 )
 def test_missing_or_unparseable_signature_headers(header: str | None, kind: str) -> None:
     with pytest.raises(WebhookRejected) as info:
-        verify_event(event_json().encode(), header, SECRET)
+        verify_event(event_json().encode(), header, WEBHOOK_SECRET)
     assert info.value.kind == kind and info.value.status == 400
 
 
 def test_signature_with_another_secret_is_refused() -> None:
     payload = event_json()
     with pytest.raises(WebhookRejected) as info:
-        verify_event(payload.encode(), signed(payload, "whsec_other"), SECRET)
+        verify_event(payload.encode(), sign(payload, "whsec_other"), WEBHOOK_SECRET)
     assert info.value.kind == "bad_signature"
     assert "does not match" in info.value.reason
 
@@ -86,53 +81,53 @@ def test_signature_with_another_secret_is_refused() -> None:
 def test_stale_signature_is_refused() -> None:
     payload = event_json()
     with pytest.raises(WebhookRejected) as info:
-        verify_event(payload.encode(), signed(payload, timestamp=int(time.time()) - 301), SECRET)
+        verify_event(payload.encode(), sign(payload, timestamp=int(time.time()) - 301), WEBHOOK_SECRET)
     assert info.value.kind == "stale_signature"
 
 
 def test_a_signature_just_inside_the_tolerance_is_accepted() -> None:
     payload = event_json()
-    assert verify_event(payload.encode(), signed(payload, timestamp=int(time.time()) - 250), SECRET).id == "evt_1"
+    assert verify_event(payload.encode(), sign(payload, timestamp=int(time.time()) - 250), WEBHOOK_SECRET).id == "evt_1"
 
 
 def test_tampered_body_is_refused() -> None:
     payload = event_json()
-    header = signed(payload)
+    header = sign(payload)
     tampered = payload.replace('"active"', '"canceled"')
     with pytest.raises(WebhookRejected) as info:
-        verify_event(tampered.encode(), header, SECRET)
+        verify_event(tampered.encode(), header, WEBHOOK_SECRET)
     assert info.value.kind == "bad_signature"
 
 
 def test_reserialised_json_is_refused() -> None:
     # The signature covers the exact bytes: parsed-and-dumped JSON with other spacing must not verify.
     payload = event_json()
-    header = signed(payload)
+    header = sign(payload)
     redumped = json.dumps(json.loads(payload), separators=(",", ":"))
     assert redumped != payload
     with pytest.raises(WebhookRejected):
-        verify_event(redumped.encode(), header, SECRET)
+        verify_event(redumped.encode(), header, WEBHOOK_SECRET)
 
 
 @pytest.mark.parametrize("payload", ["not json", '{"id": "evt_1",', "[]", '"text"', "42"])
 def test_signed_payloads_that_are_not_json_objects_are_malformed(payload: str) -> None:
     with pytest.raises(WebhookRejected) as info:
-        verify_event(payload.encode(), signed(payload), SECRET)
+        verify_event(payload.encode(), sign(payload), WEBHOOK_SECRET)
     assert info.value.kind == "malformed" and info.value.status == 400
 
 
 def test_signed_payload_that_is_not_utf8_is_malformed() -> None:
     raw = b'{"id": "\xff"}'
-    header = signed(raw.decode("latin-1"))
+    header = sign(raw.decode("latin-1"))
     with pytest.raises(WebhookRejected) as info:
-        verify_event(raw, header, SECRET)
+        verify_event(raw, header, WEBHOOK_SECRET)
     assert info.value.kind == "malformed" and info.value.status == 400
 
 
 def test_oversized_body_is_refused_before_verification() -> None:
     payload = event_json(pad="x" * MAX_BODY_BYTES)
     with pytest.raises(WebhookRejected) as info:
-        verify_event(payload.encode(), signed(payload), SECRET)
+        verify_event(payload.encode(), sign(payload), WEBHOOK_SECRET)
     assert info.value.status == 413 and info.value.kind == "too_large"
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import psutil
 
-from tests.servers import free_port
+from tests.support.servers import free_port
 
 MB = 1024 * 1024
 
@@ -43,7 +43,7 @@ class Served:
 
 
 @contextlib.contextmanager
-def aikit_serve(env: dict[str, str]) -> Iterator[Served]:
+def aikit_serve_logged(env: dict[str, str]) -> Iterator[Served]:
     """`python -m aikit.cli serve` on a free port, configured by `env` only."""
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="aikit-served-")
