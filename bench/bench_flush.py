@@ -154,7 +154,7 @@ def main() -> None:
             totals = fake.meter_totals(EVENT_NAME)
             result.update({
                 "batch_size": settings.flush_batch_size,
-                "store_workers": flusher.store_workers,
+                "store_workers": flusher.drainer.store_workers,
                 "flush_wall_seconds": round(wall, 2),
                 "drain_seconds": round(summary.drain_seconds, 2),
                 "events_per_second_drained": round(summary.events_read / summary.drain_seconds)

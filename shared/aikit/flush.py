@@ -43,10 +43,9 @@ from typing import Any
 from sqlalchemy import Engine, text
 
 from aikit.db.engine import get_engine
-from aikit.drain import STORE_WORKERS, Drain, DrainTally, read_raw_entries
+from aikit.drain import STORE_WORKERS, Drain, read_raw_entries
 from aikit.faults import crash_point
 from aikit.metering.layout import RedisLayout
-from aikit.metering.record import Batch
 from aikit.observability import EVENTS_FLUSHED, FLUSH_DURATION, emit, logger
 from aikit.outbox import seal as seal_reports
 from aikit.redis_client import make_sync_redis
@@ -115,10 +114,6 @@ class Flusher:
     def billable(self) -> bool:
         return self.gateway is not None and self.settings.stripe_metering_enabled
 
-    @property
-    def store_workers(self) -> int:
-        return self.drainer.store_workers
-
     def close(self) -> None:
         """Close the clients this Flusher created (not the ones passed in)."""
         if self._owns_gateway and self.gateway is not None:
@@ -126,23 +121,10 @@ class Flusher:
         if self._owns_redis:
             self.redis.close()
 
-    def drain(self, summary: FlushSummary, deadline: float) -> None:
-        self.drainer.run(summary, deadline)
-
-    # The drain's steps, for tests that store a batch twice or out of order by hand.
-    def _batches(self, shards: list[int]) -> Iterator[Batch]:
-        return self.drainer.batches(shards)
-
-    def _store_batch(self, batch: Batch, part: DrainTally) -> None:
-        self.drainer.store_batch(batch, part)
-
     def seal(self, summary: FlushSummary, now: dt.datetime) -> None:
         """Fix the value of every report whose window has ended (aikit.outbox.seal)."""
         summary.reports_sealed += seal_reports(self.engine, now)
         crash_point("after_seal")
-
-    def send(self, summary: FlushSummary, deadline: float) -> None:
-        self.sender.send(summary, deadline)
 
     def run(self, *, now: dt.datetime | None = None, time_budget: float | None = None) -> FlushSummary:
         """One flush. `now` only decides which windows are sealed (tests pass a later time to seal the current
@@ -158,7 +140,7 @@ class Flusher:
                     summary.skipped = True
                     return summary
                 try:
-                    self.drain(summary, drain_deadline)
+                    self.drainer.run(summary, drain_deadline)
                 except Exception as exc:
                     # Redis down or a bad batch: what already reached Postgres (the request path's fallback
                     # writes included) still gets sealed and sent.
@@ -166,7 +148,7 @@ class Flusher:
                     summary.errors.append(f"drain: {type(exc).__name__}: {exc}")
                 current = now or dt.datetime.now(dt.UTC)
                 self.seal(summary, current)
-                self.send(summary, deadline)
+                self.sender.send(summary, deadline)
         except Exception as exc:
             logger.exception("flush_failed")
             summary.errors.append(f"{type(exc).__name__}: {exc}")

@@ -181,14 +181,14 @@ def test_a_batch_removed_twice_moves_the_pending_counters_once(billing: Billing)
     billing.record(key, customer, 120)
     flusher = billing.flusher(store_workers=1)
     shard = billing.layout.shard_of(key.api_key_id)
-    first, second = [batch for batch, _ in zip(flusher._batches([shard]), range(2), strict=False)]
+    first, second = [batch for batch, _ in zip(flusher.drainer.batches([shard]), range(2), strict=False)]
     part = FlushSummary()
 
-    flusher._store_batch(first, part)  # the usual path
-    flusher._store_batch(first, part)  # a second flush that read the same batch: nothing left to remove
+    flusher.drainer.store_batch(first, part)  # the usual path
+    flusher.drainer.store_batch(first, part)  # a second flush that read the same batch: nothing left to remove
     billing.assert_pending_matches_buffer()
-    flusher._store_batch(second, part)
-    flusher._store_batch(first, part)
+    flusher.drainer.store_batch(second, part)
+    flusher.drainer.store_batch(first, part)
     billing.assert_pending_matches_buffer()
     flusher.close()
     assert part.rows_inserted == 100
