@@ -3,7 +3,8 @@
     .venv/bin/python bench/bench_ab.py --rounds 5 --seconds 3
 
 Two servers, each a process of its own pinned to the same core (os.sched_setaffinity), alternately loaded by
-16 concurrent keep-alive clients pinned to the other core:
+16 concurrent keep-alive clients pinned to the other core (with the redis-server, which is another machine on
+AWS):
   aikit: `aikit serve` with billing fully on: key lookup through the cache, rate limits and the quota
          reservation (one Redis script before the LLM call), durable metering into a real redis-server (one
          script after), the echo provider, metrics on (EMF lines to stdout, discarded), default log level;
@@ -324,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     with bench_database() as db_url, throwaway_redis() as redis_process:
         redis_url = redis_process.url
         if redis_process.proc is not None:
+            # Redis is another machine on AWS (ElastiCache): here it runs beside the clients, so the server
+            # core holds only the server under test (unpinned, it took turns on the server's core).
+            os.sched_setaffinity(redis_process.proc.pid, {client_core})
             prioritize(redis_process.proc.pid, args.nice)
         prefix = f"ab{uuid.uuid4().hex[:8]}"
         settings = load_settings(database_url=db_url, redis_url=redis_url, redis_key_prefix=prefix,

@@ -6,7 +6,7 @@ import os
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 from urllib.parse import urlsplit
 
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -103,7 +103,9 @@ class Settings(BaseSettings):
     @property
     def price_book(self) -> PriceBook | None:
         """The validated price book; None when no price table is configured (one token meter)."""
-        return self._price_book
+        # Read without BaseModel.__getattr__'s private-attribute lookup: this runs twice per metered request.
+        book: PriceBook | None = cast("dict[str, Any]", self.__pydantic_private__)["_price_book"]
+        return book
 
     # LLM providers.
     llm_provider: Literal["echo", "openai", "anthropic", "bedrock"] = "echo"

@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from aikit.api.billed_route import BilledRoute
 from aikit.api.deps import BilledDep
 from aikit.api.json_response import FastJSONResponse
 from aikit.api.openai_format import ChunkStream, completion_json, usage_json
@@ -23,7 +24,7 @@ from aikit.api.streaming import OpenAIEvents, respond
 
 __all__ = ["completion_json", "router", "usage_json"]  # the formatters, as this module exported them
 
-router = APIRouter()
+router = APIRouter(route_class=BilledRoute)  # the hot route: FastAPI's declaration, a lean handler
 
 
 @router.post("/v1/chat/completions", response_model=None)
