@@ -2,6 +2,8 @@
 - streaming (REST API): run.sh execs uvicorn with `app:asgi` behind Lambda Web Adapter, which streams;
 - buffered (HTTP API): `app.handler`, through Mangum."""
 
+import gc
+
 from mangum import Mangum
 
 from aikit.api.app import create_app
@@ -13,3 +15,4 @@ refresh_after_snapstart_restore()
 app = create_app()
 handler = lambda_entry(Mangum(app, lifespan="off"))
 asgi = asgi_entry(app)
+gc.freeze()  # what start-up built lives as long as the instance: out of the collector's way (as `aikit serve`)

@@ -1,4 +1,4 @@
-"""aikit.api.billed_route: the hot route's lean handler answers exactly what FastAPI's own handler answers for
+"""aikit.api.billed_route: the hot routes' lean handler answers exactly what FastAPI's own handler answers for
 the same endpoint (statuses, 422/401 order, error bodies), for well- and ill-formed requests."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from aikit.api import billed_route
 from aikit.api.app import create_app
 from aikit.api.billed_route import BilledRoute, is_json
 from aikit.api.deps import BilledDep
-from aikit.api.routes import chat
+from aikit.api.routes import chat, embeddings
 from aikit.keys import IssuedKey
 from aikit.runtime import Runtime
 from tests.support.api import issue_key
@@ -34,37 +34,54 @@ REQUESTS: list[tuple[str | None, bytes]] = [
 ]
 
 
-def reference_router() -> APIRouter:
+EMBEDDING = b'{"model": "echo-embed-1", "input": ["one two", "three"]}'
+EMBEDDING_REQUESTS: list[tuple[str | None, bytes]] = [
+    (JSON, EMBEDDING), (None, EMBEDDING), ("text/plain", EMBEDDING), (JSON, b'{"input": '), (JSON, b""),
+    (JSON, b'{"input": 5}'), (JSON, b'{"model": "echo-embed-1"}'), (JSON, b"[]"),
+]
+# The routes on BilledRoute: (module, path, its requests).
+ROUTES = {"chat": (chat, "/v1/chat/completions", REQUESTS),
+          "embeddings": (embeddings, "/v1/embeddings", EMBEDDING_REQUESTS)}
+CASES = [(name, ct, body) for name, (_, _, requests) in ROUTES.items() for ct, body in requests]
+
+
+def reference_router(name: str) -> APIRouter:
     """The same endpoint on FastAPI's own route class."""
+    module, path, _ = ROUTES[name]
+    (route,) = module.router.routes
+    assert isinstance(route, BilledRoute)
     router = APIRouter()
-    router.add_api_route("/v1/chat/completions", chat.chat_completions, methods=["POST"], response_model=None)
+    router.add_api_route(path, route.endpoint, methods=["POST"], response_model=None)
     return router
 
 
-def answer(client: TestClient, content_type: str | None, body: bytes, key: str | None) -> tuple[int, Any]:
+def answer(client: TestClient, path: str, content_type: str | None, body: bytes,
+           key: str | None) -> tuple[int, Any]:
     headers = {"content-type": content_type} if content_type else {}
     if key is not None:
         headers["authorization"] = f"Bearer {key}"
-    reply = client.post("/v1/chat/completions", content=body, headers=headers)
+    reply = client.post(path, content=body, headers=headers)
     if reply.status_code == 200:
-        return 200, reply.json()["choices"][0]["message"]
+        data = reply.json()
+        return 200, data["choices"][0]["message"] if "choices" in data else data["usage"]
     data = reply.json()
     data["error"].pop("request_id", None)
     return reply.status_code, data
 
 
-@pytest.mark.parametrize(("content_type", "body"), REQUESTS)
+@pytest.mark.parametrize(("route", "content_type", "body"), CASES)
 @pytest.mark.parametrize("who", ["valid key", "no key", "unknown key"])
 def test_the_lean_handler_answers_what_fastapi_answers(runtime: Runtime, api_key: IssuedKey,
-                                                        monkeypatch: pytest.MonkeyPatch, content_type: str | None,
-                                                        body: bytes, who: str) -> None:
+                                                        monkeypatch: pytest.MonkeyPatch, route: str,
+                                                        content_type: str | None, body: bytes, who: str) -> None:
     key = {"valid key": api_key.api_key, "no key": None, "unknown key": "ak_unknown0_" + "x" * 40}[who]
+    module, path, _ = ROUTES[route]
     lean = create_app(runtime=runtime)
     with monkeypatch.context() as patched:
-        patched.setattr(chat, "router", reference_router())
+        patched.setattr(module, "router", reference_router(route))
         reference = create_app(runtime=runtime)
     with TestClient(lean) as a, TestClient(reference) as b:
-        assert answer(a, content_type, body, key) == answer(b, content_type, body, key)
+        assert answer(a, path, content_type, body, key) == answer(b, path, content_type, body, key)
 
 
 def test_the_hot_route_runs_the_lean_handler(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
