@@ -49,7 +49,7 @@ from aikit.metering.layout import RedisLayout
 from aikit.observability import EVENTS_FLUSHED, FLUSH_DURATION, emit, logger
 from aikit.outbox import seal as seal_reports
 from aikit.redis_client import make_sync_redis
-from aikit.send import SEND_WORKERS, RetryPolicy, Sender
+from aikit.send import SEND_WORKERS, RetryPolicy, Sender, SendResult
 from aikit.settings import Settings
 from aikit.stripe_gateway import BillingGateway, gateway_from_settings
 
@@ -85,6 +85,18 @@ class FlushSummary:
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ok": self.ok}
+
+    def add_send(self, sent: SendResult) -> None:
+        """Adds what the send did (aikit.send) into the run's summary."""
+        self.stripe_calls += sent.stripe_calls
+        self.reports_sent += sent.reports_sent
+        self.reports_already_recorded += sent.reports_already_recorded
+        self.reports_parked += sent.reports_parked
+        self.reports_left_pending += sent.reports_left_pending
+        self.reports_carried_forward += sent.reports_carried_forward
+        self.stopped_early = self.stopped_early or sent.stopped_early
+        self.sending_stopped = self.sending_stopped or sent.sending_stopped
+        self.errors.extend(sent.errors)
 
 
 class Flusher:
@@ -148,7 +160,7 @@ class Flusher:
                     summary.errors.append(f"drain: {type(exc).__name__}: {exc}")
                 current = now or dt.datetime.now(dt.UTC)
                 self.seal(summary, current)
-                self.sender.send(summary, deadline)
+                summary.add_send(self.sender.send(deadline))
         except Exception as exc:
             logger.exception("flush_failed")
             summary.errors.append(f"{type(exc).__name__}: {exc}")
