@@ -53,10 +53,10 @@ from aikit.send import SEND_WORKERS, RetryPolicy, Sender, SendResult
 from aikit.settings import Settings
 from aikit.stripe_gateway import BillingGateway, gateway_from_settings
 
-FLUSH_LOCK_ID = 7_214_002
+_FLUSH_LOCK_ID = 7_214_002
 # Part of the time budget kept for sending (a big backlog must not starve Stripe reports).
-SEND_RESERVE_SHARE = 0.25
-SEND_RESERVE_MAX_SECONDS = 30.0
+_SEND_RESERVE_SHARE = 0.25
+_SEND_RESERVE_MAX_SECONDS = 30.0
 
 
 @dataclass
@@ -144,7 +144,7 @@ class Flusher:
         started = self.clock()
         budget = time_budget if time_budget is not None else self.settings.flush_time_budget_seconds
         deadline = started + budget
-        drain_deadline = deadline - min(SEND_RESERVE_MAX_SECONDS, budget * SEND_RESERVE_SHARE)
+        drain_deadline = deadline - min(_SEND_RESERVE_MAX_SECONDS, budget * _SEND_RESERVE_SHARE)
         summary = FlushSummary()
         try:
             with self._exclusive() as acquired:
@@ -175,25 +175,25 @@ class Flusher:
         if not self.use_lock:
             yield True
             return
-        with flush_lock(self.engine) as acquired:
+        with _flush_lock(self.engine) as acquired:
             yield acquired
 
 
 @contextmanager
-def flush_lock(engine: Engine) -> Iterator[bool]:
+def _flush_lock(engine: Engine) -> Iterator[bool]:
     """One flush at a time saves work (correctness doesn't depend on it). The lock belongs to the
     connection, so a flush that dies releases it with its connection."""
     if engine.dialect.name != "postgresql":
         yield True
         return
     with engine.connect() as conn:
-        got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:id)"), {"id": FLUSH_LOCK_ID}).scalar())
+        got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:id)"), {"id": _FLUSH_LOCK_ID}).scalar())
         conn.commit()
         try:
             yield got
         finally:
             if got:
-                conn.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": FLUSH_LOCK_ID})
+                conn.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": _FLUSH_LOCK_ID})
                 conn.commit()
 
 

@@ -83,7 +83,7 @@ class RetryPolicy:
 
 
 @dataclass
-class CustomerCounts:
+class _CustomerCounts:
     """One customer's part of a send."""
 
     stripe_calls: int = 0
@@ -95,7 +95,7 @@ class CustomerCounts:
 
 
 @dataclass
-class SendResult(CustomerCounts):
+class SendResult(_CustomerCounts):
     """What a send did (aikit.flush adds it into the run's FlushSummary): its customers' counts summed, and how
     it ended."""
 
@@ -103,8 +103,8 @@ class SendResult(CustomerCounts):
     sending_stopped: bool = False  # Stripe refused the key (401/403): nothing more was sent, nothing parked
     errors: list[str] = field(default_factory=list)
 
-    def add(self, part: CustomerCounts) -> None:
-        for counter in fields(CustomerCounts):
+    def add(self, part: _CustomerCounts) -> None:
+        for counter in fields(_CustomerCounts):
             setattr(self, counter.name, getattr(self, counter.name) + getattr(part, counter.name))
 
 
@@ -147,8 +147,8 @@ class Sender:
             result.stopped_early = True
         return result
 
-    def _send_customer(self, rows: list[Any], deadline: float) -> CustomerCounts:
-        counts = CustomerCounts()
+    def _send_customer(self, rows: list[Any], deadline: float) -> _CustomerCounts:
+        counts = _CustomerCounts()
         periods = customer_periods(self.engine, rows)
         for i, row in enumerate(rows):
             if self._refused is not None or not self._send_report(row, periods, deadline, counts):
@@ -157,7 +157,7 @@ class Sender:
                 break
         return counts
 
-    def _send_report(self, row: Any, periods: list[Period], deadline: float, counts: CustomerCounts) -> bool:
+    def _send_report(self, row: Any, periods: list[Period], deadline: float, counts: _CustomerCounts) -> bool:
         """Settle one report; False when it stays pending (and with it the customer's later ones)."""
         if unsafe_to_resend(row, dt.datetime.now(dt.UTC)):
             # Stripe may have forgotten the identifier of an unseen first send: a resend could bill twice.
@@ -186,7 +186,7 @@ class Sender:
         counts.reports_carried_forward += row.carried_forward_to is not None
         return True
 
-    def _call_stripe(self, row: Any, deadline: float, counts: CustomerCounts) -> tuple[ReportOutcome | None, int]:
+    def _call_stripe(self, row: Any, deadline: float, counts: _CustomerCounts) -> tuple[ReportOutcome | None, int]:
         """The report's attempts in this run (RetryPolicy): its last answer (None: no time for a first one) and
         how many calls it took."""
         assert self.gateway is not None
@@ -203,7 +203,7 @@ class Sender:
             emit(STRIPE_ERRORS, kind=outcome.error_code or "retryable")
         return outcome, calls
 
-    def _park(self, row: Any, reason: str, counts: CustomerCounts, *, attempts: int = 0) -> None:
+    def _park(self, row: Any, reason: str, counts: _CustomerCounts, *, attempts: int = 0) -> None:
         """The one way a report is parked: it needs a human (`aikit reconcile`, `aikit requeue-parked`)."""
         emit(PARKED_BATCHES)
         logger.error("meter_report_parked", extra={"report_id": row.id, "customer_id": row.customer_id,
