@@ -36,7 +36,10 @@ from tests.fakes.stripe_server import FakeStripe
 from aikit.db.engine import get_engine
 from aikit.db.migrate import upgrade
 from aikit.flush import Flusher
+from aikit.metering.base import UsageEvent
 from aikit.metering.layout import RedisLayout
+from aikit.metering.record import encode
+from aikit.metering.redis_meter import record_keys
 from aikit.metering.scripts import RECORD
 from aikit.settings import load_settings
 from aikit.stripe_gateway import StripeGateway
@@ -65,8 +68,7 @@ def buffer_events(client: redis.Redis, layout: RedisLayout, *, events: int, keys
     totals: dict[str, int] = {}
     key_ids = [f"key_bench{i:05d}" for i in range(keys)]
     key_customer = [f"cus_bench{i % customers:04d}" for i in range(keys)]
-    key_names = [(layout.stream(layout.shard_of(k)), layout.pending(k), layout.quota(k, 0), layout.inflight(k))
-                 for k in key_ids]
+    key_names = [record_keys(layout, k, 0) for k in key_ids]
     pipe = client.pipeline(transaction=False)
     run = uuid.uuid4().hex[:8]
     for n in range(events):
@@ -74,9 +76,10 @@ def buffer_events(client: redis.Redis, layout: RedisLayout, *, events: int, keys
         customer = key_customer[k]
         inp, out = 50 + n % 977, 10 + n % 313
         ts = first_window + (n * 7919 % (span * 1000)) / 1000
-        day = time.strftime("%Y-%m-%d", time.gmtime(ts))
-        pipe.evalsha(sha, 4, *key_names[k], f"req_{run}{n:09d}", key_ids[k], customer, MODELS[n % len(MODELS)],
-                     inp, out, n % 7, repr(ts), day, 0)  # cost 0: no price table here
+        event = UsageEvent(request_id=f"req_{run}{n:09d}", api_key_id=key_ids[k], customer_id=customer,
+                           model=MODELS[n % len(MODELS)], input_tokens=inp, output_tokens=out, cached_tokens=n % 7,
+                           ts=ts)  # cost 0: no price table here
+        RECORD.run(pipe, key_names[k], encode(event))
         totals[customer] = totals.get(customer, 0) + inp + out
         if len(pipe) >= pipeline_size:
             pipe.execute()

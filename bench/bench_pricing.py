@@ -34,7 +34,10 @@ from tests.fakes.stripe_server import FakeStripe
 from aikit.db.engine import get_engine
 from aikit.db.migrate import upgrade
 from aikit.flush import Flusher
+from aikit.metering.base import UsageEvent
 from aikit.metering.layout import RedisLayout
+from aikit.metering.record import encode
+from aikit.metering.redis_meter import record_keys
 from aikit.metering.scripts import RECORD
 from aikit.settings import Settings, load_settings
 from aikit.stripe_gateway import StripeGateway, setup_spec
@@ -69,13 +72,12 @@ def buffer_events(client: redis.Redis, layout: RedisLayout, settings: Settings, 
                   customers: int, priced: bool) -> dict[str, int]:
     """RECORD each event, pipelined, with its cost when priced; returns what each customer is due (tokens, or
     1e-12 USD)."""
-    sha = client.script_load(RECORD.source)
+    client.script_load(RECORD.source)  # RECORD.run queues EVALSHA on the pipeline
     window = settings.stripe_report_window_seconds
     first_window = (int(time.time()) // window - 3) * window
     due: dict[str, int] = {}
     key_ids = [f"key_bench{i:05d}" for i in range(keys)]
-    names = [(layout.stream(layout.shard_of(k)), layout.pending(k), layout.quota(k, 0), layout.inflight(k))
-             for k in key_ids]
+    names = [record_keys(layout, k, 0) for k in key_ids]
     pipe = client.pipeline(transaction=False)
     run = uuid.uuid4().hex[:8]
     for n in range(events):
@@ -86,8 +88,9 @@ def buffer_events(client: redis.Redis, layout: RedisLayout, settings: Settings, 
         cached = (n * 31) % inp  # every event has all three token types (cached may be 0 rarely)
         ts = first_window + (n * 7919 % (3 * window * 1000)) / 1000
         cost = expected_cost(model, inp, out, cached) if priced else 0
-        pipe.evalsha(sha, 4, *names[k], f"req_{run}{n:09d}", key_ids[k], customer, model, inp, out, cached,
-                     repr(ts), time.strftime("%Y-%m-%d", time.gmtime(ts)), cost)
+        event = UsageEvent(request_id=f"req_{run}{n:09d}", api_key_id=key_ids[k], customer_id=customer,
+                           model=model, input_tokens=inp, output_tokens=out, cached_tokens=cached, ts=ts, cost=cost)
+        RECORD.run(pipe, names[k], encode(event))
         due[customer] = due.get(customer, 0) + (cost if priced else inp + out)
         if len(pipe) >= 5000:
             pipe.execute()

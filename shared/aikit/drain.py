@@ -39,8 +39,8 @@ from aikit.settings import Settings
 STORE_WORKERS = 2  # shards stored in parallel, each lane on its own connection
 
 
-class DrainTally(Protocol):
-    """What a drain counts (a lane's DrainCounts, or the run's FlushSummary)."""
+class _DrainTally(Protocol):
+    """What a drain counts (a lane's _DrainCounts, or the run's FlushSummary)."""
 
     events_read: int
     rows_inserted: int
@@ -51,7 +51,7 @@ class DrainTally(Protocol):
 
 
 @dataclass
-class DrainCounts:
+class _DrainCounts:
     events_read: int = 0
     rows_inserted: int = 0
     malformed: int = 0
@@ -60,7 +60,7 @@ class DrainCounts:
     drain_seconds: float = 0.0
 
 
-def next_stream_id(entry_id: str) -> str:
+def _next_stream_id(entry_id: str) -> str:
     """The smallest stream id greater than `entry_id` (XTRIM MINID removes ids below it)."""
     ms, _, seq = entry_id.partition("-")
     if int(seq) >= 2**64 - 1:
@@ -92,7 +92,7 @@ class Drain:
         # SQLite has one writer at a time: no point in storing shards in parallel there.
         self.store_workers = max(1, min(store_workers if self._postgres else 1, layout.shards))
 
-    def run(self, tally: DrainTally, deadline: float) -> None:
+    def run(self, tally: _DrainTally, deadline: float) -> None:
         """Move the buffer into Postgres. Shards are split over `store_workers` lanes that store in parallel
         (each on its own connection); within a lane a helper thread reads the next batch while the current
         one is stored, so Redis, Python and Postgres work at the same time. A shard's batches are stored and
@@ -101,7 +101,7 @@ class Drain:
         self._measure_lag(tally)
         lanes = self.store_workers
         stop = threading.Event()
-        parts = [DrainCounts() for _ in range(lanes)]
+        parts = [_DrainCounts() for _ in range(lanes)]
         failures: list[BaseException] = []
 
         def lane(j: int) -> None:
@@ -129,7 +129,7 @@ class Drain:
         if failures:
             raise failures[0]
 
-    def _drain_lane(self, shards: list[int], part: DrainTally, deadline: float, stop: threading.Event) -> None:
+    def _drain_lane(self, shards: list[int], part: _DrainTally, deadline: float, stop: threading.Event) -> None:
         ahead: queue.Queue[Batch | BaseException | None] = queue.Queue(maxsize=1)
         halt = threading.Event()
         reader = threading.Thread(target=self._read_ahead, args=(shards, ahead, halt), daemon=True,
@@ -154,7 +154,7 @@ class Drain:
                     ahead.get(timeout=0.05)
             reader.join()
 
-    def _measure_lag(self, tally: DrainTally) -> None:
+    def _measure_lag(self, tally: _DrainTally) -> None:
         oldest: float | None = None
         for shard in range(self.layout.shards):
             first = self.redis.xrange(self.layout.stream(shard), count=1)
@@ -200,7 +200,7 @@ class Drain:
                     break
                 start = "(" + batch.last_id
 
-    def store_batch(self, batch: Batch, part: DrainTally) -> None:
+    def store_batch(self, batch: Batch, part: _DrainTally) -> None:
         window = self.settings.stripe_report_window_seconds
         meter = report_meter(self.settings)
         if batch.valid:
@@ -227,7 +227,7 @@ class Drain:
                 fields = by_key[prefix + k]
                 for suffix, amount in zip(PENDING_COUNTERS, amounts, strict=True):
                     fields += (f"{d}|{m}|{suffix}", str(amount))
-            keys, args = [stream], [batch.first_id, next_stream_id(batch.last_id)]
+            keys, args = [stream], [batch.first_id, _next_stream_id(batch.last_id)]
             for key in sorted(by_key):
                 keys.append(key)
                 args += (str(len(by_key[key]) // 2), *by_key[key])
@@ -241,5 +241,5 @@ class Drain:
         ACK_THROUGH.run(
             self.redis,
             [stream, self.layout.tag(batch.shard) + ":malformed", *sorted(prefix + k for k in batch.key_ids)],
-            [prefix, batch.last_id, next_stream_id(batch.last_id), *batch.malformed_ids],
+            [prefix, batch.last_id, _next_stream_id(batch.last_id), *batch.malformed_ids],
         )

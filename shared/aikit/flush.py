@@ -49,14 +49,14 @@ from aikit.metering.layout import RedisLayout
 from aikit.observability import EVENTS_FLUSHED, FLUSH_DURATION, emit, logger
 from aikit.outbox import seal as seal_reports
 from aikit.redis_client import make_sync_redis
-from aikit.send import SEND_WORKERS, RetryPolicy, Sender
+from aikit.send import SEND_WORKERS, RetryPolicy, Sender, SendResult
 from aikit.settings import Settings
 from aikit.stripe_gateway import BillingGateway, gateway_from_settings
 
-FLUSH_LOCK_ID = 7_214_002
+_FLUSH_LOCK_ID = 7_214_002
 # Part of the time budget kept for sending (a big backlog must not starve Stripe reports).
-SEND_RESERVE_SHARE = 0.25
-SEND_RESERVE_MAX_SECONDS = 30.0
+_SEND_RESERVE_SHARE = 0.25
+_SEND_RESERVE_MAX_SECONDS = 30.0
 
 
 @dataclass
@@ -85,6 +85,18 @@ class FlushSummary:
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ok": self.ok}
+
+    def add_send(self, sent: SendResult) -> None:
+        """Adds what the send did (aikit.send) into the run's summary."""
+        self.stripe_calls += sent.stripe_calls
+        self.reports_sent += sent.reports_sent
+        self.reports_already_recorded += sent.reports_already_recorded
+        self.reports_parked += sent.reports_parked
+        self.reports_left_pending += sent.reports_left_pending
+        self.reports_carried_forward += sent.reports_carried_forward
+        self.stopped_early = self.stopped_early or sent.stopped_early
+        self.sending_stopped = self.sending_stopped or sent.sending_stopped
+        self.errors.extend(sent.errors)
 
 
 class Flusher:
@@ -132,7 +144,7 @@ class Flusher:
         started = self.clock()
         budget = time_budget if time_budget is not None else self.settings.flush_time_budget_seconds
         deadline = started + budget
-        drain_deadline = deadline - min(SEND_RESERVE_MAX_SECONDS, budget * SEND_RESERVE_SHARE)
+        drain_deadline = deadline - min(_SEND_RESERVE_MAX_SECONDS, budget * _SEND_RESERVE_SHARE)
         summary = FlushSummary()
         try:
             with self._exclusive() as acquired:
@@ -148,7 +160,7 @@ class Flusher:
                     summary.errors.append(f"drain: {type(exc).__name__}: {exc}")
                 current = now or dt.datetime.now(dt.UTC)
                 self.seal(summary, current)
-                self.sender.send(summary, deadline)
+                summary.add_send(self.sender.send(deadline))
         except Exception as exc:
             logger.exception("flush_failed")
             summary.errors.append(f"{type(exc).__name__}: {exc}")
@@ -163,25 +175,25 @@ class Flusher:
         if not self.use_lock:
             yield True
             return
-        with flush_lock(self.engine) as acquired:
+        with _flush_lock(self.engine) as acquired:
             yield acquired
 
 
 @contextmanager
-def flush_lock(engine: Engine) -> Iterator[bool]:
+def _flush_lock(engine: Engine) -> Iterator[bool]:
     """One flush at a time saves work (correctness doesn't depend on it). The lock belongs to the
     connection, so a flush that dies releases it with its connection."""
     if engine.dialect.name != "postgresql":
         yield True
         return
     with engine.connect() as conn:
-        got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:id)"), {"id": FLUSH_LOCK_ID}).scalar())
+        got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:id)"), {"id": _FLUSH_LOCK_ID}).scalar())
         conn.commit()
         try:
             yield got
         finally:
             if got:
-                conn.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": FLUSH_LOCK_ID})
+                conn.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": _FLUSH_LOCK_ID})
                 conn.commit()
 
 

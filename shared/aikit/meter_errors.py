@@ -10,7 +10,7 @@ For each error type we mark the affected reports `rejected` (last_error = Stripe
 one `meter_event_errors` row per rejection:
 * by identifier, for every sample whose identifier is one of our reports;
 * for the rest of the error count (Stripe samples only a few), by the validation window: reports sent inside
-  it (with WINDOW_SLACK of clock skew) of the customers the sample messages name, or of every customer for
+  it (with _WINDOW_SLACK of clock skew) of the customers the sample messages name, or of every customer for
   errors of the meter itself (archived_meter, no_meter), but only when that leaves no doubt (no more such
   reports than unexplained errors). Marking a report Stripe did count would risk billing it twice once
   requeued past Stripe's 24 h identifier memory, so ambiguous windows are stored unmatched instead.
@@ -42,12 +42,12 @@ ERROR_REPORT_TRIGGERED = "v1.billing.meter.error_report_triggered"
 NO_METER_FOUND = "v1.billing.meter.no_meter_found"
 EVENT_TYPES = frozenset({ERROR_REPORT_TRIGGERED, NO_METER_FOUND})
 # Errors of the meter itself: every event sent in the window was refused, whoever it was for.
-METER_LEVEL_CODES = frozenset({"archived_meter", "no_meter"})
+_METER_LEVEL_CODES = frozenset({"archived_meter", "no_meter"})
 # Reports that Stripe was (or may have been) sent; open reports were not.
 _SENT_STATUSES = (ReportState.SENT, ReportState.PENDING, ReportState.PARKED)
-WINDOW_SLACK = dt.timedelta(minutes=5)
-MAX_ERROR_TYPES = 100  # more error types or samples than this in one event is not Stripe
-MAX_SAMPLES = 1000
+_WINDOW_SLACK = dt.timedelta(minutes=5)
+_MAX_ERROR_TYPES = 100  # more error types or samples than this in one event is not Stripe
+_MAX_SAMPLES = 1000
 _CUSTOMER_ID = re.compile(r"\bcus_\w{1,250}")
 
 
@@ -113,10 +113,10 @@ def parse_report(thin: ThinEvent, full: Mapping[str, Any]) -> ErrorReport:
     """The error report of a fetched event; what is missing or mistyped is left out, never an error."""
     data = _dict(full.get("data"))
     types = []
-    for raw in _list(_dict(data.get("reason")).get("error_types"))[:MAX_ERROR_TYPES]:
+    for raw in _list(_dict(data.get("reason")).get("error_types"))[:_MAX_ERROR_TYPES]:
         if not isinstance(raw, dict) or not isinstance(raw.get("code"), str):
             continue
-        samples = tuple(_sample(s) for s in _list(raw.get("sample_errors"))[:MAX_SAMPLES] if isinstance(s, dict))
+        samples = tuple(_sample(s) for s in _list(raw.get("sample_errors"))[:_MAX_SAMPLES] if isinstance(s, dict))
         count = raw.get("error_count")
         count = count if isinstance(count, int) and not isinstance(count, bool) and count >= 0 else 0
         types.append(ErrorType(raw["code"][:128], max(count, len(samples)), samples))
@@ -199,14 +199,14 @@ def _window_candidates(session: Session, report: ErrorReport, error_type: ErrorT
     if report.validation_start is None or report.validation_end is None:
         return []
     customers = {m for s in error_type.samples for m in _CUSTOMER_ID.findall(s.message)}
-    if not customers and error_type.code not in METER_LEVEL_CODES:
+    if not customers and error_type.code not in _METER_LEVEL_CODES:
         return []
     stmt = select(MeterReport.id).where(
         MeterReport.status == ReportState.SENT,
-        MeterReport.sent_at >= report.validation_start - WINDOW_SLACK,
-        MeterReport.sent_at <= report.validation_end + WINDOW_SLACK,
+        MeterReport.sent_at >= report.validation_start - _WINDOW_SLACK,
+        MeterReport.sent_at <= report.validation_end + _WINDOW_SLACK,
     )
-    if error_type.code not in METER_LEVEL_CODES:
+    if error_type.code not in _METER_LEVEL_CODES:
         stmt = stmt.where(MeterReport.customer_id.in_(sorted(customers)))
     return [r for r in session.scalars(stmt.order_by(MeterReport.sent_at)) if r not in exclude]
 

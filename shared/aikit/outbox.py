@@ -5,8 +5,8 @@ when the store opens it (aikit.metering.sql_sink), so every send, in any run, is
 
 - open -> pending: `seal` fixes the value of every report whose window has ended, under REPORT_LOCK (the store
   adds to open reports under the same lock, so a sealed report never grows). A report whose window holds one of
-  its customer's billing-period edges learned after the usage was stored is cut there (`cut_at_period_edges`),
-  and one above Stripe's largest value is split (`split_oversized_reports`): every part's identifier is fixed
+  its customer's billing-period edges learned after the usage was stored is cut there (`_cut_at_period_edges`),
+  and one above Stripe's largest value is split (`_split_oversized_reports`): every part's identifier is fixed
   before any of them is sent.
 - pending -> sent | parked (or stays pending for a retry): `mark`; never backwards (a concurrent flush may have
   finished it already).
@@ -40,10 +40,9 @@ if TYPE_CHECKING:  # the Stripe SDK loads only when Stripe is called (aikit.mete
     from aikit.stripe_gateway import BillingGateway
 
 __all__ = [
-    "CARRY_MARGIN_SECONDS", "IDENTIFIER_SAFE_HOURS", "MAX_EVENT_VALUE", "UNCONFIRMED_PREFIX", "UNCONFIRMED_REASON",
-    "ReportState", "carry_forward_to", "customer_periods", "cut_at_period_edges", "event_timestamp", "mark",
-    "pending_by_customer", "requeue_parked", "seal", "settle_unconfirmed", "split_oversized_reports",
-    "stamp_carried_forward", "straddling", "unsafe_to_resend",
+    "CARRY_MARGIN_SECONDS", "IDENTIFIER_SAFE_HOURS", "UNCONFIRMED_PREFIX", "UNCONFIRMED_REASON", "ReportState",
+    "carry_forward_to", "customer_periods", "event_timestamp", "mark", "pending_by_customer", "requeue_parked",
+    "seal", "settle_unconfirmed", "stamp_carried_forward", "unsafe_to_resend",
 ]
 
 # Stripe remembers identifiers for at least 24 hours; a report first tried longer ago than this is not resent.
@@ -56,7 +55,7 @@ UNCONFIRMED_REASON = (f"{UNCONFIRMED_PREFIX} {IDENTIFIER_SAFE_HOURS} h, past Str
 CARRY_MARGIN_SECONDS = 300
 # Stripe refuses meter event values of more than 15 significant digits (API 2026-04-22.dahlia: it aggregates in
 # double precision). Cost-meter reports are in 1e-12 USD, so a customer's window above $999.99 is one.
-MAX_EVENT_VALUE = 10**15 - 1
+_MAX_EVENT_VALUE = 10**15 - 1
 
 
 # -- pure rules ---------------------------------------------------------------------------------------------
@@ -111,12 +110,12 @@ def seal(engine: Engine, now: dt.datetime) -> int:
                        MeterReport.window_end, MeterReport.value)
         ))
         count = len(sealed)
-        for report in straddling(conn, [r.id for r in sealed]):
-            count += cut_at_period_edges(conn, report)
-        return count + split_oversized_reports(conn)
+        for report in _straddling(conn, [r.id for r in sealed]):
+            count += _cut_at_period_edges(conn, report)
+        return count + _split_oversized_reports(conn)
 
 
-def straddling(conn: Connection, report_ids: list[str]) -> list[Any]:
+def _straddling(conn: Connection, report_ids: list[str]) -> list[Any]:
     """Those of the reports whose window has one of its customer's period edges strictly inside (one query)."""
     if not report_ids:
         return []
@@ -131,7 +130,7 @@ def straddling(conn: Connection, report_ids: list[str]) -> list[Any]:
     return found
 
 
-def cut_at_period_edges(conn: Connection, report: Any) -> int:
+def _cut_at_period_edges(conn: Connection, report: Any) -> int:
     """Split a report just sealed (never sent) at the customer's period edges inside its window, learned after
     its usage was stored (a cancellation's webhook arriving after the last calls): each part gets its own
     report, identifier and stamp, so usage before the edge is invoiced in its period. Only a report that is
@@ -168,23 +167,23 @@ def cut_at_period_edges(conn: Connection, report: Any) -> int:
     return len(rest)
 
 
-def split_oversized_reports(conn: Any) -> int:
-    """Split every sealed, never-tried report above MAX_EVENT_VALUE into reports of at most that value, in the
+def _split_oversized_reports(conn: Any) -> int:
+    """Split every sealed, never-tried report above _MAX_EVENT_VALUE into reports of at most that value, in the
     sealing transaction (under REPORT_LOCK): the parts' identifiers (`<id>-<n>`) are fixed before any of them
     is sent, and they sum to the sealed value. Returns how many reports were added."""
     oversized = list(conn.execute(
         select(MeterReport.id, MeterReport.customer_id, MeterReport.window_start, MeterReport.window_end,
                MeterReport.value, MeterReport.last_usage_ts, MeterReport.meter)
-        .where(MeterReport.status == ReportState.PENDING, MeterReport.value > MAX_EVENT_VALUE,
+        .where(MeterReport.status == ReportState.PENDING, MeterReport.value > _MAX_EVENT_VALUE,
                MeterReport.first_attempt_at.is_(None))))
     added = 0
     for row in oversized:
-        rest = int(row.value) - MAX_EVENT_VALUE
-        conn.execute(update(MeterReport).where(MeterReport.id == row.id).values(value=MAX_EVENT_VALUE))
+        rest = int(row.value) - _MAX_EVENT_VALUE
+        conn.execute(update(MeterReport).where(MeterReport.id == row.id).values(value=_MAX_EVENT_VALUE))
         part = 0
         while rest > 0:
             part += 1
-            value = min(rest, MAX_EVENT_VALUE)
+            value = min(rest, _MAX_EVENT_VALUE)
             conn.execute(insert(MeterReport).values(
                 id=f"{row.id}-{part}", customer_id=row.customer_id, window_start=row.window_start,
                 window_end=row.window_end, value=value, last_usage_ts=row.last_usage_ts,

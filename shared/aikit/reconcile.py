@@ -41,13 +41,13 @@ from aikit.pricing import format_money
 from aikit.settings import Settings
 from aikit.stripe_gateway import BillingGateway, gateway_from_settings
 
-LOOKBACK_DAYS = 35  # Stripe refuses meter events older than this: nothing older can be there
+_LOOKBACK_DAYS = 35  # Stripe refuses meter events older than this: nothing older can be there
 DAY = 86400
-ROLLUP_FIELDS = ("requests", "input_tokens", "output_tokens", "cached_tokens", "tokens")
+_ROLLUP_FIELDS = ("requests", "input_tokens", "output_tokens", "cached_tokens", "tokens")
 
 
 @dataclass
-class CustomerDay:
+class _CustomerDay:
     customer_id: str
     day: dt.date
     meter: str = METER_TOKENS
@@ -63,11 +63,11 @@ class CustomerDay:
 
 
 @dataclass
-class ReconcileReport:
+class _ReconcileReport:
     since: dt.date
     until: dt.date
     stripe_checked: bool
-    days: list[CustomerDay] = field(default_factory=list)
+    days: list[_CustomerDay] = field(default_factory=list)
     drift: list[dict[str, Any]] = field(default_factory=list)
     rollup_drift: list[dict[str, Any]] = field(default_factory=list)
     # Reports sent into a later billing period because their own period's invoice had finalized (aikit.send):
@@ -121,14 +121,14 @@ class ReconcileReport:
 
 
 def reconcile(settings: Settings, *, since: dt.date | None = None, until: dt.date | None = None,
-              gateway: BillingGateway | None = None, engine: Engine | None = None) -> ReconcileReport:
+              gateway: BillingGateway | None = None, engine: Engine | None = None) -> _ReconcileReport:
     today = dt.datetime.now(dt.UTC).date()
     until = until or today
-    since = since or until - dt.timedelta(days=LOOKBACK_DAYS)
+    since = since or until - dt.timedelta(days=_LOOKBACK_DAYS)
     own_gateway = gateway is None
     gateway = gateway if gateway is not None else gateway_from_settings(settings)
     engine = engine or get_engine(settings.database_url)
-    report = ReconcileReport(since=since, until=until, stripe_checked=gateway is not None)
+    report = _ReconcileReport(since=since, until=until, stripe_checked=gateway is not None)
     event_names = {METER_TOKENS: settings.stripe_meter_event_name, METER_COST: settings.stripe_cost_event_name}
     try:
         days = _postgres_days(engine, since, until, report_meter(settings), report.carried_forward)
@@ -159,7 +159,7 @@ def _held_equal(meter: str, stripe: int, sent: int) -> bool:
     return abs(stripe - sent) <= max(sent, stripe) // 2**50
 
 
-def _drift(check: str, d: CustomerDay, *, expected: int, actual: int) -> dict[str, Any]:
+def _drift(check: str, d: _CustomerDay, *, expected: int, actual: int) -> dict[str, Any]:
     found = {"check": check, "customer_id": d.customer_id, "day": d.day.isoformat(), "meter": d.meter,
              "expected": expected, "actual": actual, "difference": actual - expected}
     if d.meter == METER_COST:
@@ -173,19 +173,19 @@ def _bounds(since: dt.date, until: dt.date) -> tuple[dt.datetime, dt.datetime]:
     return start, dt.datetime.combine(until + dt.timedelta(days=1), dt.time(), dt.UTC)
 
 
-Days = dict[tuple[str, dt.date, str], CustomerDay]
+_Days = dict[tuple[str, dt.date, str], _CustomerDay]
 
 
 def _postgres_days(engine: Engine, since: dt.date, until: dt.date, billed_on: str,
-                   carried: list[dict[str, Any]]) -> Days:
+                   carried: list[dict[str, Any]]) -> _Days:
     """`billed_on`: the meter billable rows are reported on now; their usage is counted for it. Reports carried
     forward into a later period are added to `carried`."""
-    days: Days = {}
+    days: _Days = {}
 
-    def day_of(customer: str, day: dt.date, meter: str) -> CustomerDay:
+    def day_of(customer: str, day: dt.date, meter: str) -> _CustomerDay:
         found = days.get((customer, day, meter))
         if found is None:
-            found = days[(customer, day, meter)] = CustomerDay(customer, day, meter)
+            found = days[(customer, day, meter)] = _CustomerDay(customer, day, meter)
         return found
 
     start, end = _bounds(since, until)
@@ -230,7 +230,7 @@ def _postgres_days(engine: Engine, since: dt.date, until: dt.date, billed_on: st
     return days
 
 
-def _stripe_days(gateway: BillingGateway, meter: str, event_name: str, days: Days, since: dt.date,
+def _stripe_days(gateway: BillingGateway, meter: str, event_name: str, days: _Days, since: dt.date,
                  until: dt.date) -> None:
     start, end = _bounds(since, until)
     for customer in sorted({c for c, _, _ in days}):
@@ -250,7 +250,7 @@ def _stripe_days(gateway: BillingGateway, meter: str, event_name: str, days: Day
                 continue
             entry = days.get((customer, day, meter))
             if entry is None:
-                entry = days[(customer, day, meter)] = CustomerDay(customer, day, meter)
+                entry = days[(customer, day, meter)] = _CustomerDay(customer, day, meter)
             entry.stripe = held.get(day, 0)
     for entry in days.values():
         if entry.stripe is None and entry.meter == meter:
@@ -279,14 +279,14 @@ def _rollup_drift(engine: Engine, since: dt.date, until: dt.date) -> list[dict[s
             )
         }
     drift = []
-    zero = (0,) * len(ROLLUP_FIELDS)
+    zero = (0,) * len(_ROLLUP_FIELDS)
     for key in sorted(from_rows.keys() | rollups.keys()):
         rows, rolled = from_rows.get(key, zero), rollups.get(key, zero)
         if rows != rolled:
             kid, day, model = key
             drift.append({"api_key_id": kid, "date": day.isoformat(), "model": model,
-                          "rows": dict(zip(ROLLUP_FIELDS, rows, strict=True)),
-                          "rollup": dict(zip(ROLLUP_FIELDS, rolled, strict=True))})
+                          "rows": dict(zip(_ROLLUP_FIELDS, rows, strict=True)),
+                          "rollup": dict(zip(_ROLLUP_FIELDS, rolled, strict=True))})
     return drift
 
 

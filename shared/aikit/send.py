@@ -36,8 +36,8 @@ import random
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from sqlalchemy import Engine
 
@@ -82,22 +82,8 @@ class RetryPolicy:
             yield
 
 
-class SendTally(Protocol):
-    """What a send counts (the run's FlushSummary)."""
-
-    stripe_calls: int
-    reports_sent: int
-    reports_already_recorded: int
-    reports_parked: int
-    reports_left_pending: int
-    reports_carried_forward: int
-    stopped_early: bool  # the time budget ran out; the rest goes next run
-    sending_stopped: bool  # Stripe refused the key (401/403): nothing more was sent, nothing parked
-    errors: list[str]
-
-
 @dataclass
-class CustomerCounts:
+class _CustomerCounts:
     """One customer's part of a send."""
 
     stripe_calls: int = 0
@@ -106,6 +92,20 @@ class CustomerCounts:
     reports_parked: int = 0
     reports_left_pending: int = 0
     reports_carried_forward: int = 0
+
+
+@dataclass
+class SendResult(_CustomerCounts):
+    """What a send did (aikit.flush adds it into the run's FlushSummary): its customers' counts summed, and how
+    it ended."""
+
+    stopped_early: bool = False  # the time budget ran out; the rest goes next run
+    sending_stopped: bool = False  # Stripe refused the key (401/403): nothing more was sent, nothing parked
+    errors: list[str] = field(default_factory=list)
+
+    def add(self, part: _CustomerCounts) -> None:
+        for counter in fields(_CustomerCounts):
+            setattr(self, counter.name, getattr(self, counter.name) + getattr(part, counter.name))
 
 
 def describe(outcome: ReportOutcome | None) -> str:
@@ -126,28 +126,29 @@ class Sender:
         self._refused: ReportOutcome | None = None  # the 401/403 that stopped this run's sending
         self._refused_lock = threading.Lock()
 
-    def send(self, tally: SendTally, deadline: float) -> None:
+    def send(self, deadline: float) -> SendResult:
+        result = SendResult()
         if not self.metering_on:
-            return  # metering off: sealed reports wait until it is on again
+            return result  # metering off: sealed reports wait until it is on again
         by_customer = pending_by_customer(self.engine)
         if not by_customer:
-            return
+            return result
         workers = min(self.workers, len(by_customer))
         self._refused = None
         # One thread per customer at a time: never two calls for the same customer in flight.
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flush-send") as pool:
-            results = list(pool.map(lambda rows: self._send_customer(rows, deadline), by_customer.values()))
-        for part in results:
-            for name, value in asdict(part).items():
-                setattr(tally, name, getattr(tally, name) + value)
+            parts = list(pool.map(lambda rows: self._send_customer(rows, deadline), by_customer.values()))
+        for part in parts:
+            result.add(part)
         if self._refused is not None:
-            tally.sending_stopped = True
-            tally.errors.append(f"stripe refused the API key, sending stopped: {describe(self._refused)}")
-        if tally.reports_left_pending and self.retry.clock() >= deadline:
-            tally.stopped_early = True
+            result.sending_stopped = True
+            result.errors.append(f"stripe refused the API key, sending stopped: {describe(self._refused)}")
+        if result.reports_left_pending and self.retry.clock() >= deadline:
+            result.stopped_early = True
+        return result
 
-    def _send_customer(self, rows: list[Any], deadline: float) -> CustomerCounts:
-        counts = CustomerCounts()
+    def _send_customer(self, rows: list[Any], deadline: float) -> _CustomerCounts:
+        counts = _CustomerCounts()
         periods = customer_periods(self.engine, rows)
         for i, row in enumerate(rows):
             if self._refused is not None or not self._send_report(row, periods, deadline, counts):
@@ -156,7 +157,7 @@ class Sender:
                 break
         return counts
 
-    def _send_report(self, row: Any, periods: list[Period], deadline: float, counts: CustomerCounts) -> bool:
+    def _send_report(self, row: Any, periods: list[Period], deadline: float, counts: _CustomerCounts) -> bool:
         """Settle one report; False when it stays pending (and with it the customer's later ones)."""
         if unsafe_to_resend(row, dt.datetime.now(dt.UTC)):
             # Stripe may have forgotten the identifier of an unseen first send: a resend could bill twice.
@@ -185,7 +186,7 @@ class Sender:
         counts.reports_carried_forward += row.carried_forward_to is not None
         return True
 
-    def _call_stripe(self, row: Any, deadline: float, counts: CustomerCounts) -> tuple[ReportOutcome | None, int]:
+    def _call_stripe(self, row: Any, deadline: float, counts: _CustomerCounts) -> tuple[ReportOutcome | None, int]:
         """The report's attempts in this run (RetryPolicy): its last answer (None: no time for a first one) and
         how many calls it took."""
         assert self.gateway is not None
@@ -202,7 +203,7 @@ class Sender:
             emit(STRIPE_ERRORS, kind=outcome.error_code or "retryable")
         return outcome, calls
 
-    def _park(self, row: Any, reason: str, counts: CustomerCounts, *, attempts: int = 0) -> None:
+    def _park(self, row: Any, reason: str, counts: _CustomerCounts, *, attempts: int = 0) -> None:
         """The one way a report is parked: it needs a human (`aikit reconcile`, `aikit requeue-parked`)."""
         emit(PARKED_BATCHES)
         logger.error("meter_report_parked", extra={"report_id": row.id, "customer_id": row.customer_id,

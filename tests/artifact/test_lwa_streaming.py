@@ -25,7 +25,7 @@ from aikit.keys import IssuedKey
 from tests.artifact.builds import ROOT, invoke, lambda_env
 from tests.fakes.llm_servers import FakeOpenAI, _Handler
 from tests.support.artifact import lambda_settings_env, tokens_in_postgres
-from tests.support.servers import free_port
+from tests.support.servers import free_port, stop_process
 
 # The first test builds the artifacts (sam build, venvs) in its setup: minutes on a clean checkout.
 pytestmark = pytest.mark.timeout(1800)
@@ -104,12 +104,7 @@ def lwa_started(build_dir: Path, venv: Path, settings: dict[str, str]) -> Iterat
             time.sleep(0.2)
         yield base, output
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 10)
 
 
 def lwa_headers(request_id: str) -> dict[str, str]:

@@ -9,6 +9,7 @@ from typing import Any
 
 import boto3
 import pytest
+import stripe
 from moto import mock_aws
 
 from aikit import aws_secrets
@@ -32,6 +33,14 @@ def fake(request: pytest.FixtureRequest) -> Iterator[FakeStripe]:
     """A fresh FakeStripe; its "timeout" fault stalls FAKE_STRIPE_TIMEOUT_SECONDS of the test module (0.8 s by
     default, above the harness client's 0.5 s)."""
     yield from started_fake(getattr(request.module, "FAKE_STRIPE_TIMEOUT_SECONDS", 0.8))
+
+
+@pytest.fixture
+def stripe_sdk(fake: FakeStripe) -> Iterator[stripe.StripeClient]:
+    """A plain stripe SDK client of the fake, for arranging state directly."""
+    transport = stripe.RequestsClient()
+    yield stripe.StripeClient(fake.api_key, base_addresses=fake.base_addresses, http_client=transport)
+    transport.close()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import asyncio
 import time
 from typing import Any
 
-import httpx
 import openai
 import pytest
 import redis
@@ -21,7 +20,7 @@ from aikit.metering.base import UsageEvent, new_request_id
 from aikit.metering.sql_sink import store_events
 from aikit.runtime import Runtime
 from aikit.settings import Settings
-from tests.support.api import chat, issue_key, read_sdk_stream
+from tests.support.api import chat, issue_key, parallel_chats, read_sdk_stream
 from tests.support.db import ADMIN_URL
 from tests.support.redis import pending_tokens
 from tests.support.servers import serve_app
@@ -150,16 +149,8 @@ def test_parallel_requests_cannot_overspend_the_token_quota(runtime: Runtime, se
     # Each call costs 3 input + 4 output = 7 tokens and reserves max_tokens=4 + prompt; quota 20 tokens.
     key = issue_key(settings, rpm=1000, rpd=1000, monthly_tokens=20)
 
-    async def burst(base: str) -> list[int]:
-        async with httpx.AsyncClient(base_url=base, timeout=10) as http:
-            rs = await asyncio.gather(*[
-                http.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key.api_key}"},
-                          json={"messages": [{"role": "user", "content": "one two three"}], "max_tokens": 4})
-                for _ in range(30)])
-        return [r.status_code for r in rs]
-
     with serve_app(create_app(runtime=runtime)) as base:
-        codes = asyncio.run(burst(base))
+        codes = parallel_chats(base, key, 30)
     ok = codes.count(200)
     assert set(codes) <= {200, 429}
     # 20 tokens of quota: at most three 7-token calls may start (the third overshoots by at most one call).

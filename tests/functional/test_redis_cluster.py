@@ -7,7 +7,6 @@ import asyncio
 import uuid
 from collections.abc import Iterator
 
-import httpx
 import openai
 import pytest
 from fastapi.testclient import TestClient
@@ -19,7 +18,7 @@ from aikit.db.models import ApiKeyUsage, UsageDaily
 from aikit.flush import Flusher
 from aikit.runtime import Runtime
 from aikit.settings import Settings
-from tests.support.api import chat, issue_key
+from tests.support.api import chat, issue_key, parallel_chats
 from tests.support.redis import pending_tokens
 from tests.support.servers import redis_cluster, serve_app
 from tests.support.settings import make_settings
@@ -125,16 +124,8 @@ def test_parallel_requests_cannot_overspend_the_quota_on_the_cluster(cluster_set
     runtime = Runtime(cluster_settings)
     key = issue_key(cluster_settings, rpm=1000, rpd=1000, monthly_tokens=20)
 
-    async def burst(base: str) -> list[int]:
-        async with httpx.AsyncClient(base_url=base, timeout=10) as http:
-            rs = await asyncio.gather(*[
-                http.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key.api_key}"},
-                          json={"messages": [{"role": "user", "content": "one two three"}], "max_tokens": 4})
-                for _ in range(20)])
-        return [r.status_code for r in rs]
-
     with serve_app(create_app(runtime=runtime)) as base:
-        codes = asyncio.run(burst(base))
+        codes = parallel_chats(base, key, 20)
     assert set(codes) <= {200, 429}
     assert 1 <= codes.count(200) <= 3
     assert pending_tokens(runtime, key.api_key_id, cluster) == 7 * codes.count(200)

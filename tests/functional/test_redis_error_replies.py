@@ -53,6 +53,16 @@ def admin(proc: RedisProcess) -> redis.Redis:
     return redis.Redis(port=proc.port, socket_timeout=5, decode_responses=True)
 
 
+def assign_all_slots(proc: RedisProcess) -> None:
+    """Give the one-node cluster every slot back and wait until it serves again."""
+    with admin(proc) as client:
+        client.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+        deadline = time.monotonic() + 10
+        while client.execute_command("CLUSTER", "INFO").find("cluster_state:ok") < 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
 def refused(proc: RedisProcess, error: type[Exception]) -> bool:
     """Whether a write is refused with `error` right now."""
     with admin(proc) as client:
@@ -113,12 +123,7 @@ def clusterdown(proc: RedisProcess) -> Iterator[None]:
     try:
         yield
     finally:
-        with admin(proc) as client:
-            client.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
-            deadline = time.monotonic() + 10
-            while client.execute_command("CLUSTER", "INFO").find("cluster_state:ok") < 0:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+        assign_all_slots(proc)
 
 
 FAULTS: dict[str, tuple[Fault, tuple[str, ...]]] = {
@@ -135,12 +140,7 @@ def started(extra: tuple[str, ...]) -> Iterator[RedisProcess]:
     proc = RedisProcess(cluster_port() if cluster else free_port(), extra=extra).start()
     try:
         if cluster:
-            with admin(proc) as client:
-                client.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
-                deadline = time.monotonic() + 10
-                while client.execute_command("CLUSTER", "INFO").find("cluster_state:ok") < 0:
-                    assert time.monotonic() < deadline
-                    time.sleep(0.05)
+            assign_all_slots(proc)
         yield proc
     finally:
         proc.cleanup()

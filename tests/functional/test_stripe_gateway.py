@@ -47,14 +47,6 @@ def gateway(settings: Settings) -> Iterator[StripeGateway]:
 
 
 @pytest.fixture
-def client(fake: FakeStripe) -> Iterator[stripe.StripeClient]:
-    """A plain SDK client for arranging state the gateway does not create."""
-    transport = stripe.RequestsClient()
-    yield stripe.StripeClient(fake.api_key, base_addresses=fake.base_addresses, http_client=transport)
-    transport.close()
-
-
-@pytest.fixture
 def setup(gateway: StripeGateway) -> SetupResult:
     return gateway.ensure_setup(event_name=EVENT)
 
@@ -172,9 +164,9 @@ def test_timestamp_outside_window_is_permanent(
 
 
 def test_no_active_meter_is_permanent(
-    fake: FakeStripe, gateway: StripeGateway, client: stripe.StripeClient, setup: SetupResult, customer: str
+    fake: FakeStripe, gateway: StripeGateway, stripe_sdk: stripe.StripeClient, setup: SetupResult, customer: str
 ) -> None:
-    client.v1.billing.meters.deactivate(setup.meter_id)
+    stripe_sdk.v1.billing.meters.deactivate(setup.meter_id)
     outcome = report(gateway, customer, "evt-nometer")
 
     assert outcome.status is ReportStatus.PERMANENT
@@ -271,14 +263,14 @@ def test_ensure_setup_creates_meter_product_price_then_is_idempotent(fake: FakeS
 
 
 def test_ensure_setup_reuses_existing_product_and_reactivates_meter(
-    fake: FakeStripe, gateway: StripeGateway, client: stripe.StripeClient
+    fake: FakeStripe, gateway: StripeGateway, stripe_sdk: stripe.StripeClient
 ) -> None:
-    product = client.v1.products.create(params={"name": "API tokens", "metadata": {"aikit": "api_tokens"}})
+    product = stripe_sdk.v1.products.create(params={"name": "API tokens", "metadata": {"aikit": "api_tokens"}})
     first = gateway.ensure_setup(event_name=EVENT)
     assert first.product_id == product.id
     assert first.created == ["meter", "price"]
 
-    client.v1.billing.meters.deactivate(first.meter_id)
+    stripe_sdk.v1.billing.meters.deactivate(first.meter_id)
     again = gateway.ensure_setup(event_name=EVENT)
 
     assert again.meter_id == first.meter_id
@@ -345,9 +337,9 @@ def test_portal_session_url(fake: FakeStripe, gateway: StripeGateway, customer: 
 
 
 def test_retrieve_subscription_has_item_periods(
-    fake: FakeStripe, gateway: StripeGateway, client: stripe.StripeClient, setup: SetupResult, customer: str
+    fake: FakeStripe, gateway: StripeGateway, stripe_sdk: stripe.StripeClient, setup: SetupResult, customer: str
 ) -> None:
-    created = client.v1.subscriptions.create(params={"customer": customer, "items": [{"price": setup.price_id}]})
+    created = stripe_sdk.v1.subscriptions.create(params={"customer": customer, "items": [{"price": setup.price_id}]})
 
     subscription = gateway.retrieve_subscription(created.id)
 

@@ -28,15 +28,8 @@ def http(fake: FakeStripe) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture
-def client(fake: FakeStripe) -> Iterator[stripe.StripeClient]:
-    transport = stripe.RequestsClient()
-    yield stripe.StripeClient(fake.api_key, base_addresses=fake.base_addresses, http_client=transport)
-    transport.close()
-
-
-@pytest.fixture
-def meter_id(client: stripe.StripeClient) -> str:
-    meter = client.v1.billing.meters.create(
+def meter_id(stripe_sdk: stripe.StripeClient) -> str:
+    meter = stripe_sdk.v1.billing.meters.create(
         params={
             "display_name": "API tokens",
             "event_name": EVENT,
@@ -199,9 +192,9 @@ def test_idempotency_key_replays_first_answer_without_executing(fake: FakeStripe
     assert error_of(reused)["type"] == "idempotency_error"
 
 
-def test_sdk_idempotency_key_option_replays(fake: FakeStripe, client: stripe.StripeClient) -> None:
-    a = client.v1.customers.create(params={"email": "a@b.test"}, options={"idempotency_key": "same"})
-    b = client.v1.customers.create(params={"email": "a@b.test"}, options={"idempotency_key": "same"})
+def test_sdk_idempotency_key_option_replays(fake: FakeStripe, stripe_sdk: stripe.StripeClient) -> None:
+    a = stripe_sdk.v1.customers.create(params={"email": "a@b.test"}, options={"idempotency_key": "same"})
+    b = stripe_sdk.v1.customers.create(params={"email": "a@b.test"}, options={"idempotency_key": "same"})
 
     assert a.id == b.id
     assert len(fake.customers) == 1
@@ -265,14 +258,14 @@ def test_meter_event_timestamp_window(
 
 
 def test_meter_event_needs_active_meter(
-    fake: FakeStripe, http: httpx.Client, client: stripe.StripeClient, meter_id: str, customer: str
+    fake: FakeStripe, http: httpx.Client, stripe_sdk: stripe.StripeClient, meter_id: str, customer: str
 ) -> None:
-    client.v1.billing.meters.deactivate(meter_id)
+    stripe_sdk.v1.billing.meters.deactivate(meter_id)
     response = http.post(METER_EVENT_PATH, data=event_form(customer, "evt-inactive"))
 
     assert response.status_code == 400
     assert error_of(response)["param"] == "event_name"
-    client.v1.billing.meters.reactivate(meter_id)
+    stripe_sdk.v1.billing.meters.reactivate(meter_id)
     assert http.post(METER_EVENT_PATH, data=event_form(customer, "evt-inactive")).status_code == 200
 
 
@@ -332,14 +325,14 @@ def test_one_concurrent_call_per_customer_and_meter_by_default(fake: FakeStripe,
     assert fake.concurrency_violations == 2
 
 
-def test_the_concurrency_refusal_is_a_stripe_rate_limit_error(fake: FakeStripe, client: stripe.StripeClient,
+def test_the_concurrency_refusal_is_a_stripe_rate_limit_error(fake: FakeStripe, stripe_sdk: stripe.StripeClient,
                                                               customer: str) -> None:
     fake.latency = 0.3
     errors: list[BaseException] = []
 
     def one(identifier: str) -> None:
         try:
-            client.v1.billing.meter_events.create(params={
+            stripe_sdk.v1.billing.meter_events.create(params={
                 "event_name": EVENT, "payload": {"stripe_customer_id": customer, "value": "1"},
                 "identifier": identifier})
         except stripe.StripeError as exc:
@@ -414,9 +407,9 @@ def inbox(fake: FakeStripe) -> list[tuple[bytes, dict[str, str]]]:
 
 
 def test_unknown_customer_is_accepted_then_reported_in_a_thin_event(
-    fake: FakeStripe, client: stripe.StripeClient, meter_id: str, inbox: list[tuple[bytes, dict[str, str]]]
+    fake: FakeStripe, stripe_sdk: stripe.StripeClient, meter_id: str, inbox: list[tuple[bytes, dict[str, str]]]
 ) -> None:
-    event = client.v1.billing.meter_events.create(params={
+    event = stripe_sdk.v1.billing.meter_events.create(params={
         "event_name": EVENT, "payload": {"stripe_customer_id": "cus_ghost", "value": "25"},
         "identifier": "evt-ghost-1", "timestamp": int(time.time())})
 
@@ -431,7 +424,7 @@ def test_unknown_customer_is_accepted_then_reported_in_a_thin_event(
     assert status == 200 and fake.undelivered == []
     [(body, headers)] = inbox
     # What a receiver does with stripe-python 16: verify and parse the notification, then fetch the event.
-    notification = client.parse_event_notification(body, headers["Stripe-Signature"], DESTINATION_SECRET)
+    notification = stripe_sdk.parse_event_notification(body, headers["Stripe-Signature"], DESTINATION_SECRET)
     assert (notification.id, notification.type) == (event_id, "v1.billing.meter.error_report_triggered")
     assert isinstance(notification, stripe.events.V1BillingMeterErrorReportTriggeredEventNotification)
     assert notification.related_object.id == meter_id
@@ -447,11 +440,11 @@ def test_unknown_customer_is_accepted_then_reported_in_a_thin_event(
     assert full.data.validation_start <= full.data.validation_end
     assert notification.fetch_related_object().id == meter_id
     # Retrieved by id too, as Stripe keeps events for 30 days.
-    assert client.v2.core.events.retrieve(event_id).id == event_id
+    assert stripe_sdk.v2.core.events.retrieve(event_id).id == event_id
 
 
 def test_rules_choose_sync_async_or_off(fake: FakeStripe, http: httpx.Client, meter_id: str,
-                                        client: stripe.StripeClient) -> None:
+                                        stripe_sdk: stripe.StripeClient) -> None:
     old = int(time.time()) - 36 * DAY
     customer = fake.add_customer()
     fake.rules["timestamp"] = "async"
@@ -461,7 +454,7 @@ def test_rules_choose_sync_async_or_off(fake: FakeStripe, http: httpx.Client, me
     assert [e.rejection for e in fake.meter_events] == ["timestamp_too_far_in_past", None]
     assert fake.meter_totals() == {customer: 10}
 
-    client.v1.billing.meters.deactivate(meter_id)
+    stripe_sdk.v1.billing.meters.deactivate(meter_id)
     fake.rules["meter"] = "async"
     assert http.post(METER_EVENT_PATH, data=event_form(customer, "evt-archived")).status_code == 200
     assert fake.meter_events[-1].rejection == "archived_meter"
@@ -471,14 +464,14 @@ def test_rules_choose_sync_async_or_off(fake: FakeStripe, http: httpx.Client, me
 
 
 def test_no_meter_at_all_gives_a_no_meter_found_event(fake: FakeStripe, http: httpx.Client,
-                                                      client: stripe.StripeClient, customer: str,
+                                                      stripe_sdk: stripe.StripeClient, customer: str,
                                                       inbox: list[tuple[bytes, dict[str, str]]]) -> None:
     fake.rules["meter"] = "async"
     form = {**event_form(customer, "evt-nomtr"), "event_name": "no_such_meter"}
     assert http.post(METER_EVENT_PATH, data=form).status_code == 200
     fake.deliver_events()
     [(body, headers)] = inbox
-    notification = client.parse_event_notification(body, headers["Stripe-Signature"], DESTINATION_SECRET)
+    notification = stripe_sdk.parse_event_notification(body, headers["Stripe-Signature"], DESTINATION_SECRET)
     assert notification.type == "v1.billing.meter.no_meter_found"
     assert "related_object" not in json.loads(body)
     full = notification.fetch_event()
@@ -488,7 +481,7 @@ def test_no_meter_at_all_gives_a_no_meter_found_event(fake: FakeStripe, http: ht
 
 
 def test_one_report_per_meter_with_capped_samples_and_full_counts(
-    fake: FakeStripe, http: httpx.Client, client: stripe.StripeClient, customer: str,
+    fake: FakeStripe, http: httpx.Client, stripe_sdk: stripe.StripeClient, customer: str,
     inbox: list[tuple[bytes, dict[str, str]]]
 ) -> None:
     fake.max_sample_errors = 2
@@ -499,7 +492,7 @@ def test_one_report_per_meter_with_capped_samples_and_full_counts(
     assert http.post(METER_EVENT_PATH, data=event_form(customer, "evt-good")).status_code == 200
 
     [event_id] = fake.emit_error_reports()
-    full = client.v2.core.events.retrieve(event_id)
+    full = stripe_sdk.v2.core.events.retrieve(event_id)
     by_code = {t["code"]: t for t in full["data"]["reason"]["error_types"]}
     assert by_code["meter_event_customer_not_found"]["error_count"] == 4
     assert len(by_code["meter_event_customer_not_found"]["sample_errors"]) == 2
@@ -541,7 +534,7 @@ def test_a_deleted_customer_is_unknown(fake: FakeStripe, http: httpx.Client, cus
 
 
 def test_the_test_mode_rate_limit_is_25_requests_per_second(fake: FakeStripe, http: httpx.Client,
-                                                             client: stripe.StripeClient) -> None:
+                                                             stripe_sdk: stripe.StripeClient) -> None:
     responses = [http.get("/v1/customers") for _ in range(40)]
     statuses = [r.status_code for r in responses]
     assert statuses.count(200) <= 25 and statuses.count(429) >= 15
@@ -550,7 +543,7 @@ def test_the_test_mode_rate_limit_is_25_requests_per_second(fake: FakeStripe, ht
     assert "Retry-After" not in refused.headers
     assert error_of(refused)["code"] == "rate_limit"
     with pytest.raises(stripe.RateLimitError):
-        client.v1.customers.list()
+        stripe_sdk.v1.customers.list()
     assert fake.rate_limited >= 16
     time.sleep(1.05)
     assert http.get("/v1/customers").status_code == 200
@@ -577,19 +570,19 @@ def test_documented_length_limits(fake: FakeStripe, http: httpx.Client, customer
 # --- billing periods and invoices --------------------------------------------------------------------------
 
 
-def daily_price(client: stripe.StripeClient, meter_id: str, unit_amount_decimal: str = "0.0025") -> str:
-    product = client.v1.products.create(params={"name": "Tokens"})
-    return client.v1.prices.create(params={
+def daily_price(stripe_sdk: stripe.StripeClient, meter_id: str, unit_amount_decimal: str = "0.0025") -> str:
+    product = stripe_sdk.v1.products.create(params={"name": "Tokens"})
+    return stripe_sdk.v1.prices.create(params={
         "product": product.id, "currency": "usd", "unit_amount_decimal": Decimal(unit_amount_decimal),
         "recurring": {"interval": "day", "usage_type": "metered", "meter": meter_id}}).id
 
 
 def test_usage_after_finalization_is_accepted_and_never_invoiced(
-    fake: FakeStripe, http: httpx.Client, client: stripe.StripeClient, meter_id: str, customer: str
+    fake: FakeStripe, http: httpx.Client, stripe_sdk: stripe.StripeClient, meter_id: str, customer: str
 ) -> None:
     now = int(time.time())
     start = now - DAY - 1800  # the first daily period ended 30 minutes ago: its invoice is in its grace hour
-    fake.add_subscription(customer, daily_price(client, meter_id), start=start)
+    fake.add_subscription(customer, daily_price(stripe_sdk, meter_id), start=start)
     first, second = (start, start + DAY), (start + DAY, start + 2 * DAY)
 
     assert http.post(METER_EVENT_PATH, data=event_form(customer, "evt-p1", "1000", start + 60)).status_code == 200
@@ -607,19 +600,19 @@ def test_usage_after_finalization_is_accepted_and_never_invoiced(
     assert fake.meter_totals() == {customer: 4500}  # the meter still counts it
 
     fake.advance(DAY)  # periods roll with the clock; the subscription shows the current one
-    item = client.v1.subscriptions.list(params={"customer": customer}).data[0]["items"]["data"][0]
+    item = stripe_sdk.v1.subscriptions.list(params={"customer": customer}).data[0]["items"]["data"][0]
     assert (item["current_period_start"], item["current_period_end"]) == (start + 2 * DAY, start + 3 * DAY)
     assert [i.status for i in fake.invoices(customer)] == ["finalized", "finalized", "open"]
 
 
-def test_a_line_per_metered_item_with_its_own_price(fake: FakeStripe, client: stripe.StripeClient,
+def test_a_line_per_metered_item_with_its_own_price(fake: FakeStripe, stripe_sdk: stripe.StripeClient,
                                                     http: httpx.Client, meter_id: str, customer: str) -> None:
-    second_meter = client.v1.billing.meters.create(params={
+    second_meter = stripe_sdk.v1.billing.meters.create(params={
         "display_name": "Cached tokens", "event_name": "cached_tokens", "default_aggregation": {"formula": "sum"}})
-    price_a = daily_price(client, meter_id, "0.0002")
-    price_b = daily_price(client, second_meter.id, "0.01")
+    price_a = daily_price(stripe_sdk, meter_id, "0.0002")
+    price_b = daily_price(stripe_sdk, second_meter.id, "0.01")
     start = int(time.time()) - 600
-    sub = client.v1.subscriptions.create(params={"customer": customer, "items": [{"price": price_a},
+    sub = stripe_sdk.v1.subscriptions.create(params={"customer": customer, "items": [{"price": price_a},
                                                                                   {"price": price_b}]})
     assert sub.start_date >= start
     http.post(METER_EVENT_PATH, data=event_form(customer, "evt-a", "12345"))
@@ -633,27 +626,27 @@ def test_a_line_per_metered_item_with_its_own_price(fake: FakeStripe, client: st
 
 @pytest.mark.parametrize("invoice_now", [False, True])
 def test_a_canceled_subscription_bills_its_last_period_only_with_invoice_now(
-    fake: FakeStripe, client: stripe.StripeClient, http: httpx.Client, meter_id: str, customer: str,
+    fake: FakeStripe, stripe_sdk: stripe.StripeClient, http: httpx.Client, meter_id: str, customer: str,
     invoice_now: bool
 ) -> None:
-    sub = fake.add_subscription(customer, daily_price(client, meter_id), start=int(time.time()) - 3600)
+    sub = fake.add_subscription(customer, daily_price(stripe_sdk, meter_id), start=int(time.time()) - 3600)
     http.post(METER_EVENT_PATH, data=event_form(customer, "evt-c", "400", int(time.time()) - 60))
-    client.v1.subscriptions.cancel(sub["id"], params={"invoice_now": invoice_now})
+    stripe_sdk.v1.subscriptions.cancel(sub["id"], params={"invoice_now": invoice_now})
 
     [invoice] = fake.invoices(customer)
     assert invoice.period_end <= int(fake.now())
     assert invoice.status == ("open" if invoice_now else "not_invoiced")
     expected = {(invoice.period_start, invoice.period_end): ({EVENT: 400}, 1)} if invoice_now else {}
     assert fake.will_invoice(customer) == expected
-    assert client.v1.subscriptions.list(params={"customer": customer}).data == []  # canceled ones are hidden
-    listed = client.v1.subscriptions.list(params={"customer": customer, "status": "all"}).data
+    assert stripe_sdk.v1.subscriptions.list(params={"customer": customer}).data == []  # canceled ones are hidden
+    listed = stripe_sdk.v1.subscriptions.list(params={"customer": customer, "status": "all"}).data
     assert [s.id for s in listed] == [sub["id"]]
 
 
 def test_usage_without_a_subscription_period_is_never_invoiced(fake: FakeStripe, http: httpx.Client,
-                                                               client: stripe.StripeClient, meter_id: str,
+                                                               stripe_sdk: stripe.StripeClient, meter_id: str,
                                                                customer: str) -> None:
-    fake.add_subscription(customer, daily_price(client, meter_id), start=int(time.time()) - 60)
+    fake.add_subscription(customer, daily_price(stripe_sdk, meter_id), start=int(time.time()) - 60)
     http.post(METER_EVENT_PATH, data=event_form(customer, "evt-before", "7", int(time.time()) - 3600))
     assert [why for _, why in fake.uninvoiced(customer)] == ["no_period"]
     assert sum(i.amount for i in fake.invoices(customer)) == 0
@@ -721,9 +714,9 @@ def test_reset_forgets_everything(fake: FakeStripe, http: httpx.Client, customer
 # --- lists, summaries, sessions, subscriptions ----------------------------------------------------
 
 
-def test_lists_paginate_newest_first(client: stripe.StripeClient) -> None:
-    ids = [client.v1.products.create(params={"name": f"p{i}"}).id for i in range(5)]
-    page = client.v1.products.list(params={"limit": 2})
+def test_lists_paginate_newest_first(stripe_sdk: stripe.StripeClient) -> None:
+    ids = [stripe_sdk.v1.products.create(params={"name": f"p{i}"}).id for i in range(5)]
+    page = stripe_sdk.v1.products.list(params={"limit": 2})
 
     assert [p.id for p in page.data] == [ids[4], ids[3]]
     assert page.has_more
@@ -799,10 +792,10 @@ def test_checkout_refuses_quantity_on_metered_price(
 
 
 def test_subscription_shape_and_cancel(
-    fake: FakeStripe, client: stripe.StripeClient, http: httpx.Client, meter_id: str, customer: str
+    fake: FakeStripe, stripe_sdk: stripe.StripeClient, http: httpx.Client, meter_id: str, customer: str
 ) -> None:
-    product = client.v1.products.create(params={"name": "Tokens"})
-    price = client.v1.prices.create(
+    product = stripe_sdk.v1.products.create(params={"name": "Tokens"})
+    price = stripe_sdk.v1.prices.create(
         params={
             "product": product.id,
             "currency": "usd",
@@ -810,13 +803,13 @@ def test_subscription_shape_and_cancel(
             "recurring": {"interval": "month", "usage_type": "metered", "meter": meter_id},
         }
     )
-    created = client.v1.subscriptions.create(params={"customer": customer, "items": [{"price": price.id}]})
-    fetched = client.v1.subscriptions.retrieve(created.id)
+    created = stripe_sdk.v1.subscriptions.create(params={"customer": customer, "items": [{"price": price.id}]})
+    fetched = stripe_sdk.v1.subscriptions.retrieve(created.id)
 
     item = fetched["items"]["data"][0]
     assert item["price"]["id"] == price.id
     assert item["quantity"] is None
     assert item["current_period_end"] - item["current_period_start"] >= 28 * DAY
     assert fetched.status == "active"
-    canceled = client.v1.subscriptions.cancel(created.id)
+    canceled = stripe_sdk.v1.subscriptions.cancel(created.id)
     assert canceled.status == "canceled"

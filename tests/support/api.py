@@ -1,9 +1,10 @@
-"""Talking to the API in tests: issuing keys, the bearer header, a chat request, reading an SDK stream, and
-the app with every router mounted.
+"""Talking to the API in tests: issuing keys, the bearer header, a chat request (one, or many at once), reading an
+SDK stream, and the app with every router mounted.
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -62,3 +63,18 @@ def chat(client: TestClient | httpx.Client, key: IssuedKey | str, content: str =
     """POST /v1/chat/completions to the echo model with one user message; `body` adds or replaces fields."""
     payload = {"model": "echo-1", "messages": [{"role": "user", "content": content}], **body}
     return client.post("/v1/chat/completions", json=payload, headers=bearer(key))
+
+
+def parallel_chats(base: str, key: IssuedKey | str, n: int) -> list[int]:
+    """The status codes of `n` chat requests sent at once to the API served at `base`; each costs 3 input + 4
+    output tokens on the echo model and reserves max_tokens=4 + prompt."""
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+            rs = await asyncio.gather(*[
+                http.post("/v1/chat/completions", headers=bearer(key),
+                          json={"messages": [{"role": "user", "content": "one two three"}], "max_tokens": 4})
+                for _ in range(n)])
+        return [r.status_code for r in rs]
+
+    return asyncio.run(burst())

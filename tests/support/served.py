@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import psutil
 
-from tests.support.servers import free_port
+from tests.support.servers import free_port, stop_process
 
 MB = 1024 * 1024
 
@@ -70,12 +70,7 @@ def aikit_serve_logged(env: dict[str, str]) -> Iterator[Served]:
             time.sleep(0.1)
         yield served
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc, 20)
 
 
 @dataclass

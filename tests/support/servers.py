@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import redis
@@ -30,6 +31,16 @@ def free_port() -> int:
 
 
 AIKIT = str(Path(sys.executable).with_name("aikit"))
+
+
+def stop_process(proc: subprocess.Popen[Any], grace: float, sig: int = signal.SIGTERM) -> None:
+    """Ask a process to stop with `sig`; kill it when it has not stopped within `grace` seconds."""
+    proc.send_signal(sig)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 @contextlib.contextmanager
@@ -52,12 +63,7 @@ def aikit_serve(env: dict[str, str], *, cwd: Path | None = None, stop: int = sig
                 time.sleep(0.1)
         yield base
     finally:
-        proc.send_signal(stop)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 15, stop)
         output = proc.stdout.read() if proc.stdout else ""
         if proc.stdout:
             proc.stdout.close()

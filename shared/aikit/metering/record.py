@@ -36,20 +36,20 @@ if TYPE_CHECKING:
     from aikit.pricing import PriceBook
 
 # The stream fields, in the order RECORD takes them (ARGV) and writes them (XADD).
-REQUEST_ID = "r"  # every write of the usage is idempotent on it
-API_KEY_ID = "k"
-CUSTOMER_ID = "c"  # the Stripe customer id; empty without one
-MODEL = "m"
-INPUT = "i"  # input tokens, cached ones included
-OUTPUT = "o"  # output tokens
-CACHED = "x"  # the part of the input served from the provider's cache
+_REQUEST_ID = "r"  # every write of the usage is idempotent on it
+_API_KEY_ID = "k"
+_CUSTOMER_ID = "c"  # the Stripe customer id; empty without one
+_MODEL = "m"
+_INPUT = "i"  # input tokens, cached ones included
+_OUTPUT = "o"  # output tokens
+_CACHED = "x"  # the part of the input served from the provider's cache
 TS = "t"  # when the usage happened: Unix seconds, the repr of a float
 DATE = "d"  # the UTC day of TS, YYYY-MM-DD: the day of its pending counters
 COST = "p"  # 1e-12 currency units (aikit.pricing); absent or empty: recorded before costs existed
 # field -> what it holds, named as in UsageEvent and the stored columns (the Lua scripts name them so too).
 FIELDS: dict[str, str] = {
-    REQUEST_ID: "request_id", API_KEY_ID: "api_key_id", CUSTOMER_ID: "customer_id", MODEL: "model",
-    INPUT: "input_tokens", OUTPUT: "output_tokens", CACHED: "cached_tokens", TS: "ts", DATE: "date", COST: "cost",
+    _REQUEST_ID: "request_id", _API_KEY_ID: "api_key_id", _CUSTOMER_ID: "customer_id", _MODEL: "model",
+    _INPUT: "input_tokens", _OUTPUT: "output_tokens", _CACHED: "cached_tokens", TS: "ts", DATE: "date", COST: "cost",
 }
 FIELD_ORDER: tuple[str, ...] = tuple(FIELDS)
 _FIELD_LIST = list(FIELD_ORDER)  # what a raw entry's names (a list) compare equal to
@@ -58,11 +58,11 @@ _FIELD_LIST = list(FIELD_ORDER)  # what a raw entry's names (a list) compare equ
 # RECORD and lowered by ACK_FAST/ACK_THROUGH when the entry leaves the buffer; aikit.usage adds them to the
 # stored usage as not yet flushed. suffix -> (counter, the fields it adds up; none: one per request).
 PENDING_COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "t": ("tokens", (INPUT, OUTPUT)),
+    "t": ("tokens", (_INPUT, _OUTPUT)),
     "r": ("requests", ()),
-    "i": ("input_tokens", (INPUT,)),
-    "o": ("output_tokens", (OUTPUT,)),
-    "x": ("cached_tokens", (CACHED,)),
+    "i": ("input_tokens", (_INPUT,)),
+    "o": ("output_tokens", (_OUTPUT,)),
+    "x": ("cached_tokens", (_CACHED,)),
 }
 
 # Columns of the COPY staging table (aikit.metering.sql_sink), in the order of a COPY row.
@@ -74,7 +74,7 @@ COPY_COLUMNS: tuple[tuple[str, str], ...] = (
 _NULL = "\\N"
 
 # Fields whose values are stored as they are, in the column of their name: each gets the tightest limit of them.
-_LIMITED = (REQUEST_ID, API_KEY_ID, CUSTOMER_ID, MODEL, INPUT, OUTPUT, CACHED, COST)
+_LIMITED = (_REQUEST_ID, _API_KEY_ID, _CUSTOMER_ID, _MODEL, _INPUT, _OUTPUT, _CACHED, COST)
 _TABLES = (ApiKeyUsage.__table__, UsageDaily.__table__)
 _TS_RANGE = (946684800.0, 4102444800.0)  # 2000-01-01 .. 2100-01-01: anything else is not a real event time
 
@@ -99,8 +99,8 @@ def _limits() -> dict[str, int]:
 
 
 LIMITS = _limits()
-_MAX_R, _MAX_K, _MAX_C, _MAX_M = LIMITS[REQUEST_ID], LIMITS[API_KEY_ID], LIMITS[CUSTOMER_ID], LIMITS[MODEL]
-_MAX_I, _MAX_O, _MAX_X, _MAX_P = LIMITS[INPUT], LIMITS[OUTPUT], LIMITS[CACHED], LIMITS[COST]
+_MAX_R, _MAX_K, _MAX_C, _MAX_M = LIMITS[_REQUEST_ID], LIMITS[_API_KEY_ID], LIMITS[_CUSTOMER_ID], LIMITS[_MODEL]
+_MAX_I, _MAX_O, _MAX_X, _MAX_P = LIMITS[_INPUT], LIMITS[_OUTPUT], LIMITS[_CACHED], LIMITS[COST]
 
 
 def billable_row(metering_on: bool, customer_id: str | None) -> bool:
@@ -108,7 +108,7 @@ def billable_row(metering_on: bool, customer_id: str | None) -> bool:
     return bool(metering_on and customer_id)
 
 
-def utc_day(ts: float) -> str:
+def _utc_day(ts: float) -> str:
     return _day_of(int(ts // 86400))
 
 
@@ -121,7 +121,7 @@ def _day_of(day_number: int) -> str:
 def encode(event: UsageEvent) -> list[Any]:
     """RECORD's ARGV for an event: its fields' values in FIELD_ORDER."""
     return [event.request_id, event.api_key_id, event.customer_id or "", event.model, event.input_tokens,
-            event.output_tokens, event.cached_tokens, repr(event.ts), utc_day(event.ts), event.cost]
+            event.output_tokens, event.cached_tokens, repr(event.ts), _utc_day(event.ts), event.cost]
 
 
 def pending_amounts(inp: int, out: int, cached: int) -> tuple[int, int, int, int, int]:
@@ -167,7 +167,7 @@ def decode_batch(shard: int, entries: list[Any], *, metering_on: bool, copy: boo
         r, k, c, m, i, o, x, t, d, p = values
         batch.key_ids.add(k)
         ts = _timestamp(t)
-        if not well_formed(values, ts):
+        if not _well_formed(values, ts):
             batch.malformed_ids.append(entry[0])
             continue
         inp, out, cached = int(i), int(o), int(x)
@@ -200,7 +200,7 @@ def _set_aside(batch: Batch, entry: Any) -> None:
     """An entry missing fields: malformed, but its key's pending counters still move when it is removed."""
     raw = entry[1]
     fields = raw if isinstance(raw, dict) else dict(zip(raw[0::2], raw[1::2], strict=False))
-    k = fields.get(API_KEY_ID)
+    k = fields.get(_API_KEY_ID)
     if isinstance(k, str) and k:
         batch.key_ids.add(k)
     batch.malformed_ids.append(entry[0])
@@ -213,15 +213,15 @@ def _timestamp(t: str) -> float:
         return 0.0  # outside _TS_RANGE: malformed
 
 
-def well_formed(values: tuple[str, ...], ts: float) -> bool:
+def _well_formed(values: tuple[str, ...], ts: float) -> bool:
     """An entry's values (FIELD_ORDER) and its parsed time make a row that stores (see the money rules)."""
     r, k, c, m, i, o, x, _, d, p = values
     lo, hi = _TS_RANGE
     return bool(k and r and m and d and lo <= ts <= hi and "|" not in d
-                and fits_columns(values) and plain(f"{r}{k}{c}{m}{d}", f"{i}{o}{x}{p}"))
+                and _fits_columns(values) and plain(f"{r}{k}{c}{m}{d}", f"{i}{o}{x}{p}"))
 
 
-def fits_columns(values: tuple[str, ...]) -> bool:
+def _fits_columns(values: tuple[str, ...]) -> bool:
     """Every value within LIMITS; counts not empty."""
     r, k, c, m, i, o, x, _, _, p = values
     return (len(r) <= _MAX_R and len(k) <= _MAX_K and len(c) <= _MAX_C and len(m) <= _MAX_M

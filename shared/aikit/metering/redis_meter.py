@@ -42,6 +42,14 @@ def priced_event(event: UsageEvent, book: PriceBook | None) -> UsageEvent:
     return dataclasses.replace(event, cost=cost)
 
 
+def record_keys(layout: RedisLayout, api_key_id: str, period_start: int) -> list[str]:
+    """RECORD's KEYS for an event of `api_key_id` counted against the quota period starting at `period_start`
+    (its ARGV: aikit.metering.record.encode)."""
+    return [layout.stream(layout.shard_of(api_key_id)), layout.pending(api_key_id),
+            layout.quota(api_key_id, period_start), layout.inflight(api_key_id),
+            layout.quota_catchup(api_key_id, period_start)]
+
+
 class _QuotaPeriods:
     """Quota period starts of keys recorded without one (standalone use of the meter), briefly cached."""
 
@@ -87,19 +95,13 @@ class RedisMeter(Meter):
         self._settings = settings
         self._periods = _QuotaPeriods(engine, max(1.0, settings.key_cache_ttl_seconds))
 
-    def keys_for(self, event: UsageEvent, period_start: int) -> list[str]:
-        kid = event.api_key_id
-        return [self._layout.stream(self._layout.shard_of(kid)), self._layout.pending(kid),
-                self._layout.quota(kid, period_start), self._layout.inflight(kid),
-                self._layout.quota_catchup(kid, period_start)]
-
     async def record_event(self, event: UsageEvent) -> None:
         event = priced_event(event, self._settings.price_book)
         period = event.quota_period_start
         if period is None:
             period = await self._periods.of(event.api_key_id)
         try:
-            await RECORD.run_async(self._redis, self.keys_for(event, period), encode(event))
+            await RECORD.run_async(self._redis, record_keys(self._layout, event.api_key_id, period), encode(event))
         except REDIS_DOWN_ERRORS as exc:
             logger.warning("meter_fallback", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
             await anyio.to_thread.run_sync(self._fallback, event)
