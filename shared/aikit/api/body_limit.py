@@ -21,6 +21,7 @@ import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from aikit.api.errors import REQUEST_ID_SCOPE_KEY, error_body, request_id_var
+from aikit.api.scope import add_missing_headers
 from aikit.errors import ApiError
 from aikit.metering.base import new_request_id
 from aikit.observability import logger
@@ -126,10 +127,7 @@ class BodyLimitMiddleware:
             if stalled.is_set():
                 return  # the client stopped reading: the rest of the response goes nowhere
             if message["type"] == "http.response.start":
-                headers = list(message.get("headers", ()))
-                if not any(name.lower() == b"x-request-id" for name, _ in headers):
-                    headers.append((b"x-request-id", request_id.encode("latin-1")))
-                message["headers"] = headers
+                add_missing_headers(message, (("x-request-id", request_id),))
             try:
                 async with asyncio.timeout(self.send_stall_timeout) as waited:
                     await send(message)

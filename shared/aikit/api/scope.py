@@ -5,6 +5,8 @@ metered call is counted against requests per minute/day once it is answered."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -13,17 +15,17 @@ from aikit.llm.context import CallGate, RequestScope, current_request
 from aikit.runtime import Runtime
 
 
-def add_missing_headers(message: Message, billing: MeteredRequest) -> None:
-    """X-Request-Id and the latest admission's rate-limit headers, each unless the response has it already
-    (what MutableHeaders.setdefault does, without its scan of the list per header: this runs per request)."""
-    headers: list[tuple[bytes, bytes]] = list(message["headers"])
-    message["headers"] = headers
-    present = {name for name, _ in headers}
-    for name, value in (("x-request-id", billing.request_id), *billing.headers.items()):
+def add_missing_headers(message: Message, headers: Iterable[tuple[str, str]]) -> None:
+    """Each of `headers` on an http.response.start message unless the response has it already (what
+    MutableHeaders.setdefault does, without its scan of the list per header: this runs per request)."""
+    present_headers: list[tuple[bytes, bytes]] = list(message.get("headers", ()))
+    message["headers"] = present_headers
+    present = {name.lower() for name, _ in present_headers}
+    for name, value in headers:
         key = name.lower().encode("latin-1")
         if key not in present:
             present.add(key)
-            headers.append((key, value.encode("latin-1")))
+            present_headers.append((key, value.encode("latin-1")))
 
 
 class RequestScopeMiddleware:
@@ -45,7 +47,8 @@ class RequestScopeMiddleware:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start" and isinstance(request_scope.gate, MeteredRequest):
-                add_missing_headers(message, request_scope.gate)
+                gate = request_scope.gate  # X-Request-Id and the latest admission's rate-limit headers
+                add_missing_headers(message, (("x-request-id", gate.request_id), *gate.headers.items()))
             await send(message)
 
         token = current_request.set(request_scope)
