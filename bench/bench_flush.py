@@ -39,7 +39,6 @@ from aikit.flush import Flusher
 from aikit.metering.base import UsageEvent
 from aikit.metering.layout import RedisLayout
 from aikit.metering.record import encode
-from aikit.metering.redis_meter import record_keys
 from aikit.metering.scripts import RECORD
 from aikit.settings import load_settings
 from aikit.stripe_gateway import StripeGateway
@@ -68,7 +67,7 @@ def buffer_events(client: redis.Redis, layout: RedisLayout, *, events: int, keys
     totals: dict[str, int] = {}
     key_ids = [f"key_bench{i:05d}" for i in range(keys)]
     key_customer = [f"cus_bench{i % customers:04d}" for i in range(keys)]
-    key_names = [record_keys(layout, k, 0) for k in key_ids]
+    key_names = [layout.record_keys(k, 0) for k in key_ids]
     pipe = client.pipeline(transaction=False)
     run = uuid.uuid4().hex[:8]
     for n in range(events):

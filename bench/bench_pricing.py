@@ -37,7 +37,6 @@ from aikit.flush import Flusher
 from aikit.metering.base import UsageEvent
 from aikit.metering.layout import RedisLayout
 from aikit.metering.record import encode
-from aikit.metering.redis_meter import record_keys
 from aikit.metering.scripts import RECORD
 from aikit.settings import Settings, load_settings
 from aikit.stripe_gateway import StripeGateway, setup_spec
@@ -77,7 +76,7 @@ def buffer_events(client: redis.Redis, layout: RedisLayout, settings: Settings, 
     first_window = (int(time.time()) // window - 3) * window
     due: dict[str, int] = {}
     key_ids = [f"key_bench{i:05d}" for i in range(keys)]
-    names = [record_keys(layout, k, 0) for k in key_ids]
+    names = [layout.record_keys(k, 0) for k in key_ids]
     pipe = client.pipeline(transaction=False)
     run = uuid.uuid4().hex[:8]
     for n in range(events):

@@ -83,11 +83,8 @@ class RateLimiter:
         self._fail_open = settings.rate_limit_fail_mode == "open"
         self._used_since = used_since
 
-    def _keys(self, key: KeyInfo) -> list[str]:
-        kid, period = key.api_key_id, key.quota_period_start
-        return [self._layout.minute(kid), self._layout.day(kid), self._layout.quota(kid, period),
-                self._layout.inflight(kid), self._layout.stream(self._layout.shard_of(kid)),
-                self._layout.quota_catchup(kid, period)]
+    def _keys(self, key: KeyInfo) -> tuple[str, ...]:
+        return self._layout.admit_keys(key.api_key_id, key.quota_period_start)
 
     async def admit(self, key: KeyInfo, call_id: str, reserve_tokens: int, *,
                     count_request: bool = True) -> LimitDecision:
@@ -122,7 +119,7 @@ class RateLimiter:
         with contextlib.suppress(*REDIS_DOWN_ERRORS):
             await ADMIT.run_async(self._redis, self._keys(key), args)
 
-    async def _seed(self, key: KeyInfo, keys: list[str], unflushed: int) -> bool:
+    async def _seed(self, key: KeyInfo, keys: tuple[str, ...], unflushed: int) -> bool:
         """The quota counter is missing (a new period, or Redis lost or evicted it): start it from what the
         database holds plus what Redis has not flushed yet, so it never restarts from zero."""
         try:

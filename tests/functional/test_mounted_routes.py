@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import APIRouter
+from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
 
 import aikit.runtime
@@ -80,6 +81,14 @@ async def plain() -> dict[str, str]:
 async def unmetered(body: dict[str, Any]) -> dict[str, Any]:
     result = await llm.chat(messages=[{"role": "user", "content": body["text"]}])  # track_tokens=False
     return {"tokens": result.usage.total_tokens}
+
+
+@router.post("/v1/own-headers")
+async def own_headers(body: dict[str, Any]) -> JSONResponse:
+    """A metered call answered with headers of the route's own, one of them a rate-limit header's name."""
+    result = await llm.chat(messages=[{"role": "user", "content": body["text"]}], track_tokens=True)
+    return JSONResponse({"tokens": result.usage.total_tokens},
+                        headers={"Cache-Control": "no-store", "X-Mine": "kept", "X-RateLimit-Limit-Tokens": "mine"})
 
 
 open_router = public(APIRouter())
@@ -153,6 +162,20 @@ def test_streams_concurrent_calls_and_the_dependency_form_are_metered(
     # without a metered call included): this fifth one leaves 95.
     again = app_client.post("/v1/dependency", json={"text": "one"}, headers=bearer(key))
     assert again.headers["X-RateLimit-Remaining-Requests"] == str(100 - 5)
+
+
+def test_a_routes_own_response_headers_are_kept_beside_the_rate_limit_headers(
+        app_client: TestClient, runtime: Runtime, settings: Settings) -> None:
+    key = issue_key(settings, rpm=100, rpd=1000, monthly_tokens=100_000)
+    r = app_client.post("/v1/own-headers", json={"text": "one"}, headers=bearer(key))
+    assert r.status_code == 200 and r.json() == {"tokens": 3}
+    names = [name.lower() for name, _ in r.headers.multi_items()]
+    assert len(names) == len(set(names))  # every header once
+    assert r.headers["cache-control"] == "no-store" and r.headers["x-mine"] == "kept"
+    assert r.headers["x-ratelimit-limit-tokens"] == "mine"  # the route's own value wins
+    assert r.headers["x-ratelimit-limit-requests"] == "100"
+    assert r.headers["x-ratelimit-remaining-requests"] == "99"
+    assert [e["r"] for e in entries(runtime, key.api_key_id)] == [r.headers["x-request-id"]]
 
 
 def test_every_mounted_route_needs_a_key_like_the_built_in_ones(

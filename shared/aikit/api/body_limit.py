@@ -4,7 +4,8 @@ code runs under `aikit serve`, Lambda Web Adapter and Mangum):
 - the body is read here, counted while it arrives, before anything parses it and before auth: more than
   MAX_REQUEST_BODY_BYTES is a 413 (a Content-Length above it is refused without reading a byte), a body not
   complete within BODY_READ_TIMEOUT_SECONDS a 408;
-- every request gets its id (X-Request-Id, and `error.request_id` in error bodies);
+- every request gets its id (X-Request-Id, and `error.request_id` in error bodies); its response start also
+  gets the headers the app left under RESPONSE_HEADERS_SCOPE_KEY (api.scope: the rate-limit headers);
 - a response the client stops reading for SEND_STALL_TIMEOUT_SECONDS is abandoned (its stream is cancelled and
   metered for what it produced), so a reader that never reads cannot hold a stream open.
 
@@ -21,7 +22,7 @@ import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from aikit.api.errors import REQUEST_ID_SCOPE_KEY, error_body, request_id_var
-from aikit.api.scope import add_missing_headers
+from aikit.api.scope import RESPONSE_HEADERS_SCOPE_KEY, ResponseHeaders, add_missing_headers
 from aikit.errors import ApiError
 from aikit.metering.base import new_request_id
 from aikit.observability import logger
@@ -54,7 +55,7 @@ class BodyLimitMiddleware:
         # still names the request; every request runs in a context of its own.
         request_id_var.set(request_id)
         stalled = asyncio.Event()
-        send = self._guarded_send(send, request_id, stalled)
+        send = self._guarded_send(send, scope, request_id, stalled)
         try:
             message = await self._read_body(scope, receive)
         except ApiError as exc:
@@ -122,12 +123,15 @@ class BodyLimitMiddleware:
 
         return replay
 
-    def _guarded_send(self, send: Send, request_id: str, stalled: asyncio.Event) -> Send:
+    def _guarded_send(self, send: Send, scope: Scope, request_id: str, stalled: asyncio.Event) -> Send:
+        id_header = (b"x-request-id", request_id.encode("latin-1"))
+
         async def guarded(message: Message) -> None:
             if stalled.is_set():
                 return  # the client stopped reading: the rest of the response goes nowhere
             if message["type"] == "http.response.start":
-                add_missing_headers(message, (("x-request-id", request_id),))
+                more: ResponseHeaders | None = scope.get(RESPONSE_HEADERS_SCOPE_KEY)
+                add_missing_headers(message, (id_header, *more()) if more is not None else (id_header,))
             try:
                 async with asyncio.timeout(self.send_stall_timeout) as waited:
                     await send(message)

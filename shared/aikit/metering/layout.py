@@ -6,6 +6,7 @@ sit in its shard's slot, so recording an event and updating the counters is one 
 
 from __future__ import annotations
 
+import functools
 import zlib
 from dataclasses import dataclass
 
@@ -52,3 +53,31 @@ class RedisLayout:
 
     def inflight(self, api_key_id: str) -> str:
         return f"{self.tag(self.shard_of(api_key_id))}:inflight:{api_key_id}"
+
+    def admit_keys(self, api_key_id: str, period_start: int) -> tuple[str, ...]:
+        """ADMIT's KEYS (aikit.limits) for a key counted against the quota period starting at `period_start`."""
+        return _admit_keys(self, api_key_id, period_start)
+
+    def record_keys(self, api_key_id: str, period_start: int) -> tuple[str, ...]:
+        """RECORD's KEYS for an event of `api_key_id` counted against the quota period starting at
+        `period_start` (its ARGV: aikit.metering.record.encode)."""
+        return _record_keys(self, api_key_id, period_start)
+
+
+# The two scripts of every billed request name the same keys request after request: built once per key and
+# period (issue 16: eleven shard computations and string builds per request otherwise).
+_KEY_LISTS_CACHED = 16_384
+
+
+@functools.lru_cache(maxsize=_KEY_LISTS_CACHED)
+def _admit_keys(layout: RedisLayout, api_key_id: str, period_start: int) -> tuple[str, ...]:
+    return (layout.minute(api_key_id), layout.day(api_key_id), layout.quota(api_key_id, period_start),
+            layout.inflight(api_key_id), layout.stream(layout.shard_of(api_key_id)),
+            layout.quota_catchup(api_key_id, period_start))
+
+
+@functools.lru_cache(maxsize=_KEY_LISTS_CACHED)
+def _record_keys(layout: RedisLayout, api_key_id: str, period_start: int) -> tuple[str, ...]:
+    return (layout.stream(layout.shard_of(api_key_id)), layout.pending(api_key_id),
+            layout.quota(api_key_id, period_start), layout.inflight(api_key_id),
+            layout.quota_catchup(api_key_id, period_start))

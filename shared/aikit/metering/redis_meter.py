@@ -42,14 +42,6 @@ def priced_event(event: UsageEvent, book: PriceBook | None) -> UsageEvent:
     return dataclasses.replace(event, cost=cost)
 
 
-def record_keys(layout: RedisLayout, api_key_id: str, period_start: int) -> list[str]:
-    """RECORD's KEYS for an event of `api_key_id` counted against the quota period starting at `period_start`
-    (its ARGV: aikit.metering.record.encode)."""
-    return [layout.stream(layout.shard_of(api_key_id)), layout.pending(api_key_id),
-            layout.quota(api_key_id, period_start), layout.inflight(api_key_id),
-            layout.quota_catchup(api_key_id, period_start)]
-
-
 class _QuotaPeriods:
     """Quota period starts of keys recorded without one (standalone use of the meter), briefly cached."""
 
@@ -101,7 +93,7 @@ class RedisMeter(Meter):
         if period is None:
             period = await self._periods.of(event.api_key_id)
         try:
-            await RECORD.run_async(self._redis, record_keys(self._layout, event.api_key_id, period), encode(event))
+            await RECORD.run_async(self._redis, self._layout.record_keys(event.api_key_id, period), encode(event))
         except REDIS_DOWN_ERRORS as exc:
             logger.warning("meter_fallback", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
             await anyio.to_thread.run_sync(self._fallback, event)
