@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 import anyio
 
+from aikit.deadlines import within
 from aikit.errors import CallerRequired, InvalidRequestError, ProviderError, ProviderTimeout, SettingsError
 from aikit.llm.base import (
     ChatRequest,
@@ -261,10 +262,8 @@ class LLM:
     async def _in_time(self, call: Awaitable[T]) -> T:
         if self._deadline is None:
             return await call
-        # asyncio's timeout, not an anyio scope: the same on the asyncio loop every server here runs, cheaper
-        # per call (issue 16).
         try:
-            async with asyncio.timeout(self._deadline) as waited:
+            with within(self._deadline) as waited:
                 return await call
         except TimeoutError:
             if not waited.expired():
