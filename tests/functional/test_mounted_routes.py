@@ -178,6 +178,29 @@ def test_a_routes_own_response_headers_are_kept_beside_the_rate_limit_headers(
     assert [e["r"] for e in entries(runtime, key.api_key_id)] == [r.headers["x-request-id"]]
 
 
+def test_a_mounted_route_cannot_take_a_built_in_routes_path(runtime: Runtime, key: IssuedKey) -> None:
+    """The built-in routes are matched first, whatever the app was built from: a user's route on the same path
+    and method is never reached (the OpenAPI still lists it, as FastAPI lists duplicates)."""
+    shadowing = APIRouter()
+
+    @shadowing.post("/v1/chat/completions")
+    async def not_chat() -> dict[str, str]:
+        return {"answered_by": "the user's route"}
+
+    @shadowing.get("/healthz")
+    async def not_health() -> dict[str, str]:
+        return {"answered_by": "the user's route"}
+
+    with TestClient(create_app(runtime=runtime, routers=[shadowing])) as client:
+        chat = client.post("/v1/chat/completions", headers=bearer(key),
+                           json={"model": "echo-1", "messages": [{"role": "user", "content": "hi"}]})
+        health = client.get("/healthz")
+    assert chat.status_code == 200
+    assert chat.json()["object"] == "chat.completion"
+    assert health.status_code == 200
+    assert health.json() != {"answered_by": "the user's route"}
+
+
 def test_every_mounted_route_needs_a_key_like_the_built_in_ones(
         app_client: TestClient, settings: Settings) -> None:
     key = issue_key(settings)
