@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -85,6 +87,20 @@ def test_each_of_many_concurrent_deadlines_fires_at_its_own_time(run: Callable[.
         assert seconds - 0.002 <= elapsed < seconds + 0.2
 
 
+def test_deadlines_one_after_another_each_fire(run: Callable[..., Any]) -> None:
+    async def main() -> list[float]:
+        loop = asyncio.get_running_loop()
+        elapsed = []
+        for _ in range(3):  # each after the last one fired and left no deadline behind
+            start = loop.time()
+            with pytest.raises(TimeoutError), within(0.02):
+                await asyncio.sleep(1)
+            elapsed.append(loop.time() - start)
+        return elapsed
+
+    assert all(0.018 <= seconds < 0.5 for seconds in run(main()))
+
+
 def test_a_deadline_expires_once(run: Callable[..., Any]) -> None:
     cancels: list[asyncio.CancelledError] = []
 
@@ -105,20 +121,24 @@ def test_a_deadline_expires_once(run: Callable[..., Any]) -> None:
     assert run(main()) == 1
 
 
+async def cancelled_from_elsewhere(waiter: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> bool:
+    """Runs `waiter` as a task, cancels it once it has entered its deadline, and says it ended cancelled."""
+    entered = asyncio.Event()
+    task = asyncio.create_task(waiter(entered))
+    await entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    return task.cancelled()
+
+
 def test_a_cancellation_from_elsewhere_stays_a_cancellation(run: Callable[..., Any]) -> None:
-    async def waiter() -> None:
+    async def waiter(entered: asyncio.Event) -> None:
         with within(10):
+            entered.set()
             await asyncio.sleep(5)
 
-    async def main() -> bool:
-        task = asyncio.create_task(waiter())
-        await asyncio.sleep(0.01)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        return task.cancelled()
-
-    assert run(main())
+    assert run(cancelled_from_elsewhere(waiter))
 
 
 def test_a_cancellation_from_elsewhere_wins_over_an_expired_deadline(run: Callable[..., Any]) -> None:
@@ -130,16 +150,7 @@ def test_a_cancellation_from_elsewhere_wins_over_an_expired_deadline(run: Callab
             finally:
                 await asyncio.sleep(0.1)  # the deadline expires while the task winds down from the cancel
 
-    async def main() -> bool:
-        entered = asyncio.Event()
-        task = asyncio.create_task(waiter(entered))
-        await entered.wait()
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        return task.cancelled()
-
-    assert run(main())
+    assert run(cancelled_from_elsewhere(waiter))
 
 
 def test_nested_deadlines_each_raise_for_their_own_block(run: Callable[..., Any]) -> None:
@@ -169,6 +180,21 @@ def test_the_task_can_wait_again_after_a_deadline_expired(run: Callable[..., Any
         return task.cancelling()
 
     assert run(main()) == 0
+
+
+def test_a_loop_that_used_deadlines_is_not_kept_alive(run: Callable[..., Any]) -> None:
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    async def main() -> None:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        with pytest.raises(TimeoutError), within(0.01):
+            await asyncio.sleep(5)
+        with within(10):  # its timer still armed when the loop closes
+            await asyncio.sleep(0)
+
+    run(main())
+    gc.collect()
+    assert loops[0]() is None
 
 
 def test_a_deadline_needs_a_task() -> None:
