@@ -16,7 +16,9 @@ its own ceiling is measured against a null server on the server core. Each round
 --seconds each (the order alternates per round); the figure is the median of the per-round ratios
 aikit/bare, and of the ratios of CPU time per request (read from /proc: robust when other processes share the
 server core). Then the in-process overhead at one client (bench_api's harness, alternating rounds, on uvloop
-as uvicorn runs): p50 and p99 with billing minus without, against the targets 0.3 ms and 1 ms. Every 200
+as uvicorn runs): p50 and p99 with billing minus without, against the targets 0.3 ms and 1 ms, beside the
+floor under them: the same bare route plus two Redis round trips of a script that does nothing (the two the
+design keeps, through the same client), so what billing adds above its round trips is printed too. Every 200
 from aikit must be metered. Prints one JSON document.
 """
 
@@ -253,8 +255,11 @@ def in_process(runtime: Any, auth: dict[str, str], requests: int) -> dict[str, A
     async def run() -> dict[str, Any]:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(runtime=runtime)),
                                      base_url="http://bench") as a, \
-                httpx.AsyncClient(transport=httpx.ASGITransport(app=bare_app()), base_url="http://bench") as b:
-            return await compare(sender(a, auth), sender(b, None), requests, 1, counters)
+                httpx.AsyncClient(transport=httpx.ASGITransport(app=bare_app()), base_url="http://bench") as b, \
+                httpx.AsyncClient(transport=httpx.ASGITransport(app=bare_app(runtime)),
+                                  base_url="http://bench") as f:
+            return await compare(sender(a, auth), sender(b, None), requests, 1, counters,
+                                 extra={"round_trips_only": sender(f, None)})
 
     # On the loop `aikit serve` runs (uvicorn's loop="auto": uvloop when installed), for both configurations.
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), \
@@ -262,9 +267,13 @@ def in_process(runtime: Any, auth: dict[str, str], requests: int) -> dict[str, A
         out = runner.run(run())
     billed = out["with_billing"]["requests"]
     p50, p99 = out["billing_overhead_p50_ms"], out["billing_overhead_p99_ms"]
+    floor = round(out["round_trips_only"]["p50_ms"] - out["without_billing"]["p50_ms"], 3)
     return {
         "with_billing": out["with_billing"], "without_billing": out["without_billing"],
+        "round_trips_only": out["round_trips_only"],
         "billing_overhead_p50_ms": p50, "billing_overhead_p99_ms": p99,
+        # What the two round trips the design keeps cost by themselves, and what billing adds on top of them.
+        "round_trip_floor_p50_ms": floor, "billing_above_floor_p50_ms": round(p50 - floor, 3),
         "redis_round_trips_per_request": round(counters.redis_round_trips / billed, 3),
         "postgres_statements_per_request": round(counters.pg_statements / billed, 4),
         "target": {"p50_ms_at_most": TARGET_P50_MS, "p99_ms_at_most": TARGET_P99_MS,

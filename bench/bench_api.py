@@ -52,6 +52,7 @@ from aikit.keys import create_key
 from aikit.llm import LLM
 from aikit.llm.echo import EchoProvider
 from aikit.metering.base import new_request_id
+from aikit.metering.scripts import LuaScript
 from aikit.runtime import Runtime
 from aikit.settings import Settings, load_settings
 
@@ -62,6 +63,7 @@ TARGET_P50_OVERHEAD_MS = 1.0
 MOUNTED_NOISE_MS = 0.1  # p50 difference between the mounted route and /v1/chat/completions counted as noise
 
 Send = Callable[[], Awaitable[httpx.Response]]
+NOTHING = LuaScript("return 1")
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -99,15 +101,22 @@ def bench_redis(url: str | None) -> Iterator[str]:
         yield proc.url
 
 
-def bare_app() -> FastAPI:
-    """The same endpoint without auth, limits or metering."""
+def bare_app(runtime: Runtime | None = None) -> FastAPI:
+    """The same endpoint without auth, limits or metering. With `runtime`: plus two Redis round trips, one before
+    the LLM call and one after, each a script that does nothing, sent as billing sends its two (the same
+    auto-pipelined client): what the round trips the design keeps cost by themselves, the floor under billing's
+    latency at one client."""
     app = FastAPI()
     llm = LLM(EchoProvider())
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest) -> JSONResponse:
+        if runtime is not None:
+            await NOTHING.run_async(runtime.scripts.client(), (), ())
         result = await llm.chat(body.messages_payload(), model=body.model, max_tokens=body.limit(),
                                 **body.provider_params())
+        if runtime is not None:
+            await NOTHING.run_async(runtime.scripts.client(), (), ())
         return JSONResponse(completion_json(new_request_id(), result, int(time.time())))
 
     return app
@@ -212,15 +221,18 @@ def summary(latencies: list[float], wall: float) -> dict[str, float]:
 
 
 async def compare(billed: Send, bare: Send, n: int, concurrency: int, counters: Counters,
-                  rounds: int = 6, names: tuple[str, str] = ("with_billing", "without_billing")) -> dict[str, Any]:
-    """Alternates the two configurations in rounds; counts only during the rounds of the first."""
-    for send in (billed, bare):  # warm-up: connections, caches, script loaded
+                  rounds: int = 6, names: tuple[str, str] = ("with_billing", "without_billing"),
+                  extra: dict[str, Send] | None = None) -> dict[str, Any]:
+    """Alternates the two configurations (and any `extra` ones) in rounds; counts only during the rounds of the
+    first."""
+    configurations = {names[0]: billed, names[1]: bare, **(extra or {})}
+    for send in configurations.values():  # warm-up: connections, caches, script loaded
         await drive(send, 50, concurrency)
-    results: dict[str, tuple[list[float], float]] = {names[0]: ([], 0.0), names[1]: ([], 0.0)}
+    results: dict[str, tuple[list[float], float]] = {name: ([], 0.0) for name in configurations}
     failures = 0
     per_round = max(1, n // rounds)
     for _ in range(rounds):
-        for name, send in ((names[0], billed), (names[1], bare)):
+        for name, send in configurations.items():
             with counters.counting(name == names[0]):
                 lat, wall, bad = await drive(send, per_round, concurrency)
             failures += bad

@@ -144,6 +144,9 @@ def ab_rows(result: dict[str, Any]) -> list[tuple[str, Any]]:
                                         f"p99 +{inproc['billing_overhead_p99_ms']} ms (<= "
                                         f"{inproc['target']['p99_ms_at_most']}): "
                                         f"{'met' if inproc['target']['met'] else 'NOT met'}"),
+        ("in-process round-trip floor", f"p50 +{inproc['round_trip_floor_p50_ms']} ms for the two Redis round "
+                                        f"trips alone (a script that does nothing); billing above them: p50 "
+                                        f"+{inproc['billing_above_floor_p50_ms']} ms"),
         ("round trips per request", f"Redis {inproc['redis_round_trips_per_request']}, "
                                     f"Postgres {inproc['postgres_statements_per_request']}"),
     ]

@@ -22,8 +22,8 @@ from fastapi import HTTPException, Request, Response
 from fastapi._compat import Undefined
 from fastapi.dependencies.utils import request_body_to_args
 from fastapi.exceptions import RequestValidationError
-from fastapi.routing import APIRoute
 
+from aikit.api.builtin_route import BuiltinRoute
 from aikit.api.deps import authenticate
 from aikit.llm.admission import MeteredRequest
 
@@ -61,7 +61,7 @@ async def json_body(request: Request) -> Any:
         raise HTTPException(status_code=400, detail="There was an error parsing the body") from exc
 
 
-class BilledRoute(APIRoute):
+class BilledRoute(BuiltinRoute):
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         dependencies = [d.call for d in self.dependant.dependencies]
         parameters = len(inspect.signature(self.endpoint).parameters)

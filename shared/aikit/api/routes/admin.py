@@ -11,12 +11,13 @@ from pydantic import BaseModel, ConfigDict, EmailStr, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from aikit.api.builtin_route import BuiltinRoute
 from aikit.api.deps import AdminDep, RuntimeDep
 from aikit.db.models import ApiKey, User
 from aikit.errors import ApiError
 from aikit.keys import create_key, parse_allowed_models, revoke_key
 
-router = APIRouter(prefix="/v1/admin")
+router = APIRouter(prefix="/v1/admin", route_class=BuiltinRoute)
 ModelName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f,]+$")]
 
 

@@ -9,12 +9,13 @@ import anyio
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, EmailStr
 
+from aikit.api.builtin_route import BuiltinRoute
 from aikit.api.deps import RuntimeDep, bearer_token, current_key
 from aikit.billing import open_portal, start_checkout, user_id_for_email
 from aikit.errors import ApiError
 from aikit.runtime import Runtime
 
-router = APIRouter(prefix="/v1/billing")
+router = APIRouter(prefix="/v1/billing", route_class=BuiltinRoute)
 
 
 class BillingBody(BaseModel):

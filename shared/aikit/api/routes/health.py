@@ -2,7 +2,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-router = APIRouter()
+from aikit.api.builtin_route import BuiltinRoute
+
+router = APIRouter(route_class=BuiltinRoute)
 
 
 @router.get("/healthz")

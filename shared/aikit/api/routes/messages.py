@@ -16,9 +16,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from fastapi.routing import APIRoute
 
 from aikit.api.anthropic_format import MessagesRequest, MessageStream, error_json, message_json
+from aikit.api.builtin_route import BuiltinRoute
 from aikit.api.deps import bearer_token, billed_request
 from aikit.api.streaming import AnthropicEvents, respond
 from aikit.errors import ApiError
@@ -48,7 +48,7 @@ async def anthropic_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(error_json(answer.status_code, message), answer.status_code, headers=headers)
 
 
-class AnthropicErrors(APIRoute):
+class AnthropicErrors(BuiltinRoute):
     """A route whose errors, from validation, auth, limits or the provider, take Anthropic's error shape."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
+from aikit.api.builtin_route import BuiltinRoute
 from aikit.api.deps import AdminDep, KeyDep, RuntimeDep
 from aikit.usage import (
     Period,
@@ -20,7 +21,7 @@ from aikit.usage import (
     usage_csv,
 )
 
-router = APIRouter()
+router = APIRouter(route_class=BuiltinRoute)
 
 PeriodQ = Annotated[str | None, Query(max_length=40, description="current_month (default) | last_30_days")]
 DateQ = Annotated[str | None, Query(max_length=40, description="YYYY-MM-DD, UTC, inclusive")]

@@ -11,12 +11,13 @@ import anyio
 from fastapi import APIRouter, FastAPI, Request
 
 from aikit.api.body_limit import BodyLimitMiddleware
+from aikit.api.builtin_route import BuiltinRoute
 from aikit.api.deps import RuntimeDep
 from aikit.api.errors import install_error_handlers
 from aikit.runtime import Runtime, get_runtime
 from aikit.webhooks import MAX_BODY_BYTES, Outcome, handle_webhook
 
-router = APIRouter()
+router = APIRouter(route_class=BuiltinRoute)
 
 
 async def read_at_most(request: Request, limit: int) -> bytes:
