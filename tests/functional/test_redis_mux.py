@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -188,3 +189,33 @@ def test_password_and_database_are_sent_first(proc: RedisProcess) -> None:
     check = redis.Redis(port=proc.port, password="s3cret", db=3, decode_responses=True)
     assert check.get("in3") == "yes"
     check.close()
+
+
+def test_a_command_on_an_idle_connection_goes_out_without_waiting_for_the_next_loop_iteration(
+        proc: RedisProcess) -> None:
+    """A lone command has nothing to be coalesced with: it is written when issued, not one iteration later."""
+    plain = redis.Redis(port=proc.port, decode_responses=True)
+
+    def server_has(value: str) -> bool:
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:  # the loop is blocked here: only a write already made can arrive
+            if plain.get("idle") == value:
+                return True
+            time.sleep(0.01)
+        return False
+
+    async def scenario() -> tuple[bool, bool]:
+        client = mux(proc.url, timeout=5.0)  # longer than the loop is blocked below
+        assert await client.execute_command("PING") == "PONG"  # connected, nothing in flight
+        lone = asyncio.ensure_future(client.execute_command("SET", "idle", "lone"))
+        await asyncio.sleep(0)  # one iteration: the task issues its command; the loop does not turn again
+        lone_arrived = server_has("lone")
+        await lone
+        # Commands issued while others are in flight are still coalesced into the next iteration's write.
+        busy = [asyncio.ensure_future(client.execute_command("SET", "idle", value)) for value in ("a", "b")]
+        await asyncio.gather(*busy)
+        await client.aclose()
+        return lone_arrived, plain.get("idle") == "b"
+
+    assert asyncio.run(scenario()) == (True, True)
+    plain.close()
