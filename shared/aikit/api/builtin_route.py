@@ -4,8 +4,8 @@ with one regular-expression match (issue 16).
 A request is matched against the app's routes in order, and the built-in routes come first: a route you mount
 is reached only after each built-in route has declined it. `APIRoute.matches` looks up its include context and
 resolves the route path before its pattern is tried; for a path the pattern cannot match the answer is
-`Match.NONE` whatever the method, so that work is skipped. It cost a route you mount 0.19 M instructions per
-request, a sixth of the whole.
+`Match.NONE` whatever the method, so that work is skipped. Matching past the routes before it cost a route you
+mount 187 k instructions per request (an eighth of the whole); this takes 80 k of it away.
 """
 
 from __future__ import annotations
