@@ -41,11 +41,10 @@ def test_every_built_in_route_of_the_app_is_a_builtin_route() -> None:
 def test_matches_answers_what_apiroute_answers(method: str, root_path: str) -> None:
     for route in builtin_routes():
         for path in PATHS:
+            full_path = root_path + path if root_path and path else path
             for extra in ({}, {"fastapi": {}}):
-                ours = route.matches(scope(root_path + path if root_path and path else path, method, root_path,
-                                           **extra))
-                theirs = APIRoute.matches(route, scope(root_path + path if root_path and path else path, method,
-                                                       root_path, **extra))
+                ours = route.matches(scope(full_path, method, root_path, **extra))
+                theirs = APIRoute.matches(route, scope(full_path, method, root_path, **extra))
                 assert ours == theirs, (route.path, path, method, root_path, extra)
 
 
