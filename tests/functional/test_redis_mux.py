@@ -140,6 +140,31 @@ def test_a_frozen_redis_times_out_every_waiting_command_and_the_next_reconnects(
     asyncio.run(scenario())
 
 
+def test_a_command_sent_while_an_older_timer_is_armed_gets_its_own_full_timeout(proc: RedisProcess) -> None:
+    """The deadline timer stays armed after the last reply (it is not re-armed per command): a command sent
+    late in its period must neither fail when that timer fires nor wait past its own deadline."""
+    assert proc.proc is not None
+    pid = proc.proc.pid
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        client = mux(proc.url, timeout=0.4)
+        assert await client.execute_command("PING") == "PONG"  # arms the timer for t0 + 0.4
+        await asyncio.sleep(0.25)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            started = loop.time()
+            with pytest.raises(redis.exceptions.TimeoutError):
+                await client.execute_command("PING")  # the armed timer fires ~0.15 s in: not yet due
+            elapsed = loop.time() - started
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert 0.38 <= elapsed < 0.8, elapsed
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+
 def test_connection_refused_then_redis_comes_back(proc: RedisProcess) -> None:
     async def scenario() -> None:
         client = mux(proc.url, timeout=0.5)
