@@ -112,6 +112,9 @@ class _Protocol(asyncio.Protocol):
         idle = not self._waiters  # then nothing is queued either: every queued command has its waiter
         self._waiters.append((waiter, time.monotonic() + self._timeout))
         if self._timer is None:
+            # One timer per connection, left armed after the last reply (arming and cancelling it per command,
+            # a libuv handle on uvloop, cost ~4.5 k instructions per command at one client: issue 16). It fires
+            # at or before the oldest waiter's deadline, then disarms or re-arms for it (`_check_deadline`).
             self._timer = self._loop.call_later(self._timeout, self._check_deadline)
         if idle and self._transport is not None:
             # Nothing in flight: nothing to coalesce with, so the command goes now rather than one loop
@@ -137,9 +140,6 @@ class _Protocol(asyncio.Protocol):
             self.fail(redis.exceptions.ConnectionError("a reply from Redis that no command asked for"))
             return
         waiter, _ = self._waiters.popleft()
-        # The deadline timer stays armed after the last reply: arming and cancelling it per command (a libuv
-        # handle on uvloop) cost ~4.5 k instructions per command at one client (issue 16). It fires at most
-        # once per `timeout` and then disarms (nothing waiting) or re-arms for the oldest command left.
         if waiter.done():  # its caller was cancelled: the reply is dropped, the order is kept
             return
         if isinstance(reply, hiredis.ReplyError):
